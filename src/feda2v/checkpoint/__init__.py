@@ -1,0 +1,1 @@
+"""checkpoint part (see DESIGN.md)."""

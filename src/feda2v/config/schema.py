@@ -1,0 +1,166 @@
+"""Structured config schemas: the single source of truth for config names, types and defaults.
+
+Registered in Hydra's ConfigStore (``feda2v_schema``); every app also re-validates the composed
+config against ``Feda2vConfig`` so a typo or a wrong type is an error that names the key, whether
+the config came from ``conf/`` or from DVC's ``params.yaml``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "classes_per_node"  # iid | dirichlet | classes_per_node
+    alpha: float = 0.5  # Dirichlet concentration; smaller = more skew
+    classes_per_node: int = 2
+
+
+@dataclass
+class InstrumentsConfig:
+    """Render settings of the offline instrument data source (FedA2V analogue)."""
+
+    classes: int = 20  # first N of the curated General MIDI instrument list
+    clips_per_class: int = 150
+    sample_rate: int = 16000
+    clip_seconds: float = 1.0
+    feature_skew_nodes: int = 0  # nodes whose clips come from the second sound library
+    cache_dir: str = "data/cache"
+
+
+@dataclass
+class DataConfig:
+    name: str = "instruments"  # instruments | fashion_mnist | digits
+    nodes: int = 10
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    test_fraction: float = 0.2
+    condition: str = "text"  # text (MiniLM sentence embedding of the class name) | onehot
+    max_samples: int = 0  # 0 = all; caps large sources (fashion_mnist) for quick runs
+    prepared_dir: str = "data/prepared"
+    instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    """The one optimizer factory's settings: every (key, role) optimizer and every reset use these."""
+
+    name: str = "adamw"  # adamw | adam
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+
+@dataclass
+class GeneratorConfig:
+    type: str = "cvae"  # vae | cvae | gan
+    granularity: str = "unified"  # unified | per_class | per_group
+    class_groups: Dict[str, List[str]] = field(default_factory=dict)
+    default_group: Optional[str] = None  # group for classes missing from class_groups
+    latent_dim: int = 16
+    hidden_dim: int = 128
+    beta_max: float = 1.0  # VAE KL weight after warm-up
+    beta_warmup_steps: int = 200  # on the key's persistent optimizer step counter
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class FederationConfig:
+    mode: str = "generator_only"  # generator_only | full
+    sharing: str = "shared"  # shared | local | fedavg
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 64
+    fraction: float = 1.0  # share of nodes taking part in a round
+    reset_on_class_change: bool = False
+    engine: str = "inprocess"  # inprocess | flower
+    # full mode: node adapter/classifier and server distillation
+    classifier_lr: float = 1e-3
+    classifier_hidden: int = 128
+    synthetic_per_class: str = "auto"  # auto (= real training count per class) | an integer
+    distill_epochs: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every: int = 1  # rounds between checkpoints; the last round is always written
+    keep_last: int = 3
+
+
+@dataclass
+class TrainConfig:
+    resume: Optional[str] = None  # null | latest | <path>
+    reports_dir: str = "reports/train"
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "feda2v"
+    run_name: Optional[str] = None  # default: built from config
+    required: bool = False  # true: an unreachable server fails before training
+
+
+@dataclass
+class ProfilerConfig:
+    enabled: bool = False
+    wait: int = 1
+    warmup: int = 1
+    active: int = 3
+    repeat: int = 1
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+    dir: str = "reports/profile"
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = "checkpoints/latest.ckpt"
+    reports_dir: str = "reports"
+    samples_per_class: int = 200
+    knn_k: int = 5
+    seed: int = 0
+
+
+@dataclass
+class Feda2vConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# Allowed values of the string "enums" (kept as str so YAML stays plain and DVC -S works).
+CHOICES: Dict[str, tuple] = {
+    "data.name": ("instruments", "fashion_mnist", "digits"),
+    "data.partition.scheme": ("iid", "dirichlet", "classes_per_node"),
+    "data.condition": ("text", "onehot"),
+    "generator.type": ("vae", "cvae", "gan"),
+    "generator.granularity": ("unified", "per_class", "per_group"),
+    "generator.optimizer.name": ("adamw", "adam"),
+    "federation.mode": ("generator_only", "full"),
+    "federation.sharing": ("shared", "local", "fedavg"),
+    "federation.engine": ("inprocess", "flower"),
+    "train.progress": ("auto", "bar", "lines", "off"),
+}
+
+# The published system's flag names, accepted as aliases (top level of a config or an override).
+LEGACY_ALIASES: Dict[str, str] = {
+    "generator_only_mode": "federation.mode",  # bool: true -> generator_only, false -> full
+    "shared_generator_in_only_mode": "federation.sharing",  # bool: true -> shared, false -> local
+    "generator_granularity": "generator.granularity",
+    "generator_type": "generator.type",
+    "reset_generator_on_class_change": "federation.reset_on_class_change",
+    "generator_class_groups": "generator.class_groups",
+}
+

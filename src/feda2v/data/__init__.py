@@ -1,0 +1,1 @@
+"""data part (see DESIGN.md)."""

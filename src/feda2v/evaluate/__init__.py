@@ -1,0 +1,1 @@
+"""evaluate part (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""federation part (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""models part (see DESIGN.md)."""

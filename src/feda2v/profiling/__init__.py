@@ -1,0 +1,1 @@
+"""profiling part (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""store part (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""tracking part (see DESIGN.md)."""
