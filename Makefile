@@ -21,7 +21,7 @@ test-fast: setup
 	python -m pytest -q -m "not slow"
 
 bench: setup
-	python -m feda2v.bench
+	python benchmarks/run.py
 
 clean:
 	rm -rf data/prepared data/cache checkpoints reports/train reports/profile reports/multirun

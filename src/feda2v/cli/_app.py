@@ -30,12 +30,35 @@ def conf_dir() -> Path:
 
 
 def _argv_with_defaults(argv: list[str]) -> list[str]:
-    from feda2v.config.validate import translate_legacy_override
-
-    argv = [translate_legacy_override(a) for a in argv]
     given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
     extra = [f"{k}={v}" for k, v in _HYDRA_DEFAULTS.items() if k not in given]
     return extra + argv
+
+
+def _precheck_overrides(argv: list[str]) -> None:
+    """Reject an override of an unknown key in one line (Hydra's own message spans several)."""
+    from omegaconf import OmegaConf
+
+    from feda2v.config.schema import Feda2vConfig
+    from feda2v.errors import ConfigError
+
+    schema = OmegaConf.structured(Feda2vConfig)
+    groups = {"data", "generator", "federation", "tracking", "profiler"}
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg or arg[0] in "+~":
+            continue
+        key = arg.split("=", 1)[0]
+        if key.startswith("hydra") or key in groups:
+            continue
+        node, *rest = key.split(".")
+        cur = schema
+        for part in [node, *rest]:
+            if OmegaConf.is_dict(cur) and cur._metadata.element_type is not None and \
+                    cur._metadata.object_type in (None, dict):  # a free-form map (class_groups)
+                break
+            if not OmegaConf.is_dict(cur) or part not in cur:
+                raise ConfigError(f"unknown config key '{key}' (see conf/schema.yaml for every key)")
+            cur = cur[part]
 
 
 def fail(err: BaseException, code: int = 2) -> None:
@@ -52,9 +75,15 @@ def run_app(task: Callable, config_name: str = "config") -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from feda2v.config import load_config, register_schema
+    from feda2v.config import load_config
 
-    register_schema()
+    from feda2v.config.validate import translate_legacy_override
+
+    try:
+        sys.argv[1:] = [translate_legacy_override(a) for a in sys.argv[1:]]
+        _precheck_overrides(sys.argv[1:])
+    except Feda2vError as e:
+        fail(e, e.exit_code)
     sys.argv = [sys.argv[0], *_argv_with_defaults(sys.argv[1:])]
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)

@@ -1,6 +1,6 @@
 """Structured config schemas: the single source of truth for config names, types and defaults.
 
-Registered in Hydra's ConfigStore (``feda2v_schema``); every app also re-validates the composed
+conf/schema.yaml is generated from it (scripts/sync_config.py); every app validates the composed
 config against ``Feda2vConfig`` so a typo or a wrong type is an error that names the key, whether
 the config came from ``conf/`` or from DVC's ``params.yaml``.
 """

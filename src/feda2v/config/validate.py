@@ -9,16 +9,6 @@ from omegaconf.errors import OmegaConfBaseException
 from feda2v.config.schema import CHOICES, LEGACY_ALIASES, Feda2vConfig
 from feda2v.errors import ConfigError
 
-SCHEMA_NAME = "feda2v_schema"
-
-
-def register_schema() -> None:
-    """Register the structured schema so ``conf/config.yaml`` can build on it."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Feda2vConfig)
-
-
 def _legacy_value(alias: str, value: Any) -> Any:
     if alias == "generator_only_mode":
         return "generator_only" if _as_bool(alias, value) else "full"

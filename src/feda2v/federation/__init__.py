@@ -1,1 +1,1 @@
-"""federation part (see DESIGN.md)."""
+"""Nodes, the server and the engines that run rounds (in-process default)."""

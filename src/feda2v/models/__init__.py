@@ -1,1 +1,24 @@
-"""models part (see DESIGN.md)."""
+"""models part (see DESIGN.md): generator architectures, the node classifier, losses. No optimizers."""
+from feda2v.models.functional import stacked_sequential
+from feda2v.models.generators import (
+    ARCHITECTURES,
+    CVAE,
+    VAE,
+    Classifier,
+    GANDiscriminator,
+    GANGenerator,
+    build_model,
+)
+from feda2v.models.init import init_parameters
+from feda2v.models.losses import (
+    bce_logits_per_sample,
+    beta_schedule,
+    vae_kl_per_sample,
+    vae_recon_per_sample,
+)
+
+__all__ = [
+    "ARCHITECTURES", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "build_model",
+    "init_parameters", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
+    "vae_kl_per_sample", "vae_recon_per_sample",
+]

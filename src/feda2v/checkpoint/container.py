@@ -1,0 +1,380 @@
+"""The one checkpoint container: a safetensors file whose metadata carries feda2v's JSON header.
+
+Layout (safetensors): 8-byte little-endian header length N, N bytes of JSON (padded with spaces to a
+multiple of 8), then the tensor data, contiguous. The JSON holds per-tensor dtype/shape/data_offsets
+and ``__metadata__`` (str -> str); feda2v's own header is one canonical JSON string under
+``__metadata__["feda2v"]``.
+
+Every byte of a valid file is covered by a check, so a corrupted file is an error, never a silent
+load:
+- the safetensors JSON must be byte-for-byte the canonical form this writer produces;
+- feda2v's header carries ``header_sha256`` (of the rest of the header) and ``sha256`` (of the
+  payload) plus a tensor index that must match the safetensors entries exactly;
+- the payload is parsed by the ``safetensors`` library itself (format compatibility).
+Nothing here unpickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from feda2v.errors import CheckpointError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "feda2v"
+# Fields this module owns in the header; a caller may not set them.
+RESERVED = ("format_version", "sha256", "header_sha256", "tensors")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own cap; keeps a lying length from OOMing us
+
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_BY_NAME = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for dt, name in _DTYPES.items()}
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON spelling used in files: sorted keys, no spaces, ASCII, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """Zero-copy little-endian bytes of a contiguous CPU tensor (any dtype, any rank)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _prepare(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, str]]:
+    out = []
+    for name in tensors:
+        t = tensors[name]
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise CheckpointError(f"invalid tensor name {name!r}; use a non-empty string")
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"checkpoint entry '{name}' is a {type(t).__name__}, not a tensor")
+        if t.dtype not in _DTYPES:
+            raise CheckpointError(
+                f"tensor '{name}' has dtype {t.dtype}, which checkpoints do not store; "
+                f"use one of {sorted(_DTYPES.values())}"
+            )
+        if t.is_sparse or t.layout != torch.strided:
+            raise CheckpointError(f"tensor '{name}' is not a dense tensor; call .to_dense() first")
+        out.append((name, t.detach().to("cpu").contiguous(), _DTYPES[t.dtype]))
+    # Larger items first keeps every tensor aligned to its item size (as safetensors' own writer
+    # does); names break ties so the order never depends on dict order.
+    out.sort(key=lambda e: (-_ITEMSIZE[e[2]], e[0]))
+    return out
+
+
+def encode_checkpoint(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]):
+    """Return ``(prefix_bytes, [payload chunks], full_header)``; deterministic for equal inputs."""
+    if sys.byteorder != "little":  # the format is little-endian; we do not byteswap
+        raise CheckpointError("checkpoints can only be written on little-endian machines")
+    if not isinstance(header, Mapping):
+        raise CheckpointError(f"checkpoint header must be a dict, got {type(header).__name__}")
+    clash = [k for k in header if k in RESERVED]
+    if clash:
+        raise CheckpointError(f"checkpoint header field(s) {clash} are reserved for the container")
+    entries = _prepare(tensors)
+    payload_hash = hashlib.sha256()
+    chunks: list[memoryview] = []
+    st_header: dict[str, Any] = {}
+    index: dict[str, Any] = {}
+    offset = 0
+    for name, t, dt in entries:
+        data = _as_bytes(t)
+        payload_hash.update(data)
+        chunks.append(data)
+        end = offset + data.nbytes
+        st_header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, end]}
+        index[name] = {"dtype": dt, "shape": list(t.shape), "offsets": [offset, end]}
+        offset = end
+    full = dict(header)
+    full["format_version"] = FORMAT_VERSION
+    full["sha256"] = payload_hash.hexdigest()
+    full["tensors"] = index
+    try:
+        body = canonical_json(full)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint header is not plain JSON ({e}); pass str/int/float/bool/list/dict") from None
+    full["header_sha256"] = _sha256_text(body)
+    st_header["__metadata__"] = {METADATA_KEY: canonical_json(full)}
+    prefix = _st_header_bytes(st_header)
+    return struct.pack("<Q", len(prefix)) + prefix, chunks, full
+
+
+def _st_header_bytes(st_header: Mapping[str, Any]) -> bytes:
+    raw = canonical_json(st_header).encode("ascii")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms/filesystems cannot open directories; rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path, tag: str = "tmp") -> Path:
+    """A sibling temp path (same filesystem, so rename is atomic); the pid lets cleanup spot orphans."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> None:
+    """Write atomically: temp file in the same dir, write, flush, fsync, rename, fsync the dir.
+
+    A crash at any moment leaves either the old file at ``path`` or the complete new one.
+    """
+    path = Path(path)
+    prefix, chunks, _ = encode_checkpoint(tensors, header)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: directory {path.parent} does not exist")
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(prefix)
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # torch.save writes a zip archive; plain pickles (protocol >= 2) start with PROTO 0x80.
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+
+
+def parse_header(path: Path, data: bytes) -> tuple[dict, dict, int]:
+    """Check the framing and headers (not the payload hash); returns (st_header, header, data_start)."""
+    bad = f"{path} is not a valid feda2v checkpoint"
+    if _looks_like_pickle(data[:4]):
+        raise CheckpointError(
+            f"{path} is a pickle/torch.save file, not a feda2v checkpoint; it was not opened because "
+            "unpickling can run arbitrary code; convert a published-system file with "
+            "'feda2v-ckpt migrate LEGACY OUT'"
+        )
+    if len(data) < 8:
+        raise CheckpointError(f"{bad}: file is truncated ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(data) or n < 2:
+        raise CheckpointError(f"{bad}: header length {n} does not fit the file ({len(data)} bytes); it is truncated or corrupt")
+    raw = data[8 : 8 + n]
+    try:
+        st_header = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{bad}: its header is not valid JSON (corrupt or truncated)") from None
+    if not isinstance(st_header, dict):
+        raise CheckpointError(f"{bad}: its header is not a JSON object")
+    meta = st_header.get("__metadata__")
+    if not isinstance(meta, dict) or METADATA_KEY not in meta:
+        raise CheckpointError(f"{bad}: it is a safetensors file without a feda2v header")
+    try:
+        canonical = _st_header_bytes(st_header)
+    except (TypeError, ValueError, RecursionError):
+        canonical = None
+    if canonical != raw:
+        raise CheckpointError(f"{bad}: its header bytes were altered (not in the form feda2v writes)")
+    if not isinstance(meta[METADATA_KEY], str):
+        raise CheckpointError(f"{bad}: its feda2v header is not a string")
+    try:
+        header = json.loads(meta[METADATA_KEY])
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{bad}: its feda2v header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: its feda2v header is not a JSON object")
+    version = header.get("format_version")
+    if type(version) is not int:
+        raise CheckpointError(f"{bad}: its header has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer feda2v (checkpoint format version {version}; this "
+            f"feda2v reads up to {FORMAT_VERSION}); upgrade feda2v to load it"
+        )
+    if version < 1:
+        raise CheckpointError(f"{bad}: unknown checkpoint format version {version}")
+    claimed = header.get("header_sha256")
+    rest = {k: v for k, v in header.items() if k != "header_sha256"}
+    try:
+        actual = _sha256_text(canonical_json(rest))
+    except (TypeError, ValueError, RecursionError):
+        actual = None
+    if not isinstance(claimed, str) or actual != claimed:
+        raise CheckpointError(f"{path} is corrupt: its header checksum does not match (header_sha256)")
+    _check_index(path, st_header, header, len(data) - 8 - n)
+    return st_header, header, 8 + n
+
+
+def _check_index(path: Path, st_header: dict, header: dict, payload_len: int) -> None:
+    index = header.get("tensors")
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path} is corrupt: its header has no tensor index")
+    entries = {k: v for k, v in st_header.items() if k != "__metadata__"}
+    missing = sorted(set(index) - set(entries))
+    extra = sorted(set(entries) - set(index))
+    if missing:
+        raise CheckpointError(f"{path} is corrupt: tensor '{missing[0]}' is in the header index but missing from the file")
+    if extra:
+        raise CheckpointError(f"{path} is corrupt: tensor '{extra[0]}' is in the file but not in the header index")
+    spans = []
+    for name, e in entries.items():
+        want = index[name]
+        if not isinstance(e, dict) or e.get("dtype") not in _BY_NAME:
+            raise CheckpointError(f"{path} is corrupt: tensor '{name}' has an unknown dtype")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(type(s) is int and s >= 0 for s in shape)
+            or not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+        ):
+            raise CheckpointError(f"{path} is corrupt: tensor '{name}' has a malformed shape or offsets")
+        if want != {"dtype": e["dtype"], "shape": shape, "offsets": offs}:
+            raise CheckpointError(f"{path} is corrupt: tensor '{name}' does not match its header index entry (dtype/shape/offsets)")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if offs[1] - offs[0] != numel * _ITEMSIZE[e["dtype"]]:
+            raise CheckpointError(
+                f"{path} is corrupt: tensor '{name}' shape {shape} ({e['dtype']}) needs "
+                f"{numel * _ITEMSIZE[e['dtype']]} bytes but the header gives it {offs[1] - offs[0]}"
+            )
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    pos = 0
+    for start, end, name in spans:
+        if start != pos:
+            raise CheckpointError(f"{path} is corrupt: tensor '{name}' data does not follow the previous tensor")
+        pos = end
+    if pos != payload_len:
+        what = "truncated" if pos > payload_len else "has trailing bytes"
+        raise CheckpointError(
+            f"{path} is corrupt: the tensors need {pos} payload bytes but the file has {payload_len} ({what})"
+        )
+
+
+def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    data = _read_bytes(path)
+    st_header, header, start = parse_header(path, data)
+    if hashlib.sha256(memoryview(data)[start:]).hexdigest() != header.get("sha256"):
+        raise CheckpointError(f"{path} is corrupt: the tensor data does not match its sha256 checksum")
+    # Parse with the safetensors library itself: the file must be a valid safetensors container.
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer on read-only bytes; we clone below
+            loaded = st_load(data)
+    except (SafetensorError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+    index = header["tensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(index):
+        t = loaded.get(name)
+        if t is None or _DTYPES.get(t.dtype) != index[name]["dtype"] or list(t.shape) != index[name]["shape"]:
+            raise CheckpointError(f"{path} is corrupt: tensor '{name}' does not match its header index entry")
+        tensors[name] = t.clone()  # own, writable memory (the loaded views alias an immutable buffer)
+    if set(loaded) != set(index):
+        raise CheckpointError(f"{path} is corrupt: the tensor set does not match its header index")
+    return tensors, header
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and verify everything; returns ``(tensors, header)`` or raises CheckpointError.
+
+    ``expect`` maps dotted header paths (e.g. ``"config.generator.granularity"``) to the values the
+    caller needs, so a checkpoint of another config is refused by name before any state is touched.
+    """
+    tensors, header = _load(path)
+    if expect:
+        check_expected(Path(path), header, expect)
+    return tensors, header
+
+
+def verify_checkpoint(path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None) -> dict:
+    """Run every check ``read_checkpoint`` runs; returns the header."""
+    return read_checkpoint(path, expect=expect)[1]
+
+
+_MISSING = object()
+
+
+def header_get(header: Mapping[str, Any], dotted: str, default: Any = _MISSING) -> Any:
+    node: Any = header
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def check_expected(path: Path, header: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
+    for dotted, want in expect.items():
+        got = header_get(header, dotted)
+        if got is _MISSING:
+            raise CheckpointError(f"checkpoint {path} has no '{dotted}' field; it is not a checkpoint of this kind of run")
+        if got != want:
+            raise CheckpointError(
+                f"checkpoint {path} was written with {dotted}={_show(got)} but this run uses "
+                f"{_show(want)}; resume with a matching config or use a fresh checkpoint.dir"
+            )
+
+
+def _show(v: Any) -> str:
+    return canonical_json(v) if not isinstance(v, str) else v

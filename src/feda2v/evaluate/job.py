@@ -1,0 +1,332 @@
+"""The evaluation job: trained store + prepared data -> metrics.json, plot CSVs, figures, report.md.
+
+Real side: the held-out set is the union of the nodes' test splits; TRTR trains on the union of
+their train splits. Synthetic side: ``evaluate.samples_per_class`` samples per class from the
+checkpoint's primary store (the server's; node 0's for ``sharing=local``), each class drawn from its
+own seeded stream so adding a class never changes another class's samples.
+Distribution metrics (Fréchet, MMD, k-NN precision/recall) compare class-balanced sets: per class,
+the real side is at most ``samples_per_class`` seeded picks of that class's held-out samples.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from feda2v.errors import CheckpointError, DataError, Feda2vError, TrackingError
+from feda2v.evaluate import metrics as M
+from feda2v.seeding import numpy_generator, torch_generator
+
+# Pairwise metrics are O(n²) in memory; overall sets larger than this are subsampled (seeded).
+MAX_PAIRWISE = 2000
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_trained_store(path: str | Path):
+    """(store, header, store_name) from a federation checkpoint; CheckpointError if unusable."""
+    from feda2v.checkpoint import read_checkpoint
+    from feda2v.store import GeneratorStore
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint not found: {path}; run feda2v-train first or set evaluate.checkpoint=PATH"
+        )
+    try:
+        tensors, header = read_checkpoint(path)
+    except Feda2vError:
+        raise
+    except Exception as e:  # any reader failure on a bad file is a user-level problem, said once
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    stores = header.get("stores") or {}
+    if not stores:
+        raise CheckpointError(f"checkpoint {path} holds no generator store; is it a training checkpoint?")
+    name = header.get("primary_store") or ("server" if "server" in stores else sorted(stores)[0])
+    if name not in stores:
+        raise CheckpointError(f"checkpoint {path}: primary store '{name}' missing from its stores")
+    prefix = f"store/{name}/"
+    st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        store = GeneratorStore.from_state(st, stores[name])
+    except Feda2vError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: store '{name}' cannot be rebuilt: {e}") from e
+    return store, header, name
+
+
+def _real_sets(prepared):
+    def cat(attr):
+        parts = [getattr(n, attr) for n in prepared.nodes]
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    return cat("train_x"), cat("train_y"), cat("test_x"), cat("test_y")
+
+
+@torch.no_grad()
+def sample_synthetic(store, n_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for c in range(n_classes):
+        idx = torch.full((per_class,), c, dtype=torch.long)
+        xs.append(store.sample(idx, gen=torch_generator(seed, "evaluate/sample", c)).detach().cpu().float())
+        ys.append(idx)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def _subsample(n: int, cap: int, *seed_parts) -> np.ndarray:
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(numpy_generator(*seed_parts).choice(n, cap, replace=False))
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+@torch.no_grad()
+def reconstruction_errors(store, x: torch.Tensor, y: torch.Tensor, classes: list[str]):
+    """Per-class and overall reconstruction MSE for VAE stores; None for GANs / no encoder.
+
+    Uses ``store.reconstruct(x, y)`` (the store runs each class's key encoder->decoder on the mean
+    latent) when the store provides it.
+    """
+    if "discriminator" in getattr(store, "roles", ()) or not hasattr(store, "reconstruct"):
+        return None
+    recon = store.reconstruct(x, y)
+    overall, per = M.reconstruction_error(x, recon)
+    yy = y.numpy()
+    return overall, {classes[c]: float(per[yy == c].mean()) for c in np.unique(yy)}
+
+
+def compute_metrics(
+    store, prepared, *, samples_per_class: int, knn_k: int, seed: int
+) -> tuple[dict, dict]:
+    """(metrics, extras): metrics is JSON-able numbers only; extras holds arrays for plots."""
+    classes = list(prepared.classes)
+    C = len(classes)
+    tr_x, tr_y, te_x, te_y = _real_sets(prepared)
+    if len(te_y) == 0:
+        raise DataError("the prepared data has no test samples; set data.test_fraction > 0 and re-run feda2v-prepare")
+    sx, sy = sample_synthetic(store, C, samples_per_class, seed)
+    if not torch.isfinite(sx).all():
+        raise DataError("the generator produced NaN/inf samples; the checkpoint's generator diverged")
+
+    sx_np, sy_np = M.as_array(sx), sy.numpy()
+    te_np, tey_np = M.as_array(te_x), te_y.numpy()
+
+    # class-balanced real counterpart of the synthetic set
+    real_idx = []
+    for c in range(C):
+        where = np.flatnonzero(tey_np == c)
+        real_idx.append(where[_subsample(len(where), samples_per_class, seed, "evaluate/real", c)])
+    real_idx = np.concatenate(real_idx) if real_idx else np.empty(0, dtype=int)
+    rx, ry = te_np[real_idx], tey_np[real_idx]
+
+    per_class: dict[str, dict[str, float]] = {c: {} for c in classes}
+    for c, name in enumerate(classes):
+        a, b = rx[ry == c], sx_np[sy_np == c]
+        pc = per_class[name]
+        pc["n_real"] = int(len(a))
+        if len(a) >= 2:
+            pc["frechet"] = M.frechet_distance(a, b)
+            pc["mmd"] = M.mmd_rbf(a, b)
+        if len(a) > knn_k and len(b) > knn_k:
+            pc["precision"], pc["recall"] = M.knn_precision_recall(a, b, knn_k)
+
+    overall: dict[str, float] = {}
+    overall["frechet"] = M.frechet_distance(rx, sx_np)
+    i_r = _subsample(len(rx), MAX_PAIRWISE, seed, "evaluate/pairwise/real")
+    i_s = _subsample(len(sx_np), MAX_PAIRWISE, seed, "evaluate/pairwise/synthetic")
+    overall["mmd"] = M.mmd_rbf(rx[i_r], sx_np[i_s])
+    overall["precision"], overall["recall"] = M.knn_precision_recall(rx[i_r], sx_np[i_s], knn_k)
+
+    tstr, trtr = M.tstr_trtr(sx_np, sy_np, tr_x, tr_y, te_np, tey_np, seed=seed)
+    overall["tstr_acc"], overall["trtr_acc"] = tstr.overall, trtr.overall
+    overall["tstr_balanced_acc"], overall["trtr_balanced_acc"] = tstr.balanced, trtr.balanced
+    overall["tstr_trtr_ratio"] = tstr.balanced / trtr.balanced if trtr.balanced > 0 else float("nan")
+    for c, name in enumerate(classes):
+        if c in tstr.per_class:
+            per_class[name]["tstr_acc"] = tstr.per_class[c]
+            per_class[name]["trtr_acc"] = trtr.per_class[c]
+
+    rec = reconstruction_errors(store, te_x.float(), te_y, classes)
+    if rec is not None:
+        overall["recon_mse"] = rec[0]
+        for name, v in rec[1].items():
+            per_class[name]["recon_mse"] = v
+
+    metrics = {
+        "overall": {k: v for k, v in ((k, _finite(v)) for k, v in overall.items()) if v is not None},
+        "per_class": {
+            n: {k: v for k, v in ((k, _finite(v)) for k, v in d.items()) if v is not None}
+            for n, d in per_class.items()
+        },
+    }
+    extras = {"real_x": rx, "real_y": ry, "synth_x": sx_np, "synth_y": sy_np, "classes": classes}
+    return metrics, extras
+
+
+# ------------------------------------------------------------------------------------ job
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_downstream(train_reports: Path) -> dict | None:
+    p = train_reports / "downstream.json"
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{p} is not valid JSON ({e}); re-run feda2v-train or delete the file") from e
+    if not isinstance(d, dict):
+        raise DataError(f"{p} must hold a JSON object; re-run feda2v-train")
+    return d
+
+
+def _downstream_metrics(d: dict) -> dict:
+    """Numbers only (DVC metrics): global accuracies and per-node accuracies."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    per_node = d.get("per_node")
+    if isinstance(per_node, dict):
+        out["per_node"] = {
+            str(n): {k: float(v) for k, v in accs.items() if isinstance(v, (int, float))}
+            if isinstance(accs, dict) else float(accs)
+            for n, accs in per_node.items()
+        }
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[name] = float(v)
+    return out
+
+
+_MLFLOW_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def _log_to_mlflow(cfg, run_id, flat: dict, files: list[Path], step: int, notes: list[str]) -> None:
+    if not cfg.tracking.enabled:
+        notes.append("MLflow: tracking.enabled=false; nothing logged")
+        return
+    if not run_id:
+        notes.append("MLflow: the checkpoint names no MLflow run (mlflow_run_id); nothing logged")
+        return
+    try:
+        from feda2v.tracking import open_run
+    except ImportError:
+        notes.append("MLflow: feda2v.tracking.open_run is not available; nothing logged")
+        return
+    try:
+        tracker = open_run(cfg, run_id)
+        tracker.log_metrics({"eval/" + _MLFLOW_NAME_BAD.sub("_", k): v for k, v in flat.items()}, step=step)
+        for f in files:
+            tracker.log_artifact(str(f), artifact_path="evaluate")
+        tracker.end("FINISHED")
+        notes.append(f"MLflow: logged {len(flat)} metrics and {len(files)} files into run {run_id}")
+    except Exception as e:  # tracking must not cost the user the evaluation itself
+        if cfg.tracking.required:
+            raise TrackingError(f"could not log the evaluation into MLflow run {run_id}: {e}") from e
+        notes.append(f"MLflow: logging into run {run_id} failed ({type(e).__name__}: {e}); outputs kept on disk")
+
+
+def evaluate(cfg) -> dict:
+    """Run the evaluation described by ``cfg``; returns ``{"metrics", "outputs", "notes"}``."""
+    from feda2v.data import load_prepared
+    from feda2v.evaluate import plots, report
+
+    ev = cfg.evaluate
+    if ev.samples_per_class < 2:
+        raise DataError(f"evaluate.samples_per_class must be >= 2, got {ev.samples_per_class}")
+    if ev.knn_k < 1:
+        raise DataError(f"evaluate.knn_k must be >= 1, got {ev.knn_k}")
+    if ev.knn_k >= ev.samples_per_class:
+        raise DataError(
+            f"evaluate.knn_k ({ev.knn_k}) must be below evaluate.samples_per_class ({ev.samples_per_class})"
+        )
+    ckpt = Path(ev.checkpoint)
+    store, header, store_name = load_trained_store(ckpt)
+    prepared = load_prepared(cfg.data.prepared_dir)
+    want = header.get("data_manifest_hash")
+    if want != prepared.manifest_hash:
+        raise DataError(
+            f"checkpoint {ckpt} was trained on data manifest {str(want)[:12]}… but "
+            f"{cfg.data.prepared_dir} holds {prepared.manifest_hash[:12]}…; re-run feda2v-prepare with "
+            "the training's data settings, or evaluate a checkpoint trained on this data"
+        )
+    trained_classes = getattr(getattr(store, "spec", None), "classes", None)
+    if trained_classes is not None and list(trained_classes) != list(prepared.classes):
+        raise DataError(
+            f"the checkpoint's classes {list(trained_classes)[:3]}… differ from the prepared data's "
+            f"{list(prepared.classes)[:3]}…; re-run feda2v-prepare with the training's data settings"
+        )
+
+    seed = int(derive_eval_seed(cfg))
+    metrics, extras = compute_metrics(
+        store, prepared, samples_per_class=int(ev.samples_per_class), knn_k=int(ev.knn_k), seed=seed
+    )
+    train_reports = Path(cfg.train.reports_dir)
+    downstream = _read_downstream(train_reports)
+    if downstream is not None:
+        metrics["downstream"] = _downstream_metrics(downstream)
+    metrics["round"] = int(header.get("round", 0))
+
+    out = Path(ev.reports_dir)
+    outputs: dict[str, Path] = {}
+    notes: list[str] = []
+    outputs.update(plots.write_plot_csvs(out / "plots", metrics, extras, train_reports / "losses.csv"))
+    outputs.update(plots.write_figures(out / "figures", metrics, extras, train_reports / "losses.csv", notes))
+    info = {
+        "checkpoint": str(ckpt),
+        "store": store_name,
+        "round": metrics["round"],
+        "keys": list(store.keys),
+        "generator": dict(header.get("config", {}).get("generator", {})) if isinstance(header.get("config"), dict) else {},
+        "data_manifest_hash": prepared.manifest_hash,
+        "samples_per_class": int(ev.samples_per_class),
+        "knn_k": int(ev.knn_k),
+        "seed": seed,
+    }
+    metrics_path = out / "metrics.json"
+    _atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    outputs["metrics"] = metrics_path
+
+    report_path = out / "report.md"
+    outputs["report"] = report_path
+    _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    flat = flatten({k: v for k, v in metrics.items() if k != "round"})
+    _log_to_mlflow(cfg, header.get("mlflow_run_id"), flat, list(outputs.values()), metrics["round"], notes)
+    # the copy on disk also says what happened with MLflow
+    _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
+
+
+def derive_eval_seed(cfg) -> int:
+    """The evaluation's seed: evaluate.seed mixed with the run seed, so both settings matter."""
+    from feda2v.seeding import derive_seed
+
+    return derive_seed(cfg.seed, "evaluate", cfg.evaluate.seed) % (2**31)

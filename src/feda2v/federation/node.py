@@ -1,0 +1,100 @@
+"""A node's local work: train the generator key(s) it is lent, and (full mode) its classifier."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from feda2v.seeding import torch_generator
+
+
+@dataclass
+class NodeResult:
+    node: str
+    steps: int = 0
+    train_seconds: float = 0.0  # time inside store.train_batch (the generator steps)
+    losses: dict = field(default_factory=dict)  # key -> metric -> mean over this node's steps
+    samples_per_key: dict = field(default_factory=dict)  # key -> training samples seen per epoch
+    resets: list = field(default_factory=list)
+
+
+def node_name(node_id: int) -> str:
+    return f"node/{node_id:03d}"
+
+
+def train_generators(store, data, *, classes: list[str], seed: int, round_: int, local_epochs: int,
+                     batch_size: int, reset_on_change: bool,
+                     on_step: Optional[Callable[[], None]] = None) -> NodeResult:
+    """Train ``store`` on one node's data: ``local_epochs`` passes of seeded mini-batches.
+
+    The store is used, never copied: in shared mode this is the very object every node trains.
+    """
+    name = node_name(data.node_id)
+    result = NodeResult(node=name)
+    x, y = data.train_x, data.train_y
+    if len(y) == 0:
+        return result
+    present = sorted(set(y.tolist()))
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for c in present:
+        by_key[store.key_for_class(classes[c])].append(classes[c])
+    for key, key_classes in by_key.items():
+        event = store.observe_classes(key, key_classes, node=name, round=round_,
+                                      reset_on_change=reset_on_change)
+        if event is not None:
+            result.resets.append(event)
+    counts = torch.bincount(y, minlength=len(classes)).tolist()
+    for key, key_classes in by_key.items():
+        result.samples_per_key[key] = sum(counts[classes.index(c)] for c in key_classes)
+
+    noise = torch_generator(seed, "noise", round_, name)
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    n_steps: dict[str, int] = defaultdict(int)
+    for epoch in range(local_epochs):
+        order = torch.randperm(len(y), generator=torch_generator(seed, "shuffle", round_, name, epoch))
+        for start in range(0, len(y), batch_size):
+            idx = order[start:start + batch_size]
+            t0 = time.perf_counter()
+            losses = store.train_batch(x[idx], y[idx], gen=noise, node=name, round=round_)
+            result.train_seconds += time.perf_counter() - t0
+            result.steps += 1
+            for key, metrics in losses.items():
+                n_steps[key] += 1
+                for m, v in metrics.items():
+                    sums[key][m] += float(v)
+            if on_step is not None:
+                on_step()
+    result.losses = {k: {m: v / n_steps[k] for m, v in ms.items()} for k, ms in sums.items()}
+    return result
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epochs: int,
+                     batch_size: int, gen: torch.Generator) -> float:
+    """Plain supervised training (full mode); returns the mean loss of the last epoch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    last = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        total, batches = 0.0, 0
+        for start in range(0, len(y), batch_size):
+            idx = order[start:start + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += float(loss)
+            batches += 1
+        last = total / max(batches, 1)
+    return last
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float((model(x).argmax(dim=1) == y).float().mean())

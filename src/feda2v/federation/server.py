@@ -1,0 +1,226 @@
+"""The federation's state and one round of it: ownership modes, routing, aggregation, distillation.
+
+Ownership (DESIGN.md): ``shared`` -> one store held by the server, lent to nodes in turn (relay);
+``local`` -> one store per node; ``fedavg`` -> each node trains its own copy (its optimizer state stays
+with the node), the server averages parameters per key, weighted by the samples each node trained on.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from feda2v.errors import ConfigError
+from feda2v.federation.aggregate import average_state
+from feda2v.federation.node import accuracy, node_name, train_classifier, train_generators
+from feda2v.models.classifier import Classifier
+from feda2v.seeding import numpy_generator, torch_generator
+from feda2v.store import GeneratorStore, StoreSpec
+
+
+@dataclass
+class RoundResult:
+    round: int
+    nodes: list = field(default_factory=list)  # NodeResult per participant, in training order
+    metrics: dict = field(default_factory=dict)  # flat name -> float, for tracking and reports
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    downstream: Optional[dict] = None
+
+
+class Federation:
+    """Every piece of training state of one run; ``state_dict`` captures all of it."""
+
+    def __init__(self, cfg, data):
+        fed = cfg.federation
+        if fed.mode == "full" and fed.sharing == "local":
+            raise ConfigError("federation.mode=full needs sharing=shared or fedavg: "
+                              "with sharing=local no server-side generator exists to distil from")
+        self.cfg, self.data = cfg, data
+        self.classes = list(data.classes)
+        self.spec = StoreSpec.from_config(cfg, classes=self.classes, feature_dim=data.feature_dim,
+                                          condition_dim=data.condition_dim)
+        names = [node_name(n.node_id) for n in data.nodes]
+        self.stores: dict[str, GeneratorStore] = {}
+        if fed.sharing in ("shared", "fedavg"):
+            self.stores["server"] = GeneratorStore(self.spec, data.conditions)
+        if fed.sharing in ("local", "fedavg"):
+            for name in names:
+                self.stores[name] = GeneratorStore(self.spec, data.conditions)
+        self.classifier = None
+        if fed.mode == "full":
+            self.classifier = Classifier(data.feature_dim, len(self.classes), fed.classifier_hidden)
+            self.classifier.init_seeded(cfg.seed, "classifier")
+        self.round = 0  # rounds completed
+
+    # -- routing -------------------------------------------------------------------------
+    @property
+    def primary_store(self) -> str:
+        """The store evaluate and the MLflow model use: the server's, or node 0's in local mode."""
+        return "server" if "server" in self.stores else next(iter(self.stores))
+
+    def store_for(self, node: str) -> GeneratorStore:
+        return self.stores["server"] if self.cfg.federation.sharing == "shared" else self.stores[node]
+
+    def participants(self, round_: int) -> list:
+        nodes = list(self.data.nodes)
+        k = max(1, math.ceil(self.cfg.federation.fraction * len(nodes)))
+        if k >= len(nodes):
+            return nodes
+        pick = numpy_generator(self.cfg.seed, "participants", round_).choice(len(nodes), k, replace=False)
+        return [nodes[i] for i in sorted(pick.tolist())]  # relay order: node id order
+
+    # -- one round -----------------------------------------------------------------------
+    def run_round(self, round_: int, on_step: Optional[Callable[[], None]] = None,
+                  on_node: Optional[Callable[[object], None]] = None) -> RoundResult:
+        t_start = time.perf_counter()
+        fed = self.cfg.federation
+        result = RoundResult(round=round_)
+        participants = self.participants(round_)
+        global_params = self.stores["server"].parameter_tensors() if fed.sharing == "fedavg" else None
+        for nd in participants:
+            name = node_name(nd.node_id)
+            store = self.store_for(name)
+            if global_params is not None:
+                store.load_parameter_tensors(global_params)
+            res = train_generators(
+                store, nd, classes=self.classes, seed=self.cfg.seed, round_=round_,
+                local_epochs=fed.local_epochs, batch_size=fed.batch_size,
+                reset_on_change=fed.reset_on_class_change, on_step=on_step)
+            result.nodes.append(res)
+            result.train_seconds += res.train_seconds
+            if on_node is not None:
+                on_node(res)
+        if fed.sharing == "fedavg":
+            self._fedavg_generators(result.nodes)
+        if self.classifier is not None:
+            result.downstream = self._full_mode_round(round_, participants)
+        self.round = round_
+        result.wall_seconds = time.perf_counter() - t_start
+        result.metrics = self._round_metrics(result)
+        return result
+
+    def _fedavg_generators(self, node_results) -> None:
+        server = self.stores["server"]
+        merged = server.parameter_tensors()
+        node_params = {r.node: self.stores[r.node].parameter_tensors() for r in node_results}
+        for key in server.keys:
+            trained = [(r.node, r.samples_per_key[key]) for r in node_results if r.samples_per_key.get(key)]
+            if not trained:
+                continue  # nobody trained this key: keep the global parameters
+            names = [n for n in merged if n.startswith(key + "/")]
+            states = [{n: node_params[node][n] for n in names} for node, _ in trained]
+            merged.update(average_state(states, [w for _, w in trained]))
+        server.load_parameter_tensors(merged)
+
+    def _full_mode_round(self, round_: int, participants) -> dict:
+        """FedAvg of node classifiers, then server fine-tuning on synthetic samples per class."""
+        fed = self.cfg.federation
+        start = {k: v.clone() for k, v in self.classifier.state_dict().items()}
+        states, weights = [], []
+        for nd in participants:
+            if len(nd.train_y) == 0:
+                continue
+            self.classifier.load_state_dict(start)
+            train_classifier(self.classifier, nd.train_x, nd.train_y, lr=fed.classifier_lr,
+                             epochs=fed.local_epochs, batch_size=fed.batch_size,
+                             gen=torch_generator(self.cfg.seed, "classifier", round_, nd.node_id))
+            states.append({k: v.clone() for k, v in self.classifier.state_dict().items()})
+            weights.append(float(len(nd.train_y)))
+        self.classifier.load_state_dict(average_state(states, weights) if states else start)
+        test_x, test_y = self._global_test()
+        before = accuracy(self.classifier, test_x, test_y)
+        per_node_before = self._per_node_accuracy()
+        sx, sy = self._synthetic_set(round_)
+        train_classifier(self.classifier, sx, sy, lr=fed.classifier_lr, epochs=fed.distill_epochs,
+                         batch_size=fed.batch_size,
+                         gen=torch_generator(self.cfg.seed, "distill", round_))
+        after = accuracy(self.classifier, test_x, test_y)
+        per_node_after = self._per_node_accuracy()
+        return {
+            "global_acc_fedavg": before, "global_acc_distilled": after,
+            "synthetic_samples": int(len(sy)),
+            "per_node": {n: {"fedavg": per_node_before[n], "distilled": per_node_after[n]}
+                         for n in per_node_before},
+        }
+
+    def _synthetic_set(self, round_: int):
+        store = self.stores[self.primary_store]
+        spc = self.cfg.federation.synthetic_per_class
+        if spc == "auto":
+            counts = torch.zeros(len(self.classes), dtype=torch.long)
+            for nd in self.data.nodes:
+                counts += torch.bincount(nd.train_y, minlength=len(self.classes))
+        else:
+            counts = torch.full((len(self.classes),), int(spc), dtype=torch.long)
+        y = torch.repeat_interleave(torch.arange(len(self.classes)), counts)
+        with torch.no_grad():
+            x = store.sample(y, gen=torch_generator(self.cfg.seed, "synthetic", round_))
+        return x, y
+
+    def _global_test(self):
+        xs = [nd.test_x for nd in self.data.nodes]
+        ys = [nd.test_y for nd in self.data.nodes]
+        return torch.cat(xs), torch.cat(ys)
+
+    def _per_node_accuracy(self) -> dict:
+        return {node_name(nd.node_id): accuracy(self.classifier, nd.test_x, nd.test_y)
+                for nd in self.data.nodes}
+
+    def _round_metrics(self, result: RoundResult) -> dict:
+        """Per-key losses averaged over the round's node steps; resets; timing."""
+        sums: dict = defaultdict(float)
+        weights: dict = defaultdict(float)
+        for r in result.nodes:
+            for key, ms in r.losses.items():
+                for m, v in ms.items():
+                    sums[f"{m}/{key}"] += v * r.steps
+                    weights[f"{m}/{key}"] += r.steps
+        metrics = {f"gen/{name}": sums[name] / weights[name] for name in sorted(sums) if weights[name]}
+        metrics["resets"] = float(sum(len(r.resets) for r in result.nodes))
+        metrics["round_seconds"] = result.wall_seconds
+        metrics["train_step_seconds"] = result.train_seconds
+        metrics["engine_overhead_share"] = (
+            1.0 - result.train_seconds / result.wall_seconds if result.wall_seconds > 0 else 0.0)
+        if result.downstream:
+            metrics["acc/global_fedavg"] = result.downstream["global_acc_fedavg"]
+            metrics["acc/global_distilled"] = result.downstream["global_acc_distilled"]
+        return metrics
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        metas: dict[str, dict] = {}
+        for name, store in self.stores.items():
+            st, meta = store.state_dict()
+            tensors.update({f"store/{name}/{k}": v for k, v in st.items()})
+            metas[name] = meta
+        if self.classifier is not None:
+            tensors.update({f"classifier/{k}": v for k, v in self.classifier.state_dict().items()})
+        meta = {"round": self.round, "node_cursor": 0, "stores": metas,
+                "primary_store": self.primary_store,
+                "classifier": dict(self.classifier.kwargs) if self.classifier is not None else None}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict, meta: dict) -> None:
+        from feda2v.errors import CheckpointError
+
+        have, want = set(meta["stores"]), set(self.stores)
+        if have != want:
+            raise CheckpointError(f"checkpoint holds stores {sorted(have)} but this config needs "
+                                  f"{sorted(want)} (federation.sharing or data.nodes differ)")
+        for name, store in self.stores.items():
+            prefix = f"store/{name}/"
+            store.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                  meta["stores"][name])
+        if self.classifier is not None:
+            sd = {k[len("classifier/"):]: v for k, v in tensors.items() if k.startswith("classifier/")}
+            try:
+                self.classifier.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"classifier state does not fit: {str(e).splitlines()[0]}") from None
+        self.round = int(meta["round"])

@@ -1,0 +1,181 @@
+"""Generator architectures: VAE, conditioned VAE, and a conditional GAN (generator + discriminator).
+
+Each model is a plain ``nn.Module`` of ``nn.Sequential`` MLPs, so parameter names are stable
+(``encoder.0.weight``, ``net.4.bias``): checkpoints and the legacy migration map them by name.
+Besides the usual ``forward``, each model offers ``*_stacked`` methods that evaluate K models of
+the same architecture at once from stacked parameters (see ``functional.py``); the module they are
+called on only supplies the structure, never its own parameter values.
+Models own no optimizer (the store does).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from feda2v.errors import CheckpointError
+from feda2v.models.functional import stacked_sequential
+from feda2v.models.init import init_parameters, linear
+
+
+def _default_gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _cat(a: Tensor, cond: Tensor | None) -> Tensor:
+    return a if cond is None else torch.cat([a, cond], dim=-1)
+
+
+class _VAEBase(nn.Module):
+    conditional: bool = False
+
+    def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, condition_dim: int,
+                 gen: torch.Generator | None = None):
+        super().__init__()
+        self.feature_dim, self.latent_dim, self.hidden_dim = feature_dim, latent_dim, hidden_dim
+        self.condition_dim = condition_dim
+        d, z, h, c = feature_dim, latent_dim, hidden_dim, condition_dim
+        # The encoder's last layer emits [mu, logvar] side by side.
+        self.encoder = nn.Sequential(linear(d + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, 2 * z))
+        self.decoder = nn.Sequential(linear(z + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, d))
+        init_parameters(self, gen or _default_gen())
+
+    def _c(self, cond: Tensor | None) -> Tensor | None:
+        if not self.conditional:
+            return None
+        if cond is None:
+            raise ValueError(f"{type(self).__name__} needs a condition")
+        return cond
+
+    # -- one model ---------------------------------------------------------------------------
+    def encode(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(_cat(x, self._c(cond))).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.decoder(_cat(z, self._c(cond)))
+
+    def forward(self, x: Tensor, cond: Tensor | None = None, *, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(reconstruction, mu, logvar) with the reparametrisation noise ``eps`` given by the caller."""
+        mu, logvar = self.encode(x, cond)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.decode(z, cond), mu, logvar
+
+    # -- K models at once ----------------------------------------------------------------------
+    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor | None,
+                        eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self._c(cond)
+        mu, logvar = stacked_sequential(self.encoder, "encoder", params, _cat(x, c)).chunk(2, dim=-1)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return stacked_sequential(self.decoder, "decoder", params, _cat(z, c)), mu, logvar
+
+    def decode_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None) -> Tensor:
+        return stacked_sequential(self.decoder, "decoder", params, _cat(z, self._c(cond)))
+
+
+class VAE(_VAEBase):
+    """Unconditional VAE: one per key; sampling a class decodes prior noise with that class's key."""
+
+    conditional = False
+
+    def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
+        super().__init__(feature_dim, latent_dim, hidden_dim, 0, gen)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"feature_dim": self.feature_dim, "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
+
+
+class CVAE(_VAEBase):
+    """VAE whose encoder and decoder both see the class condition vector."""
+
+    conditional = True
+
+    def __init__(self, feature_dim: int, condition_dim: int, latent_dim: int, hidden_dim: int,
+                 gen: torch.Generator | None = None):
+        super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim,
+                "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
+
+
+class GANGenerator(nn.Module):
+    """G(z, cond) -> feature vector."""
+
+    conditional = True
+
+    def __init__(self, feature_dim: int, condition_dim: int, latent_dim: int, hidden_dim: int,
+                 gen: torch.Generator | None = None):
+        super().__init__()
+        self.feature_dim, self.condition_dim = feature_dim, condition_dim
+        self.latent_dim, self.hidden_dim = latent_dim, hidden_dim
+        d, c, z, h = feature_dim, condition_dim, latent_dim, hidden_dim
+        self.net = nn.Sequential(linear(z + c, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2), linear(h, d))
+        init_parameters(self, gen or _default_gen())
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim,
+                "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
+
+    def forward(self, z: Tensor, cond: Tensor) -> Tensor:
+        return self.net(torch.cat([z, cond], dim=-1))
+
+    def forward_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor) -> Tensor:
+        return stacked_sequential(self.net, "net", params, torch.cat([z, cond], dim=-1))
+
+    decode_stacked = forward_stacked  # sampling: the generator maps prior noise to features
+
+
+class GANDiscriminator(nn.Module):
+    """D(x, cond) -> real/fake logit per sample."""
+
+    def __init__(self, feature_dim: int, condition_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
+        super().__init__()
+        self.feature_dim, self.condition_dim, self.hidden_dim = feature_dim, condition_dim, hidden_dim
+        d, c, h = feature_dim, condition_dim, hidden_dim
+        self.net = nn.Sequential(linear(d + c, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2), linear(h, 1))
+        init_parameters(self, gen or _default_gen())
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim, "hidden_dim": self.hidden_dim}
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        return self.net(torch.cat([x, cond], dim=-1)).squeeze(-1)
+
+    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor) -> Tensor:
+        return stacked_sequential(self.net, "net", params, torch.cat([x, cond], dim=-1)).squeeze(-1)
+
+
+class Classifier(nn.Module):
+    """The node's adapter/classifier for full mode: features -> class logits."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, num_classes: int, gen: torch.Generator | None = None):
+        super().__init__()
+        self.feature_dim, self.hidden_dim, self.num_classes = feature_dim, hidden_dim, num_classes
+        self.net = nn.Sequential(linear(feature_dim, hidden_dim), nn.ReLU(), linear(hidden_dim, num_classes))
+        init_parameters(self, gen or _default_gen())
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"feature_dim": self.feature_dim, "hidden_dim": self.hidden_dim, "num_classes": self.num_classes}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (VAE, CVAE, GANGenerator, GANDiscriminator, Classifier)
+}
+
+
+def build_model(class_name: str, kwargs: Mapping[str, Any], gen: torch.Generator | None = None) -> nn.Module:
+    """Rebuild an architecture from its recorded class name and constructor arguments."""
+    cls = ARCHITECTURES.get(class_name)
+    if cls is None:
+        raise CheckpointError(
+            f"unknown generator architecture '{class_name}'; known: {', '.join(ARCHITECTURES)}"
+        )
+    try:
+        return cls(**dict(kwargs), gen=gen)
+    except TypeError as e:
+        raise CheckpointError(f"architecture '{class_name}' cannot be built from {dict(kwargs)}: {e}") from None

@@ -1,0 +1,31 @@
+"""Seeded parameter initialisation that never touches the global torch RNG."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    """An uninitialised Linear: built on the meta device so construction draws no global RNG."""
+    return nn.utils.skip_init(nn.Linear, in_features, out_features)
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
+    """Re-initialise every Linear of ``module`` in place (same Parameter objects) from ``gen``.
+
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases: the bound of torch's default init,
+    but drawn from an explicit generator so two stores built from one spec are identical.
+    Values are drawn on CPU (the generator's device) and copied, so any module device works.
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            bound = 1.0 / math.sqrt(sub.in_features)
+            for p in (sub.weight, sub.bias):
+                if p is None:
+                    continue
+                draw = torch.empty(p.shape, dtype=p.dtype, device=gen.device)
+                draw.uniform_(-bound, bound, generator=gen)
+                p.copy_(draw)

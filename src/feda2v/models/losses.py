@@ -1,0 +1,32 @@
+"""Per-sample losses (reduced by the caller with a mask) and the β warm-up schedule."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def beta_schedule(step: Tensor, beta_max: float, warmup_steps: int) -> Tensor:
+    """β = beta_max · min(1, step / warmup_steps), on the key's persistent optimizer step count.
+
+    ``step`` counts the key's completed optimizer steps, so β keeps rising across rounds and
+    nodes and only restarts when the key is reset (a fresh model warms up again).
+    """
+    if warmup_steps <= 0:
+        return torch.full_like(step, float(beta_max))
+    return beta_max * torch.clamp(step / float(warmup_steps), max=1.0)
+
+
+def vae_recon_per_sample(recon: Tensor, x: Tensor) -> Tensor:
+    """Squared error summed over features (Gaussian log-likelihood up to constants), per sample."""
+    return (recon - x).pow(2).sum(-1)
+
+
+def vae_kl_per_sample(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(q(z|x) || N(0, I)) summed over latent dimensions, per sample."""
+    return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+
+
+def bce_logits_per_sample(logits: Tensor, target: float) -> Tensor:
+    """Binary cross-entropy with logits against a constant target (1 = real, 0 = fake)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none")

@@ -1,0 +1,297 @@
+"""MLflow implementation of the tracking interface.
+
+Design points (see docs/tracking_and_profiling.md):
+- Default store: a SQLite file (``sqlite:///mlflow.db``, relative to the cwd, made absolute here so
+  a later chdir cannot split a run). Experiments get an explicit artifact root beside the DB
+  (``<db dir>/mlartifacts/<experiment>``) so MLflow never falls back to ``./mlruns``.
+- Metrics go through MLflow's own async queue (``log_batch(synchronous=False)``), which batches
+  queued calls on a background thread; ``end`` waits for them.
+- Reachability is checked when the tracker is made, before training: an unreachable server with
+  ``tracking.required=false`` gives one warning and a NullTracker; with ``required=true`` a
+  TrackingError. A failure later in the run does the same (warn once and stop logging, or raise).
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Mapping
+
+from feda2v.errors import TrackingError
+from feda2v.tracking.base import NullTracker, Tracker
+
+# Bounds on MLflow's HTTP client (defaults are 7 retries with exponential backoff and a 120 s
+# timeout: minutes of stall per call when a server dies). Applied with setdefault, so a user's
+# own environment wins.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+PROBE_TIMEOUT_S = 3.0
+_PARAM_BATCH = 100  # MLflow's per-request limit for params (and tags)
+_METRIC_BATCH = 1000
+
+
+class TrackingUnavailableWarning(UserWarning):
+    """Tracking was requested but is off for this run; training goes on."""
+
+
+def _tracking_section(cfg: Any) -> Any:
+    return cfg.tracking if "tracking" in cfg else cfg
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute (relative to the cwd now) and ensure its
+    folder exists; other URIs are returned unchanged."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if str(path) in ("", ":memory:"):
+            return uri
+        path = path if path.is_absolute() else Path.cwd() / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return "sqlite:///" + str(path.resolve())
+    return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Explicit artifact root for a new experiment; None lets an http server choose (with
+    ``--serve-artifacts`` it proxies them, so clients never write to a local path)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
+        return (db.parent / "mlartifacts" / safe).resolve().as_uri()
+    return None
+
+
+def probe_http(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise OSError unless an HTTP server answers at ``uri`` within ``timeout`` seconds."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read(64)
+    except urllib.error.HTTPError:
+        return  # something answered; the experiment lookup below tells whether it is MLflow
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise OSError(f"{reason}") from e
+
+
+@contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's model logging reads the global tracking URI; point it at ours for the call."""
+    from mlflow.tracking._tracking_service import utils as tu
+
+    old = tu._tracking_uri
+    tu.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        tu.set_tracking_uri(old)
+
+
+def _connect(uri: str, experiment: str, timeout: float):
+    """(client, experiment_id), or raise with the reason. Creates the experiment if missing."""
+    if _is_http(uri):
+        for k, v in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        probe_http(uri, timeout)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        try:
+            return client, client.create_experiment(
+                experiment, artifact_location=artifact_location(uri, experiment))
+        except MlflowException:
+            exp = client.get_experiment_by_name(experiment)  # a parallel job created it first
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise OSError(f"experiment '{experiment}' is deleted in {uri}; restore it or pick another "
+                      "tracking.experiment")
+    return client, exp.experiment_id
+
+
+def _unavailable(uri: str, err: BaseException, required: bool, when: str) -> NullTracker:
+    msg = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    if required:
+        raise TrackingError(
+            f"tracking server {uri} is not reachable {when} ({msg}); start it, fix tracking.uri, "
+            "or set tracking.required=false to train without tracking") from err
+    warnings.warn(
+        f"tracking disabled: {uri} is not reachable {when} ({msg}); training continues and "
+        "every artifact stays on disk", TrackingUnavailableWarning, stacklevel=3)
+    return NullTracker(reason=f"unreachable: {msg}")
+
+
+def make_tracker(cfg: Any, *, timeout: float = PROBE_TIMEOUT_S) -> Tracker:
+    """The tracker for a run from the validated config (or its ``tracking`` section).
+
+    Connects now, so an unreachable server is known before any training step.
+    """
+    t = _tracking_section(cfg)
+    if not t.enabled:
+        return NullTracker()
+    uri = resolve_uri(str(t.uri))
+    try:
+        client, exp_id = _connect(uri, str(t.experiment), timeout)
+    except Exception as e:  # any failure to reach/open the store means "unavailable"
+        return _unavailable(uri, e, bool(t.required), "before training")
+    return MlflowTracker(client, uri, exp_id, required=bool(t.required))
+
+
+def open_run(cfg: Any, run_id: str, *, timeout: float = PROBE_TIMEOUT_S) -> Tracker:
+    """A tracker that logs into an existing run (``evaluate`` adds its reports to the training
+    run). Its ``end`` only flushes: the run keeps the status training gave it."""
+    t = _tracking_section(cfg)
+    if not t.enabled:
+        return NullTracker()
+    uri = resolve_uri(str(t.uri))
+    try:
+        if _is_http(uri):
+            for k, v in HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+            probe_http(uri, timeout)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
+    except Exception as e:
+        return _unavailable(uri, e, bool(t.required), f"or has no run {run_id}")
+    tr = MlflowTracker(client, uri, run.info.experiment_id, required=bool(t.required))
+    tr._run_id, tr._owns_run = run.info.run_id, False
+    return tr
+
+
+class MlflowTracker(Tracker):
+    active = True
+
+    def __init__(self, client, uri: str, experiment_id: str, *, required: bool = False):
+        self.client, self.uri, self.experiment_id = client, uri, experiment_id
+        self.required = required
+        self._run_id: str | None = None
+        self._owns_run = True
+        self._pending: list = []  # RunOperations of async metric batches
+        self._broken = False
+        self._ended = False
+        self.model_uri: str | None = None  # set by log_store_model
+        self.log_seconds = 0.0  # wall time spent inside tracker calls (overhead accounting)
+
+    def __repr__(self) -> str:
+        return f"MlflowTracker(uri={self.uri!r}, run_id={self._run_id!r})"
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    # -- failure policy -------------------------------------------------------------------
+    def _fail(self, what: str, err: BaseException) -> None:
+        msg = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        if self.required:
+            raise TrackingError(
+                f"tracking to {self.uri} failed while {what} ({msg}); tracking.required=true, so "
+                "the run stops here (checkpoints on disk are kept)") from err
+        if not self._broken:
+            warnings.warn(
+                f"tracking stopped: {what} failed on {self.uri} ({msg}); training continues and "
+                "every artifact stays on disk", TrackingUnavailableWarning, stacklevel=3)
+        self._broken = True
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self._broken or self._run_id is None and what != "starting the run":
+            return None
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as e:
+            self._fail(what, e)
+            return None
+        finally:
+            self.log_seconds += time.perf_counter() - t0
+
+    # -- interface ------------------------------------------------------------------------
+    def start(self, run_name: str, params: Mapping[str, object] | None = None,
+              tags: Mapping[str, object] | None = None) -> None:
+        if self._run_id is not None:
+            raise RuntimeError("MlflowTracker.start called twice")
+
+        def _start():
+            from mlflow.entities import Param
+
+            run = self.client.create_run(
+                self.experiment_id, run_name=run_name,
+                tags={k: str(v) for k, v in (tags or {}).items()})
+            self._run_id = run.info.run_id
+            items = [Param(str(k), str(v)) for k, v in (params or {}).items()]
+            for i in range(0, len(items), _PARAM_BATCH):
+                self.client.log_batch(self._run_id, params=items[i:i + _PARAM_BATCH])
+
+        self._call("starting the run", _start)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        def _log():
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            items = [Metric(str(k), float(v), ts, int(step)) for k, v in metrics.items()]
+            for i in range(0, len(items), _METRIC_BATCH):
+                self._pending.append(self.client.log_batch(
+                    self._run_id, metrics=items[i:i + _METRIC_BATCH], synchronous=False))
+            self._reap(block=False)
+
+        self._call("logging metrics", _log)
+
+    def _reap(self, block: bool) -> None:
+        """Drop finished async batches; re-raise the first failure (handled by _call)."""
+        keep = []
+        for ops in self._pending:
+            futs = ops._operation_futures if ops is not None else []
+            if block or all(f.done() for f in futs):
+                if ops is not None:
+                    ops.wait()
+            else:
+                keep.append(ops)
+        self._pending = keep
+
+    def flush(self) -> None:
+        self._call("flushing metrics", self._reap, True)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if not p.exists():
+            warnings.warn(f"tracking: artifact {p} does not exist; not logged",
+                          TrackingUnavailableWarning, stacklevel=2)
+            return
+        self._call(f"logging artifact {p.name}", self.client.log_artifact,
+                   self._run_id, str(p), artifact_path)
+
+    def log_store_model(self, checkpoint_path: str | Path, name: str = "store_model") -> None:
+        """Log the checkpoint's final store as an MLflow pyfunc model (see tracking.pyfunc)."""
+        from feda2v.tracking.pyfunc import log_store_model
+
+        def _log():
+            with _global_tracking_uri(self.uri):
+                info = log_store_model(checkpoint_path, run_id=self._run_id, name=name)
+            self.model_uri = info.model_uri
+
+        self._call("logging the store model", _log)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.flush()
+        if self._owns_run:
+            self._call("ending the run", self.client.set_terminated, self._run_id, status)

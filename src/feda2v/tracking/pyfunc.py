@@ -1,0 +1,163 @@
+"""The final generator store as an MLflow pyfunc model.
+
+The model's one artifact is a feda2v checkpoint file (safetensors + JSON header, never pickled
+tensors); ``load_context`` rebuilds the store with ``GeneratorStore.from_state`` and ``predict``
+samples synthetic embeddings for the requested classes:
+
+    model = mlflow.pyfunc.load_model(uri)
+    model.predict({"class": ["piano", "violin"], "count": [3, 2]}, params={"seed": 7})
+    # -> DataFrame, 5 rows: "class" (str) and "embedding" (list of float, feature_dim long)
+
+Sampling uses an explicit generator seeded from ``params["seed"]`` (default 0): same input, same
+output.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from feda2v.errors import DataError
+
+STORE_PREFIX = "store/"
+
+
+def split_store(tensors: dict, header: dict, store: str | None = None) -> tuple[str, dict, dict]:
+    """(store name, its tensors without the ``store/<name>/`` prefix, its meta) from a
+    federation checkpoint. Default: the ``server`` store, else the first store in the header."""
+    stores = header.get("stores") or {}
+    if not stores:
+        raise DataError("checkpoint has no 'stores' in its header; is it a federation checkpoint?")
+    name = store or ("server" if "server" in stores else next(iter(stores)))
+    if name not in stores:
+        raise DataError(f"checkpoint has no store '{name}'; it has: {', '.join(stores)}")
+    prefix = f"{STORE_PREFIX}{name}/"
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not own:
+        raise DataError(f"checkpoint has no tensors under '{prefix}'")
+    return name, own, stores[name]
+
+
+def _classes_of(meta: dict) -> list[str]:
+    spec = meta.get("spec") or {}
+    classes = spec.get("classes")
+    if not classes:
+        raise DataError("store meta has no spec.classes; cannot map class names to indices")
+    return [str(c) for c in classes]
+
+
+def parse_request(model_input: Any) -> list[tuple[str, int]]:
+    """Accept a DataFrame / dict of lists with columns ``class`` and ``count``, or a plain
+    ``{class: count}`` dict; returns ``[(class, count), ...]`` in input order."""
+    import pandas as pd
+
+    if isinstance(model_input, dict) and "class" not in model_input:
+        pairs = list(model_input.items())
+    else:
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        missing = {"class", "count"} - set(df.columns)
+        if missing:
+            raise DataError(f"store model input needs columns 'class' and 'count'; missing "
+                            f"{sorted(missing)}")
+        pairs = list(zip(df["class"].tolist(), df["count"].tolist()))
+    out = []
+    for c, n in pairs:
+        try:
+            n_int = int(n)
+        except (TypeError, ValueError):
+            n_int = -1
+        if n_int < 0 or n_int != n:
+            raise DataError(f"store model: count for class '{c}' must be a non-negative integer, "
+                            f"got {n!r}")
+        out.append((str(c), n_int))
+    return out
+
+
+class StoreModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of a GeneratorStore read from a checkpoint artifact."""
+
+    def load_context(self, context) -> None:
+        from feda2v.checkpoint import read_checkpoint
+        from feda2v.store import GeneratorStore
+
+        cfg = context.model_config or {}
+        tensors, header = read_checkpoint(context.artifacts["checkpoint"])
+        self.store_name, own, meta = split_store(tensors, header, cfg.get("store"))
+        self.store = GeneratorStore.from_state(own, meta)
+        self.classes = _classes_of(meta)
+
+    def predict(self, context, model_input, params: dict | None = None):
+        import numpy as np
+        import pandas as pd
+        import torch
+
+        from feda2v.seeding import torch_generator
+
+        seed = int((params or {}).get("seed", 0))
+        index = {c: i for i, c in enumerate(self.classes)}
+        names, idx = [], []
+        for c, n in parse_request(model_input):
+            if c not in index:
+                raise DataError(f"store model: unknown class '{c}'; known: "
+                                f"{', '.join(self.classes)}")
+            names += [c] * n
+            idx += [index[c]] * n
+        if not idx:
+            return pd.DataFrame({"class": pd.Series([], dtype=object),
+                                 "embedding": pd.Series([], dtype=object)})
+        with torch.no_grad():
+            x = self.store.sample(torch.tensor(idx, dtype=torch.long),
+                                  gen=torch_generator("pyfunc", seed))
+        rows = x.detach().cpu().to(torch.float32).numpy()
+        return pd.DataFrame({"class": names, "embedding": [np.asarray(r) for r in rows]})
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "class"), ColSpec("long", "count")]),
+        params=ParamSchema([ParamSpec("seed", "long", 0)]),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("feda2v", "torch", "safetensors", "numpy", "pandas", "mlflow"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def save_store_model(checkpoint_path: str | Path, path: str | Path, store: str | None = None):
+    """Write the pyfunc model directory (no tracking server needed)."""
+    mlflow.pyfunc.save_model(
+        path=str(path), python_model=StoreModel(),
+        artifacts={"checkpoint": str(checkpoint_path)},
+        model_config={"store": store} if store else None,
+        signature=_signature(), pip_requirements=_pip_requirements())
+
+
+def log_store_model(checkpoint_path: str | Path, *, run_id: str, name: str = "store_model",
+                    store: str | None = None):
+    """Log the model into ``run_id`` on the current global tracking URI; returns ModelInfo.
+
+    Requirements are given explicitly, so MLflow does not load the model in a subprocess to
+    infer them (slow, and the checkpoint may be large).
+    """
+    from mlflow.models import Model
+
+    ckpt = Path(checkpoint_path)
+    if not ckpt.is_file():
+        raise DataError(f"checkpoint {ckpt} does not exist; cannot log the store model")
+    return Model.log(
+        name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=StoreModel(),
+        artifacts={"checkpoint": str(ckpt)},
+        model_config={"store": store} if store else None,
+        signature=_signature(), pip_requirements=_pip_requirements())

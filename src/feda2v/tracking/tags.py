@@ -1,0 +1,106 @@
+"""What identifies a run: flattened config params, git/seed/engine/stage/data tags, a run name.
+
+Kept free of MLflow imports so building params/tags costs nothing when tracking is off.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+# MLflow rejects longer param values; keep the start of the value and say it was cut.
+MAX_PARAM_CHARS = 6000
+
+
+def _plain(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _param_value(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple, dict)):
+        s = json.dumps(v, sort_keys=True)
+    else:
+        s = str(v)
+    if len(s) > MAX_PARAM_CHARS:
+        s = s[: MAX_PARAM_CHARS - 15] + "...[truncated]"
+    return s
+
+
+def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": {"c": 1}}}`` -> ``{"a.b.c": "1"}``; lists and empty dicts become JSON.
+
+    Values are strings in YAML spelling (``true``, ``null``) so they read like the config and
+    compare cleanly in the MLflow UI.
+    """
+    out: dict[str, str] = {}
+    for k, v in _plain(cfg).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = _param_value(v)
+    return out
+
+
+def git_info(cwd: str | Path | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the repo around ``cwd``; "unknown" outside a git checkout.
+
+    Dirty counts tracked files only: pipeline outputs (data, checkpoints, mlflow.db) are untracked
+    and would otherwise mark every run dirty.
+    """
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty = "unknown" if status is None else ("true" if status else "false")
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def run_tags(cfg: Mapping | DictConfig, *, stage: str, manifest_hash: str | None = None,
+             cwd: str | Path | None = None, extra: Mapping[str, object] | None = None
+             ) -> dict[str, str]:
+    """The tags every feda2v run carries (DESIGN: git commit + dirty, manifest hash, seed,
+    engine, stage). ``mlflow.source.git.commit`` is also set so the MLflow UI shows the commit."""
+    c = _plain(cfg)
+    fed = c.get("federation", {}) or {}
+    gen = c.get("generator", {}) or {}
+    tags = dict(git_info(cwd))
+    tags["mlflow.source.git.commit"] = tags["git_commit"]
+    tags.update({
+        "seed": str(c.get("seed")),
+        "engine": str(fed.get("engine")),
+        "stage": stage,
+        "data_manifest_hash": manifest_hash or "unknown",
+        "generator": f"{gen.get('type')}/{gen.get('granularity')}",
+        "sharing": str(fed.get("sharing")),
+    })
+    for k, v in (extra or {}).items():
+        tags[k] = str(v)
+    return tags
+
+
+def default_run_name(cfg: Mapping | DictConfig) -> str:
+    """``tracking.run_name`` if set, else e.g. ``cvae-per_class-shared-digits-s0``."""
+    c = _plain(cfg)
+    name = (c.get("tracking") or {}).get("run_name")
+    if name:
+        return str(name)
+    gen, fed, data = c.get("generator", {}), c.get("federation", {}), c.get("data", {})
+    return (f"{gen.get('type')}-{gen.get('granularity')}-{fed.get('sharing')}-"
+            f"{data.get('name')}-s{c.get('seed')}")
