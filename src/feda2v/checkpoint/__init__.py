@@ -12,7 +12,7 @@ from feda2v.checkpoint.container import (
 )
 from feda2v.checkpoint.manager import LATEST, CheckpointManager, round_filename
 from feda2v.checkpoint.rng import capture_rng, restore_rng
-from feda2v.checkpoint.tools import diff_checkpoints, inspect_checkpoint
+from feda2v.checkpoint.tools import diff_checkpoints, inspect_checkpoint, provenance_note
 
 
 def migrate_legacy(*args, **kwargs):
@@ -54,6 +54,7 @@ __all__ = [
     "CheckpointManager",
     "capture_rng",
     "diff_checkpoints",
+    "provenance_note",
     "inspect_checkpoint",
     "layout_expectations",
     "migrate_legacy",

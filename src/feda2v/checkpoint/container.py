@@ -20,7 +20,6 @@ import json
 import os
 import struct
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -185,13 +184,19 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path) -> bytearray:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = bytearray(size)  # writable: loaded tensors are views into it
+            got = f.readinto(buf)
+            if got != size:
+                raise CheckpointError(f"{path} changed size while it was read; try again")
+            return buf
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
 
@@ -295,8 +300,13 @@ def _check_index(path: Path, st_header: dict, header: dict, payload_len: int) ->
     spans.sort()
     pos = 0
     for start, end, name in spans:
-        if start != pos:
-            raise CheckpointError(f"{path} is corrupt: tensor '{name}' data does not follow the previous tensor")
+        if start > pos:
+            raise CheckpointError(
+                f"{path} is corrupt: {start - pos} payload bytes before tensor '{name}' belong to no "
+                "tensor (a tensor entry is missing from the header)"
+            )
+        if start < pos:
+            raise CheckpointError(f"{path} is corrupt: tensor '{name}' overlaps the previous tensor's data")
         pos = end
     if pos != payload_len:
         what = "truncated" if pos > payload_len else "has trailing bytes"
@@ -311,26 +321,41 @@ def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     st_header, header, start = parse_header(path, data)
     if hashlib.sha256(memoryview(data)[start:]).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{path} is corrupt: the tensor data does not match its sha256 checksum")
-    # Parse with the safetensors library itself: the file must be a valid safetensors container.
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # frombuffer on read-only bytes; we clone below
-            loaded = st_load(data)
-    except (SafetensorError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+    _library_check(path, header)
+    # Tensors are views into the one (writable, owned) buffer just verified: no second copy, and
+    # nothing read after the checksum can differ from what was checked.
     index = header["tensors"]
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(index):
-        t = loaded.get(name)
-        if t is None or _DTYPES.get(t.dtype) != index[name]["dtype"] or list(t.shape) != index[name]["shape"]:
-            raise CheckpointError(f"{path} is corrupt: tensor '{name}' does not match its header index entry")
-        tensors[name] = t.clone()  # own, writable memory (the loaded views alias an immutable buffer)
-    if set(loaded) != set(index):
-        raise CheckpointError(f"{path} is corrupt: the tensor set does not match its header index")
+        e = index[name]
+        dtype = _BY_NAME[e["dtype"]]
+        begin, end = e["offsets"]
+        count = (end - begin) // _ITEMSIZE[e["dtype"]]
+        if count == 0:
+            tensors[name] = torch.empty(e["shape"], dtype=dtype)
+        else:
+            flat = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin)
+            tensors[name] = flat.reshape(e["shape"])
     return tensors, header
+
+
+def _library_check(path: Path, header: dict) -> None:
+    """The safetensors library itself must accept the container and see the same tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    index = header["tensors"]
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            seen = {n: (f.get_slice(n).get_dtype(), list(f.get_slice(n).get_shape())) for n in names}
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {' '.join(str(e).split())}") from None
+    if names != set(index) or METADATA_KEY not in meta:
+        raise CheckpointError(f"{path} changed while it was read or is not a valid container; try again")
+    for n, (dt, shape) in seen.items():
+        if dt != index[n]["dtype"] or shape != index[n]["shape"]:
+            raise CheckpointError(f"{path} is corrupt: the safetensors library reads tensor '{n}' as {dt} {shape}")
 
 
 def read_checkpoint(

@@ -13,9 +13,11 @@ import torch
 
 from feda2v.errors import CheckpointError
 
-TORCH = "rng/torch"
-NUMPY = "rng/numpy/state"
-PYTHON = "rng/python/state"
+# Names inside the RNG part; a federation checkpoint stores them under "rng/" (rng/torch, ...).
+TORCH = "torch"
+NUMPY = "numpy/state"
+PYTHON = "python/state"
+PREFIX = "rng/"
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

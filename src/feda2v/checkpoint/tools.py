@@ -11,6 +11,9 @@ from feda2v.checkpoint.container import canonical_json, read_checkpoint
 
 # Derived from the tensors (the tensor comparison already reports them), never volatile data.
 _DERIVED = ("sha256", "header_sha256", "tensors")
+# Which run wrote the file (its MLflow run id), not what it holds: two runs that train the same state
+# write files that differ only here. diff reports it apart and ignores it unless strict.
+PROVENANCE = "provenance"
 
 
 def _optimizer_summary(header: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -80,8 +83,10 @@ def _tensor_difference(name: str, a: torch.Tensor, b: torch.Tensor) -> str | Non
     return f"tensor {name}: {detail}"
 
 
-def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
-    """Differences between two verified checkpoints; ``[]`` iff the files are byte-identical."""
+def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, strict: bool = False) -> list[str]:
+    """Differences between two verified checkpoints. ``[]`` iff every tensor is bit-identical and
+    every header field is equal, ``provenance`` (the writing run's identity) aside; with ``strict``,
+    ``[]`` iff the files are byte-identical."""
     a, b = Path(a), Path(b)
     ta, ha = read_checkpoint(a)
     tb, hb = read_checkpoint(b)
@@ -97,8 +102,9 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
                 out.append(d)
     fa: dict[str, Any] = {}
     fb: dict[str, Any] = {}
-    _flatten({k: v for k, v in ha.items() if k not in _DERIVED}, "", fa)
-    _flatten({k: v for k, v in hb.items() if k not in _DERIVED}, "", fb)
+    skip = _DERIVED if strict else (*_DERIVED, PROVENANCE)
+    _flatten({k: v for k, v in ha.items() if k not in skip}, "", fa)
+    _flatten({k: v for k, v in hb.items() if k not in skip}, "", fb)
     for field in sorted(set(fa) | set(fb)):
         if field not in fb:
             out.append(f"header {field}: only in {a}")
@@ -106,7 +112,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
             out.append(f"header {field}: only in {b}")
         elif canonical_json(fa[field]) != canonical_json(fb[field]):
             out.append(f"header {field}: {_short(fa[field])} vs {_short(fb[field])}")
-    if not out and a.read_bytes() != b.read_bytes():  # cannot happen for canonical files; never hide it
+    if not out and (strict or ha.get(PROVENANCE) == hb.get(PROVENANCE)) \
+            and a.read_bytes() != b.read_bytes():  # cannot happen for canonical files; never hide it
         out.append("file bytes differ although tensors and header fields are equal")
     return out
 
@@ -114,3 +121,11 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
 def _short(v: Any, limit: int = 80) -> str:
     s = canonical_json(v)
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def provenance_note(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
+    """A one-line note when two checkpoints were written by different runs (ignored by diff)."""
+    pa, pb = read_checkpoint(a)[1].get(PROVENANCE), read_checkpoint(b)[1].get(PROVENANCE)
+    if pa == pb:
+        return None
+    return f"note: written by different runs (provenance {canonical_json(pa)} vs {canonical_json(pb)}); not compared"

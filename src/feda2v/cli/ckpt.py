@@ -21,9 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s = sub.add_parser("verify", help="exit 0 only if the checkpoint is intact")
     s.add_argument("path")
-    s = sub.add_parser("diff", help="exit 0 only if two checkpoints are bit-identical")
+    s = sub.add_parser("diff", help="exit 0 only if two checkpoints hold bit-identical state "
+                                    "(the writing run's provenance aside; --strict: byte-identical files)")
     s.add_argument("a")
     s.add_argument("b")
+    s.add_argument("--strict", action="store_true", help="compare the provenance header field too")
     s = sub.add_parser("migrate", help="convert a published-system (FedA2V) checkpoint to this format")
     s.add_argument("legacy")
     s.add_argument("out")
@@ -52,9 +54,12 @@ def _run(args: argparse.Namespace) -> int:
               f"{len(h['tensors'])} tensors, sha256 {h['sha256']})")
         return 0
     if args.cmd == "diff":
-        diffs = ck.diff_checkpoints(args.a, args.b)
+        diffs = ck.diff_checkpoints(args.a, args.b, strict=args.strict)
         for d in diffs:
             print(d)
+        note = None if args.strict else ck.provenance_note(args.a, args.b)
+        if note:
+            print(note)
         if diffs:
             print(f"feda2v-ckpt: {len(diffs)} difference(s)", file=sys.stderr)
             return 1
@@ -63,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "migrate":
         header = ck.migrate_legacy(args.legacy, args.out, overrides=args.overrides, prepared_dir=args.prepared)
         print(f"wrote {args.out}: keys {header['keys']}, roles {header['roles']}, round {header['round']}")
+        for note in header["migration"]["notes"]:
+            print(f"note: {note}")
         return 0
     raise AssertionError(args.cmd)
 

@@ -45,7 +45,7 @@ def logmel_stats(clips: np.ndarray, sample_rate: int) -> np.ndarray:
     window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64)
     spec = torch.stft(x, n_fft=N_FFT, hop_length=HOP, window=window, center=True,
                       pad_mode="reflect", return_complex=True)
-    power = spec.real ** 2 + spec.imag ** 2  # [n, bins, frames]
+    power = torch.view_as_real(spec).square().sum(dim=-1)  # [n, bins, frames], |X|^2
     mel = torch.matmul(mel_filterbank(sample_rate), power)  # [n, mels, frames]
     logmel = 10.0 * torch.log10(mel.clamp_min(1e-12))
     emb = torch.cat([logmel.mean(dim=-1), logmel.std(dim=-1, unbiased=False)], dim=-1)

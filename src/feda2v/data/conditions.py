@@ -46,6 +46,11 @@ def _encode(pkg, sentences: list[str]) -> np.ndarray:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    import logging
+
+    # Hydra's job logging shows INFO; the model's "Loading ..." chatter is not ours to print.
+    for name in ("sentence_transformers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         model = pkg.load_model(device="cpu")
         emb = model.encode(sentences, batch_size=64, convert_to_numpy=True,

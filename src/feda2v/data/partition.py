@@ -65,25 +65,32 @@ def dirichlet(labels: np.ndarray, num_classes: int, nodes: int, alpha: float, se
             "lower data.nodes or use more data"
         )
     by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
-    sizes = None
+    n_c = np.array([len(i) for i in by_class])
+    sizes = np.zeros(nodes, dtype=np.int64)
     for draw in range(DIRICHLET_MAX_DRAWS):
-        rng = numpy_generator(seed, "partition", "dirichlet", draw)
-        buckets: list[list[np.ndarray]] = [[] for _ in range(nodes)]
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            share = rng.dirichlet(np.full(nodes, float(alpha)))
-            cuts = (np.cumsum(share)[:-1] * len(idx)).astype(np.int64)
-            for node, chunk in enumerate(np.split(idx, cuts)):
-                buckets[node].append(chunk)
-        parts = [np.sort(np.concatenate(b)).astype(np.int64) for b in buckets]
-        sizes = [len(p) for p in parts]
-        if min(sizes) >= MIN_NODE_SAMPLES:
+        # Draw only the shares (cheap) until every node is big enough; then deal the samples.
+        share = numpy_generator(seed, "partition", "dirichlet", draw).dirichlet(
+            np.full(nodes, float(alpha)), size=num_classes)  # [classes, nodes]
+        if not np.isfinite(share).all():
+            continue
+        ends = np.floor(np.cumsum(share, axis=1) * n_c[:, None]).astype(np.int64)
+        ends[:, -1] = n_c  # the last node takes the rounding remainder
+        counts = np.diff(np.concatenate([np.zeros((num_classes, 1), np.int64), ends], axis=1), axis=1)
+        sizes = counts.sum(axis=0)
+        if sizes.min() >= MIN_NODE_SAMPLES:
+            rng = numpy_generator(seed, "partition", "dirichlet", draw, "deal")
+            buckets: list[list[np.ndarray]] = [[] for _ in range(nodes)]
+            for c, idx in enumerate(by_class):
+                for node, chunk in enumerate(np.split(rng.permutation(idx), ends[c, :-1])):
+                    buckets[node].append(chunk)
+            parts = [np.sort(np.concatenate(b)).astype(np.int64) for b in buckets]
             return Partition(parts, {"scheme": "dirichlet", "alpha": float(alpha), "draws": draw + 1})
     smallest = int(np.argmin(sizes))
     raise DataError(
-        f"node {smallest} was left with {sizes[smallest]} sample(s) in each of {DIRICHLET_MAX_DRAWS} "
-        f"Dirichlet draws (alpha={alpha}, {nodes} nodes, {n} samples; each node needs at least "
-        f"{MIN_NODE_SAMPLES}); raise data.partition.alpha or lower data.nodes"
+        f"node {smallest} was left with {sizes[smallest]} sample(s) (each node needs at least "
+        f"{MIN_NODE_SAMPLES}: one to train, one to test) and {DIRICHLET_MAX_DRAWS} Dirichlet draws "
+        f"did not fix it (alpha={alpha}, {nodes} nodes, {n} samples); raise data.partition.alpha "
+        "or lower data.nodes"
     )
 
 
@@ -91,8 +98,10 @@ def classes_per_node(labels: np.ndarray, num_classes: int, nodes: int, k: int, s
     """FedA2V layout: each node holds exactly k classes, every class is held by some node,
     and a class's samples are split evenly among the nodes that hold it.
 
-    Classes are dealt round-robin over a seeded class order, so holders per class differ by
-    at most one and node i's k classes are distinct whenever k <= number of classes.
+    Classes are dealt in laps, each lap a fresh seeded permutation of all classes, k per node:
+    holders per class differ by at most one, and nodes get varied class sets (one fixed order
+    would repeat the same sets lap after lap). Where a node's k straddle two laps, the classes it
+    already has are moved to the end of the new lap, so its k classes are always distinct.
     """
     n = len(labels)
     _check_sizes(n, nodes)
@@ -106,8 +115,13 @@ def classes_per_node(labels: np.ndarray, num_classes: int, nodes: int, k: int, s
             f"{num_classes} classes; raise data.nodes or classes_per_node"
         )
     rng = numpy_generator(seed, "partition", "classes_per_node")
-    order = rng.permutation(num_classes)
-    node_classes = [sorted(int(order[(i * k + j) % num_classes]) for j in range(k)) for i in range(nodes)]
+    seq: list[int] = []
+    while len(seq) < nodes * k:
+        lap = [int(c) for c in rng.permutation(num_classes)]
+        pos = len(seq) % k  # classes already dealt to the node being filled
+        head = set(seq[len(seq) - pos:]) if pos else set()
+        seq += [c for c in lap if c not in head] + [c for c in lap if c in head]
+    node_classes = [sorted(seq[i * k:(i + 1) * k]) for i in range(nodes)]
     holders: list[list[int]] = [[] for _ in range(num_classes)]
     for node, cls in enumerate(node_classes):
         for c in cls:

@@ -33,12 +33,27 @@ class Source:
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def digits(cfg) -> Source:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The data of ``sklearn.datasets.load_digits``, read from the CSV scikit-learn ships, without
+    importing scikit-learn (whose import costs ~2 s, more than the whole digits prepare). Falls
+    back to load_digits itself if that file ever moves."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        csv = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if csv.is_file():
+            raw = np.loadtxt(csv, delimiter=",")
+            if raw.shape == (1797, 65):
+                return raw[:, :-1], raw[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = np.asarray(d.data, dtype=np.float64)  # 8x8 grey levels 0..16, flattened: 64-d
-    y = np.asarray(d.target, dtype=np.int64)
+    return np.asarray(d.data, dtype=np.float64), np.asarray(d.target, dtype=np.int64)
+
+
+def digits(cfg) -> Source:
+    x, y = _digits_arrays()  # 8x8 grey levels 0..16, flattened: 64-d
     return Source(
         name="digits",
         classes=list(DIGIT_WORDS),
@@ -95,7 +110,12 @@ def fashion_mnist(cfg) -> Source:
     y = np.concatenate(labels).astype(np.int64)
 
     def features(variant: int, idx: np.ndarray) -> np.ndarray:
-        return (pix[idx].astype(np.float64) / 255.0) @ fashion_projection()
+        proj = fashion_projection() / 255.0
+        out = np.empty((len(idx), FASHION_DIM), dtype=np.float64)
+        # in chunks: one float64 copy of all 70,000 images would be 440 MB of page faults
+        for s in range(0, len(idx), 4096):
+            out[s:s + 4096] = pix[idx[s:s + 4096]].astype(np.float64) @ proj
+        return out
 
     return Source(
         name="fashion_mnist",

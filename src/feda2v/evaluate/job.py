@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from feda2v.errors import CheckpointError, DataError, Feda2vError, TrackingError
+from feda2v.errors import CheckpointError, ConfigError, DataError, Feda2vError, TrackingError
 from feda2v.evaluate import metrics as M
 from feda2v.seeding import numpy_generator, torch_generator
 
@@ -89,20 +89,32 @@ def _subsample(n: int, cap: int, *seed_parts) -> np.ndarray:
     return np.sort(numpy_generator(*seed_parts).choice(n, cap, replace=False))
 
 
-def _finite(v: float) -> float | None:
-    return float(v) if v is not None and math.isfinite(v) else None
+def _finite(v):
+    """JSON-safe number (ints stay ints) or None for NaN/inf, which DVC and MLflow cannot take."""
+    if v is None or not math.isfinite(v):
+        return None
+    return int(v) if isinstance(v, (int, np.integer)) else float(v)
 
 
 @torch.no_grad()
-def reconstruction_errors(store, x: torch.Tensor, y: torch.Tensor, classes: list[str]):
-    """Per-class and overall reconstruction MSE for VAE stores; None for GANs / no encoder.
+def reconstruction_errors(store, x: torch.Tensor, y: torch.Tensor, classes: list[str], conditions: torch.Tensor):
+    """(overall, per-class) reconstruction MSE per feature, or None when the store has no encoder (GAN).
 
-    Uses ``store.reconstruct(x, y)`` (the store runs each class's key encoder->decoder on the mean
-    latent) when the store provides it.
+    Each class goes through its own key's model: encode, decode the posterior mean (no sampling noise,
+    so the number is deterministic), conditioned on the class vector for conditional models.
     """
-    if "discriminator" in getattr(store, "roles", ()) or not hasattr(store, "reconstruct"):
+    if len(y) == 0:
         return None
-    recon = store.reconstruct(x, y)
+    recon = torch.empty_like(x)
+    for c in torch.unique(y).tolist():
+        module = store.module(store.key_for_class(classes[c]), "generator")
+        if not (hasattr(module, "encode") and hasattr(module, "decode")):
+            return None
+        rows = y == c
+        xc = x[rows]
+        cond = conditions[c].to(xc.dtype).expand(len(xc), -1) if getattr(module, "conditional", False) else None
+        mu, _ = module.encode(xc, cond)
+        recon[rows] = module.decode(mu, cond)
     overall, per = M.reconstruction_error(x, recon)
     yy = y.numpy()
     return overall, {classes[c]: float(per[yy == c].mean()) for c in np.unique(yy)}
@@ -159,7 +171,7 @@ def compute_metrics(
             per_class[name]["tstr_acc"] = tstr.per_class[c]
             per_class[name]["trtr_acc"] = trtr.per_class[c]
 
-    rec = reconstruction_errors(store, te_x.float(), te_y, classes)
+    rec = reconstruction_errors(store, te_x.float(), te_y, classes, prepared.conditions)
     if rec is not None:
         overall["recon_mse"] = rec[0]
         for name, v in rec[1].items():
@@ -172,7 +184,8 @@ def compute_metrics(
             for n, d in per_class.items()
         },
     }
-    extras = {"real_x": rx, "real_y": ry, "synth_x": sx_np, "synth_y": sy_np, "classes": classes}
+    extras = {"real_x": rx, "real_y": ry, "synth_x": sx_np, "synth_y": sy_np, "classes": classes,
+              "keys": list(getattr(store, "keys", []))}
     return metrics, extras
 
 
@@ -243,6 +256,10 @@ def _log_to_mlflow(cfg, run_id, flat: dict, files: list[Path], step: int, notes:
         return
     try:
         tracker = open_run(cfg, run_id)
+        if type(tracker).__name__ == "NullTracker":  # open_run already warned why
+            why = getattr(tracker, "reason", None) or "unreachable"
+            notes.append(f"MLflow: run {run_id} at {cfg.tracking.uri} not available ({why}); nothing logged")
+            return
         tracker.log_metrics({"eval/" + _MLFLOW_NAME_BAD.sub("_", k): v for k, v in flat.items()}, step=step)
         for f in files:
             tracker.log_artifact(str(f), artifact_path="evaluate")
@@ -261,11 +278,11 @@ def evaluate(cfg) -> dict:
 
     ev = cfg.evaluate
     if ev.samples_per_class < 2:
-        raise DataError(f"evaluate.samples_per_class must be >= 2, got {ev.samples_per_class}")
+        raise ConfigError(f"evaluate.samples_per_class must be >= 2, got {ev.samples_per_class}")
     if ev.knn_k < 1:
-        raise DataError(f"evaluate.knn_k must be >= 1, got {ev.knn_k}")
+        raise ConfigError(f"evaluate.knn_k must be >= 1, got {ev.knn_k}")
     if ev.knn_k >= ev.samples_per_class:
-        raise DataError(
+        raise ConfigError(
             f"evaluate.knn_k ({ev.knn_k}) must be below evaluate.samples_per_class ({ev.samples_per_class})"
         )
     ckpt = Path(ev.checkpoint)
@@ -289,8 +306,12 @@ def evaluate(cfg) -> dict:
     metrics, extras = compute_metrics(
         store, prepared, samples_per_class=int(ev.samples_per_class), knn_k=int(ev.knn_k), seed=seed
     )
+    # Training's reports are read (and checked) before anything is written, so a bad file costs
+    # nothing already on disk.
     train_reports = Path(cfg.train.reports_dir)
     downstream = _read_downstream(train_reports)
+    losses_csv = train_reports / "losses.csv"
+    losses = plots.read_losses(losses_csv) if losses_csv.is_file() else None
     if downstream is not None:
         metrics["downstream"] = _downstream_metrics(downstream)
     metrics["round"] = int(header.get("round", 0))
@@ -298,18 +319,23 @@ def evaluate(cfg) -> dict:
     out = Path(ev.reports_dir)
     outputs: dict[str, Path] = {}
     notes: list[str] = []
-    outputs.update(plots.write_plot_csvs(out / "plots", metrics, extras, train_reports / "losses.csv"))
-    outputs.update(plots.write_figures(out / "figures", metrics, extras, train_reports / "losses.csv", notes))
+    if losses is None:
+        notes.append(f"{losses_csv} not found (written by feda2v-train); no loss curves")
+    elif not losses:
+        notes.append(f"{losses_csv} has no rows; no loss curves")
+    outputs.update(plots.write_plot_csvs(out / "plots", metrics, extras, losses))
+    outputs.update(plots.write_figures(out / "figures", metrics, extras, losses))
     info = {
         "checkpoint": str(ckpt),
         "store": store_name,
         "round": metrics["round"],
         "keys": list(store.keys),
-        "generator": dict(header.get("config", {}).get("generator", {})) if isinstance(header.get("config"), dict) else {},
+        "generator": f"{store.spec.type}, {store.spec.granularity}" if hasattr(store, "spec") and hasattr(store.spec, "type") else "?",
         "data_manifest_hash": prepared.manifest_hash,
         "samples_per_class": int(ev.samples_per_class),
         "knn_k": int(ev.knn_k),
-        "seed": seed,
+        "seed": int(ev.seed),
+        "stream_seed": seed,
     }
     metrics_path = out / "metrics.json"
     _atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
@@ -319,7 +345,8 @@ def evaluate(cfg) -> dict:
     outputs["report"] = report_path
     _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     flat = flatten({k: v for k, v in metrics.items() if k != "round"})
-    _log_to_mlflow(cfg, header.get("mlflow_run_id"), flat, list(outputs.values()), metrics["round"], notes)
+    run_id = header.get("mlflow_run_id") or (header.get("provenance") or {}).get("mlflow_run_id")
+    _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes)
     # the copy on disk also says what happened with MLflow
     _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}

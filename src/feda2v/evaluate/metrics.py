@@ -183,10 +183,14 @@ def _fit_predict(train_x, train_y, test_x, seed: int) -> np.ndarray:
     clf = make_pipeline(
         StandardScaler(), LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
     )
-    with warnings.catch_warnings():
+    # One BLAS thread: lbfgs makes hundreds of small matmuls, and with torch's OpenMP pool alive in
+    # the same process multi-threaded OpenBLAS measured 20-60x slower on a loaded 2-core machine.
+    from threadpoolctl import threadpool_limits
+
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)  # a capped fit is still a fixed rule
         clf.fit(train_x, train_y)
-    return clf.predict(test_x)
+        return clf.predict(test_x)
 
 
 def classifier_accuracy(train_x, train_y, test_x, test_y, *, seed: int = 0) -> ClassifierScores:

@@ -80,6 +80,13 @@ def read_losses(path: Path) -> dict[str, dict[str, dict[int, float]]]:
     return {m: {k: dict(sorted(v.items())) for k, v in ks.items()} for m, ks in out.items()}
 
 
+def _key_order(found, store_keys) -> list[str]:
+    """The store's key order (class order), then any key the store no longer has."""
+    found = set(found)
+    known = [k for k in store_keys if k in found]
+    return known + sorted(found - set(known))
+
+
 def _main_loss(losses: dict) -> str | None:
     for m in ("loss", "g_loss"):
         if m in losses:
@@ -90,7 +97,8 @@ def _main_loss(losses: dict) -> str | None:
 # ------------------------------------------------------------------------------------ CSVs
 
 
-def write_plot_csvs(out: Path, metrics: dict, extras: dict, losses_csv: Path) -> dict[str, Path]:
+def write_plot_csvs(out: Path, metrics: dict, extras: dict, losses: dict | None) -> dict[str, Path]:
+    """CSV files for dvc.yaml ``plots:``; ``losses`` is ``read_losses``' result or None."""
     classes = extras["classes"]
     pc = metrics["per_class"]
     files = {
@@ -110,20 +118,27 @@ def write_plot_csvs(out: Path, metrics: dict, extras: dict, losses_csv: Path) ->
     rows = [[classes[int(y)], "real", float(a), float(b)] for y, (a, b) in zip(extras["real_y"], zr)]
     rows += [[classes[int(y)], "synthetic", float(a), float(b)] for y, (a, b) in zip(extras["synth_y"], zs)]
     files["embedding_2d"] = _write_csv(out / "embedding_2d.csv", ["class", "source", "pc1", "pc2"], rows)
-    if losses_csv.is_file():
-        losses = read_losses(losses_csv)
+    # one file per source as well: DVC colours plot series by file, not by a column's value
+    for source in ("real", "synthetic"):
+        files[f"embedding_2d_{source}"] = _write_csv(
+            out / f"embedding_2d_{source}.csv", ["class", "pc1", "pc2"], [r[:1] + r[2:] for r in rows if r[1] == source]
+        )
+    if losses:
         main = _main_loss(losses)
         if main is not None:
-            keys = list(losses[main])
+            keys = _key_order(losses[main], extras.get("keys", []))
             rounds = sorted({r for k in keys for r in losses[main][k]})
-            files["loss_per_round"] = _write_csv(
-                out / "loss_per_round.csv",
-                ["round", *keys],
-                [[r, *(losses[main][k].get(r) for k in keys)] for r in rounds],
-            )
+            # "mean" (over keys) is a column whatever the granularity, so one dvc.yaml plot definition
+            # compares unified and per-class experiments; the per-key columns follow.
+            table = []
+            for r in rounds:
+                vals = [losses[main][k].get(r) for k in keys]
+                present = [v for v in vals if v is not None]
+                table.append([r, sum(present) / len(present) if present else None, *vals])
+            files["loss_per_round"] = _write_csv(out / "loss_per_round.csv", ["round", "mean", *keys], table)
     per_node = (metrics.get("downstream") or {}).get("per_node")
     if per_node:
-        series = sorted({s for v in per_node.values() if isinstance(v, dict) for s in v})
+        series = _node_series(per_node)
         files["per_node_accuracy"] = _write_csv(
             out / "per_node_accuracy.csv",
             ["node", *series],
@@ -151,11 +166,11 @@ def _colors(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def fig_loss_curves(losses: dict, path: Path) -> Path:
+def fig_loss_curves(losses: dict, path: Path, store_keys=()) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = sorted(losses, key=lambda m: (m not in ("loss", "g_loss"), m))
-    keys = sorted({k for m in metrics for k in losses[m]})
+    keys = _key_order({k for m in metrics for k in losses[m]}, store_keys)
     colors = dict(zip(keys, _colors(len(keys))))
     ncols = min(2, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
@@ -193,10 +208,11 @@ def fig_tstr_vs_trtr(metrics: dict, classes: list[str], path: Path) -> Path:
            color="#DD8452")
     ax.set_xticks(x, classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center",
                   fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.22)  # headroom for the legend above the bars
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("held-out real accuracy (class recall)")
     ax.set_title("Per-class accuracy: classifier trained on synthetic vs real, tested on real")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(classes) > 6 else -0.1), ncol=2, fontsize=8)
+    ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _savefig(fig, path)
@@ -222,9 +238,9 @@ def fig_embedding_2d(extras: dict, metrics: dict, path: Path) -> Path:
     for ax in list(axes.flat)[len(classes):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", fontsize=8, markerscale=3)
     fig.suptitle("PCA of real vs synthetic embeddings per class (one projection for all panels)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.03, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, markerscale=3, frameon=False)
     return _savefig(fig, path)
 
 
@@ -232,14 +248,15 @@ def fig_per_node_accuracy(per_node: dict, downstream: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     nodes = list(per_node)
-    series = sorted({s for v in per_node.values() if isinstance(v, dict) for s in v})
+    series = _node_series(per_node)
     if not series:  # plain {node: accuracy}
         series = ["accuracy"]
         per_node = {n: {"accuracy": v} for n, v in per_node.items()}
     x = np.arange(len(nodes))
     w = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(nodes) + 2), 4.0))
-    for i, (s, color) in enumerate(zip(series, _colors(len(series)))):
+    palette = ["#4C72B0", "#DD8452"] if len(series) == 2 else _colors(len(series))
+    for i, (s, color) in enumerate(zip(series, palette)):
         ax.bar(x + (i - (len(series) - 1) / 2) * w, [per_node[n].get(s, np.nan) for n in nodes], w,
                label=s, color=color)
     for name, style in (("global_acc_fedavg", "--"), ("global_acc_distilled", ":")):
@@ -249,25 +266,27 @@ def fig_per_node_accuracy(per_node: dict, downstream: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy on the node's test split")
     ax.set_title("Global model per node: FedAvg alone vs with synthetic-sample fine-tuning")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(nodes) <= 8 else -0.2),
+              ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _savefig(fig, path)
 
 
-def write_figures(out: Path, metrics: dict, extras: dict, losses_csv: Path, notes: list[str]) -> dict[str, Path]:
+def _node_series(per_node: dict) -> list[str]:
+    """Series of the per-node accuracies: the training's "fedavg" before "distilled", others after."""
+    found = {s for v in per_node.values() if isinstance(v, dict) for s in v}
+    first = [s for s in ("fedavg", "distilled") if s in found]
+    return first + sorted(found - set(first))
+
+
+def write_figures(out: Path, metrics: dict, extras: dict, losses: dict | None) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # headless: DVC stages and CI have no display
     files = {}
-    if losses_csv.is_file():
-        losses = read_losses(losses_csv)
-        if losses:
-            files["fig_loss_curves"] = fig_loss_curves(losses, out / "loss_curves.png")
-        else:
-            notes.append(f"{losses_csv} has no rows; no loss curves")
-    else:
-        notes.append(f"{losses_csv} not found (written by feda2v-train); no loss curves")
+    if losses:
+        files["fig_loss_curves"] = fig_loss_curves(losses, out / "loss_curves.png", extras.get("keys", []))
     files["fig_tstr_vs_trtr"] = fig_tstr_vs_trtr(metrics, extras["classes"], out / "tstr_vs_trtr.png")
     files["fig_embedding_2d"] = fig_embedding_2d(extras, metrics, out / "embedding_2d.png")
     downstream = metrics.get("downstream") or {}

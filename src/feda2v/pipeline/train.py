@@ -166,13 +166,6 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_name_for(cfg) -> str:
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
-    g, f = cfg.generator, cfg.federation
-    return f"{cfg.data.name}-{g.type}-{g.granularity}-{f.sharing}-{f.mode}-s{cfg.seed}"
-
-
 def train(cfg) -> dict:
     """Run (or resume) the federation; returns the final summary metrics."""
     from feda2v.checkpoint import CheckpointManager, capture_rng, read_checkpoint, restore_rng
@@ -180,7 +173,7 @@ def train(cfg) -> dict:
     from feda2v.federation.engine import make_engine
     from feda2v.federation.server import Federation
     from feda2v.profiling import StepProfiler
-    from feda2v.tracking import make_tracker, run_tags
+    from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
 
     data = load_prepared(cfg.data.prepared_dir)
     engine = make_engine(cfg.federation.engine)
@@ -195,15 +188,17 @@ def train(cfg) -> dict:
         federation.load_state_dict(tensors, header)
         restore_rng({k[4:]: v for k, v in tensors.items() if k.startswith("rng/")}, header.get("rng") or {})
         start_round, resumed_from = int(header["round"]) + 1, str(path)
+        print(f"resuming from {path} after round {start_round - 1}", flush=True)
     rounds = cfg.federation.rounds
     if start_round > rounds:
         print(f"nothing to do: the checkpoint already has {start_round - 1} rounds (federation.rounds={rounds})")
         return {}
 
     tracker = make_tracker(cfg)  # raises before training when tracking.required and unreachable
-    name = run_name_for(cfg)
-    tracker.start(name, params=_flat(checkpoint_config(cfg)),
-                  tags=run_tags(cfg, stage="federated-train", data_manifest_hash=data.manifest_hash))
+    name = default_run_name(cfg)
+    tracker.start(name, params=flatten(checkpoint_config(cfg)),
+                  tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
+                                extra={"resumed_from": resumed_from} if resumed_from else None))
     reports = Path(cfg.train.reports_dir)
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
@@ -223,7 +218,7 @@ def train(cfg) -> dict:
                     rng_tensors, rng_json = capture_rng()
                     tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
                     header = build_header(cfg, federation, meta, data, rng_json,
-                                          {"mlflow_run_id": tracker.run_id, "resumed_from": resumed_from})
+                                          {"mlflow_run_id": tracker.run_id})
                     path = manager.save(result.round, tensors, header)
                     tracker.log_artifact(str(path), "checkpoints")
                 progress.round_done(result)
@@ -231,7 +226,7 @@ def train(cfg) -> dict:
         summary["rounds"] = rounds
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)
-        metrics_path = Path("reports/train_metrics.json")
+        metrics_path = reports.parent / "train_metrics.json"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         tracker.log_artifact(str(metrics_path))
@@ -239,8 +234,8 @@ def train(cfg) -> dict:
             if p.is_file():
                 tracker.log_artifact(str(p), "reports/train")
         tracker.log_artifact(str(Path(cfg.data.prepared_dir) / "manifest.json"), "data")
-        if profiler.trace_dir is not None and Path(profiler.trace_dir).exists():
-            tracker.log_artifact(str(profiler.trace_dir), "profile")
+        if profiler.enabled and profiler.out_dir.exists():
+            tracker.log_artifact(str(profiler.out_dir), "profile")
         tracker.log_store_model(str(manager.latest_path))
         status = "FINISHED"
         return summary

@@ -2,8 +2,10 @@
 
 Every (key, role) owns a real ``torch.optim`` optimizer built by ``make_optimizer``; its ``.state``
 holds that key's moments and step. ``grouped_step`` performs exactly the update those optimizers'
-``step()`` would, but for all active keys in one ``foreach`` call of torch's functional Adam(W),
-reading and writing each optimizer's own state entries.
+``step()`` would, but for all active keys in one call of torch's fused functional Adam(W)
+(one vectorised pass per tensor; on CPU ~3x faster than the foreach path, which matters because a
+per_class store has K times the parameters of a unified one), reading and writing each
+optimizer's own state entries.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as functional_adam
+from torch.optim.optimizer import _get_scalar_dtype
 
 from feda2v.store.spec import OptimizerSpec
 
@@ -20,7 +23,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) ->
     """The ONE factory: every optimizer, at construction and reset alike, gets these settings."""
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[spec.name]
     return cls(list(params), lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
-               weight_decay=spec.weight_decay, foreach=True)
+               weight_decay=spec.weight_decay, fused=True)
 
 
 def configure_param_groups(opt: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
@@ -42,8 +45,8 @@ def step_tensor(opt: torch.optim.Optimizer) -> Tensor | None:
 def _state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
     st = opt.state[p]
     if len(st) == 0:
-        # Lazy initialisation exactly as torch's Adam does it (non-capturable, non-fused).
-        st["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype() if torch.get_default_dtype() == torch.float64 else torch.float32)
+        # Lazy initialisation exactly as torch's fused Adam does it (step on the parameter's device).
+        st["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return st
@@ -51,15 +54,15 @@ def _state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
 
 @torch.no_grad()
 def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], Sequence[Tensor]]]) -> None:
-    """One Adam(W) update for many optimizers: ``items`` = [(optimizer, params, grads), ...].
+    """One fused Adam(W) update for many optimizers: ``items`` = [(optimizer, params, grads), ...].
 
     Optimizers whose param-group hyper-parameters are equal (the normal case: one factory) are
-    updated in a single foreach call; differing ones (e.g. after a user changed an lr) get their own.
+    updated in a single fused call; differing ones (e.g. after a user changed an lr) get their own.
     """
     buckets: dict[tuple, tuple[list, list, list, list, list]] = {}
     for opt, params, grads in items:
         g = opt.param_groups[0]
-        if len(opt.param_groups) != 1 or g["amsgrad"] or g["maximize"]:
+        if len(opt.param_groups) != 1 or g["amsgrad"] or g["maximize"] or not g["fused"]:
             raise ValueError("grouped_step supports the factory's optimizers only (one group, no amsgrad)")
         beta1, beta2 = g["betas"]
         hkey = (float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]),
@@ -68,14 +71,14 @@ def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], 
         for p, grad in zip(params, grads):
             st = _state(opt, p)
             b[0].append(p)
-            b[1].append(grad)
+            b[1].append(grad.contiguous())  # fused Adam mis-reads non-contiguous grads (torch 2.13)
             b[2].append(st["exp_avg"])
             b[3].append(st["exp_avg_sq"])
             b[4].append(st["step"])
     for (lr, beta1, beta2, eps, wd, decoupled), (ps, gs, ms, vs, steps) in buckets.items():
         functional_adam(
             ps, gs, ms, vs, [], steps,
-            foreach=True, capturable=False, differentiable=False, fused=None,
+            foreach=False, capturable=False, differentiable=False, fused=True,
             grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=decoupled,
             amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False,
         )

@@ -4,8 +4,10 @@ Design points (see docs/tracking_and_profiling.md):
 - Default store: a SQLite file (``sqlite:///mlflow.db``, relative to the cwd, made absolute here so
   a later chdir cannot split a run). Experiments get an explicit artifact root beside the DB
   (``<db dir>/mlartifacts/<experiment>``) so MLflow never falls back to ``./mlruns``.
-- Metrics go through MLflow's own async queue (``log_batch(synchronous=False)``), which batches
-  queued calls on a background thread; ``end`` waits for them.
+- Metrics are queued and sent by one background thread that merges whatever is queued into one
+  ``log_batch`` call (at most 1000 metrics each); ``end`` waits for the queue to drain. (MLflow's
+  own ``log_batch(synchronous=False)`` queue was tried: its worker polls with a 1 s timeout, so
+  ending a run cost ~1 s, too much for short trainings.)
 - Reachability is checked when the tracker is made, before training: an unreachable server with
   ``tracking.required=false`` gives one warning and a NullTracker; with ``required=true`` a
   TrackingError. A failure later in the run does the same (warn once and stop logging, or raise).
@@ -13,6 +15,7 @@ Design points (see docs/tracking_and_profiling.md):
 from __future__ import annotations
 
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +35,9 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+# MLflow draws a tqdm bar on stderr for every artifact download (model logging does some);
+# it would interleave with training progress output.
+QUIET_ENV_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 PROBE_TIMEOUT_S = 3.0
 _PARAM_BATCH = 100  # MLflow's per-request limit for params (and tags)
 _METRIC_BATCH = 1000
@@ -85,16 +91,21 @@ def probe_http(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
 
 @contextmanager
-def _global_tracking_uri(uri: str):
-    """MLflow's model logging reads the global tracking URI; point it at ours for the call."""
+def _fluent_context(uri: str, experiment_id: str):
+    """MLflow's model logging reads the global tracking URI and the fluent active experiment
+    (else it files the model under experiment 0 of the default store); point both at ours for
+    the call and restore them after."""
+    from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service import utils as tu
 
-    old = tu._tracking_uri
+    old_uri, old_exp = tu._tracking_uri, fluent._active_experiment_id
     tu.set_tracking_uri(uri)
+    fluent._active_experiment_id = experiment_id
     try:
         yield
     finally:
-        tu.set_tracking_uri(old)
+        fluent._active_experiment_id = old_exp
+        tu.set_tracking_uri(old_uri)
 
 
 def _connect(uri: str, experiment: str, timeout: float):
@@ -142,8 +153,11 @@ def make_tracker(cfg: Any, *, timeout: float = PROBE_TIMEOUT_S) -> Tracker:
     t = _tracking_section(cfg)
     if not t.enabled:
         return NullTracker()
-    uri = resolve_uri(str(t.uri))
+    uri = str(t.uri)
+    for k, v in QUIET_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     try:
+        uri = resolve_uri(uri)
         client, exp_id = _connect(uri, str(t.experiment), timeout)
     except Exception as e:  # any failure to reach/open the store means "unavailable"
         return _unavailable(uri, e, bool(t.required), "before training")
@@ -156,8 +170,9 @@ def open_run(cfg: Any, run_id: str, *, timeout: float = PROBE_TIMEOUT_S) -> Trac
     t = _tracking_section(cfg)
     if not t.enabled:
         return NullTracker()
-    uri = resolve_uri(str(t.uri))
+    uri = str(t.uri)
     try:
+        uri = resolve_uri(uri)
         if _is_http(uri):
             for k, v in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(k, v)
@@ -173,6 +188,55 @@ def open_run(cfg: Any, run_id: str, *, timeout: float = PROBE_TIMEOUT_S) -> Trac
     return tr
 
 
+class _MetricBatcher:
+    """One daemon thread sending queued metrics in merged batches; errors surface on the next
+    ``put``/``flush`` of the caller's thread."""
+
+    def __init__(self, send):
+        self._send = send
+        self._items: list = []
+        self._busy = False
+        self._error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="feda2v-mlflow-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def put(self, items: list) -> None:
+        with self._cv:
+            self._raise_error()
+            self._items.extend(items)
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._items:
+                    self._cv.wait()
+                batch, self._items = self._items[:_METRIC_BATCH], self._items[_METRIC_BATCH:]
+                self._busy = True
+            try:
+                self._send(batch)
+            except BaseException as e:  # kept for the caller; queued items are dropped
+                with self._cv:
+                    self._error, self._items = e, []
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def flush(self) -> None:
+        with self._cv:
+            while self._items or self._busy:
+                self._cv.wait()
+            self._raise_error()
+
+
 class MlflowTracker(Tracker):
     active = True
 
@@ -181,7 +245,7 @@ class MlflowTracker(Tracker):
         self.required = required
         self._run_id: str | None = None
         self._owns_run = True
-        self._pending: list = []  # RunOperations of async metric batches
+        self._batcher: _MetricBatcher | None = None
         self._broken = False
         self._ended = False
         self.model_uri: str | None = None  # set by log_store_model
@@ -244,29 +308,20 @@ class MlflowTracker(Tracker):
         def _log():
             from mlflow.entities import Metric
 
+            if self._batcher is None:
+                run_id = self._run_id
+                self._batcher = _MetricBatcher(
+                    lambda batch: self.client.log_batch(run_id, metrics=batch))
             ts = int(time.time() * 1000)
-            items = [Metric(str(k), float(v), ts, int(step)) for k, v in metrics.items()]
-            for i in range(0, len(items), _METRIC_BATCH):
-                self._pending.append(self.client.log_batch(
-                    self._run_id, metrics=items[i:i + _METRIC_BATCH], synchronous=False))
-            self._reap(block=False)
+            self._batcher.put([Metric(str(k), float(v), ts, int(step))
+                               for k, v in metrics.items()])
 
         self._call("logging metrics", _log)
 
-    def _reap(self, block: bool) -> None:
-        """Drop finished async batches; re-raise the first failure (handled by _call)."""
-        keep = []
-        for ops in self._pending:
-            futs = ops._operation_futures if ops is not None else []
-            if block or all(f.done() for f in futs):
-                if ops is not None:
-                    ops.wait()
-            else:
-                keep.append(ops)
-        self._pending = keep
-
     def flush(self) -> None:
-        self._call("flushing metrics", self._reap, True)
+        """Block until every queued metric is stored."""
+        if self._batcher is not None:
+            self._call("logging metrics", self._batcher.flush)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(path)
@@ -282,7 +337,7 @@ class MlflowTracker(Tracker):
         from feda2v.tracking.pyfunc import log_store_model
 
         def _log():
-            with _global_tracking_uri(self.uri):
+            with _fluent_context(self.uri, self.experiment_id):
                 info = log_store_model(checkpoint_path, run_id=self._run_id, name=name)
             self.model_uri = info.model_uri
 

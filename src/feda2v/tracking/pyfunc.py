@@ -13,23 +13,30 @@ output.
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 from feda2v.errors import DataError
 
 STORE_PREFIX = "store/"
+# Logged as a model from code (no cloudpickle): the file builds a StoreModel at load time.
+_CODE = str(Path(__file__).with_name("store_model_code.py"))
 
 
 def split_store(tensors: dict, header: dict, store: str | None = None) -> tuple[str, dict, dict]:
     """(store name, its tensors without the ``store/<name>/`` prefix, its meta) from a
-    federation checkpoint. Default: the ``server`` store, else the first store in the header."""
+    federation checkpoint. Default: the header's ``primary_store``, else ``server``, else the
+    first store in the header."""
     stores = header.get("stores") or {}
     if not stores:
         raise DataError("checkpoint has no 'stores' in its header; is it a federation checkpoint?")
-    name = store or ("server" if "server" in stores else next(iter(stores)))
+    name = store or header.get("primary_store") or (
+        "server" if "server" in stores else next(iter(stores)))
     if name not in stores:
         raise DataError(f"checkpoint has no store '{name}'; it has: {', '.join(stores)}")
     prefix = f"{STORE_PREFIX}{name}/"
@@ -74,6 +81,16 @@ def parse_request(model_input: Any) -> list[tuple[str, int]]:
     return out
 
 
+@contextmanager
+def _quiet():
+    """MLflow nags (in colour) about input examples; the explicit signature below is what
+    serving needs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(type hints|input example).*",
+                                category=UserWarning)
+        yield
+
+
 class StoreModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of a GeneratorStore read from a checkpoint artifact."""
 
@@ -87,9 +104,9 @@ class StoreModel(mlflow.pyfunc.PythonModel):
         self.store = GeneratorStore.from_state(own, meta)
         self.classes = _classes_of(meta)
 
-    def predict(self, context, model_input, params: dict | None = None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        # (the DataFrame hint also tells MLflow not to infer a schema: the signature is explicit)
         import numpy as np
-        import pandas as pd
         import torch
 
         from feda2v.seeding import torch_generator
@@ -137,11 +154,12 @@ def _pip_requirements() -> list[str]:
 
 def save_store_model(checkpoint_path: str | Path, path: str | Path, store: str | None = None):
     """Write the pyfunc model directory (no tracking server needed)."""
-    mlflow.pyfunc.save_model(
-        path=str(path), python_model=StoreModel(),
-        artifacts={"checkpoint": str(checkpoint_path)},
-        model_config={"store": store} if store else None,
-        signature=_signature(), pip_requirements=_pip_requirements())
+    with _quiet():
+        mlflow.pyfunc.save_model(
+            path=str(path), python_model=_CODE,
+            artifacts={"checkpoint": str(Path(checkpoint_path).resolve())},
+            model_config={"store": store} if store else None,
+            signature=_signature(), pip_requirements=_pip_requirements())
 
 
 def log_store_model(checkpoint_path: str | Path, *, run_id: str, name: str = "store_model",
@@ -153,11 +171,12 @@ def log_store_model(checkpoint_path: str | Path, *, run_id: str, name: str = "st
     """
     from mlflow.models import Model
 
-    ckpt = Path(checkpoint_path)
+    ckpt = Path(checkpoint_path).resolve()  # latest.ckpt may be a link: log the file it names
     if not ckpt.is_file():
         raise DataError(f"checkpoint {ckpt} does not exist; cannot log the store model")
-    return Model.log(
-        name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=StoreModel(),
+    with _quiet():
+        return Model.log(
+            None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=_CODE,
         artifacts={"checkpoint": str(ckpt)},
         model_config={"store": store} if store else None,
         signature=_signature(), pip_requirements=_pip_requirements())

@@ -51,8 +51,10 @@ def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_info(cwd: str | Path | None = None) -> dict[str, str]:
-    """Commit and dirty flag of the repo around ``cwd``; "unknown" outside a git checkout.
+def git_info(cwd: str | Path | None = None, *, fallback_to_source: bool = False
+             ) -> dict[str, str]:
+    """Commit and dirty flag of the repo around ``cwd``; "unknown" outside a git checkout
+    (with ``fallback_to_source``: then the checkout feda2v's own source lives in, if any).
 
     Dirty counts tracked files only: pipeline outputs (data, checkpoints, mlflow.db) are untracked
     and would otherwise mark every run dirty.
@@ -66,6 +68,8 @@ def git_info(cwd: str | Path | None = None) -> dict[str, str]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
+        if fallback_to_source:
+            return git_info(Path(__file__).resolve().parent)
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     status = git("status", "--porcelain", "--untracked-files=no")
     dirty = "unknown" if status is None else ("true" if status else "false")
@@ -76,11 +80,12 @@ def run_tags(cfg: Mapping | DictConfig, *, stage: str, manifest_hash: str | None
              cwd: str | Path | None = None, extra: Mapping[str, object] | None = None
              ) -> dict[str, str]:
     """The tags every feda2v run carries (DESIGN: git commit + dirty, manifest hash, seed,
-    engine, stage). ``mlflow.source.git.commit`` is also set so the MLflow UI shows the commit."""
+    engine, stage). The commit is the cwd's checkout (where a pipeline runs), else the one the
+    feda2v source is in. ``mlflow.source.git.commit`` is also set so the MLflow UI shows it."""
     c = _plain(cfg)
     fed = c.get("federation", {}) or {}
     gen = c.get("generator", {}) or {}
-    tags = dict(git_info(cwd))
+    tags = dict(git_info(cwd, fallback_to_source=True))
     tags["mlflow.source.git.commit"] = tags["git_commit"]
     tags.update({
         "seed": str(c.get("seed")),

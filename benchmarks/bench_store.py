@@ -1,0 +1,114 @@
+"""Benchmark: one unified generator step vs one per_class step over 10 keys on the same batch.
+
+Issue 2, item 5: a per_class step over 10 keys must cost at most 2x a unified step (grouped
+training, not a Python loop of 10 small steps). Run: ``.venv/bin/python benchmarks/bench_store.py``
+(``--quick`` for a short run, ``--threads=N`` for N intra-op threads; default 1).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from feda2v.store import GeneratorStore, StoreSpec
+
+CLASSES = [f"class{i}" for i in range(10)]
+FEATURE_DIM, CONDITION_DIM = 512, 384  # CLAP-like audio embedding, MiniLM text condition
+
+
+def _store(typ: str, granularity: str) -> GeneratorStore:
+    spec = StoreSpec(type=typ, granularity=granularity, classes=CLASSES, feature_dim=FEATURE_DIM,
+                     condition_dim=CONDITION_DIM, latent_dim=16, hidden_dim=128)
+    cond = torch.randn(len(CLASSES), CONDITION_DIM, generator=torch.Generator().manual_seed(0))
+    return GeneratorStore(spec, cond)
+
+
+def _median_step(store: GeneratorStore, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: int) -> float:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(warmup):
+        store.train_batch(x, y, gen=gen, node="bench", round=0)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        store.train_batch(x, y, gen=gen, node="bench", round=0)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _median_loop(store: GeneratorStore, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: int) -> float:
+    """The design the issue forbids: one small train_batch call per class (a Python loop of K steps)."""
+    gen = torch.Generator().manual_seed(1)
+    parts = [(x[y == c], y[y == c]) for c in y.unique().tolist()]
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        for xs, ys in parts:
+            store.train_batch(xs, ys, gen=gen, node="bench", round=0)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _median_adam_only(store: GeneratorStore, repeats: int, warmup: int) -> float:
+    """The floor: one fused AdamW update of every parameter of the store (what any correct
+    per_class step must do when all keys have samples), with no forward or backward."""
+    from feda2v.store.optim import grouped_step
+
+    items = []
+    for key in store.keys:
+        for role in store.roles:
+            params = list(store.module(key, role).parameters())
+            items.append((store.optimizer(key, role), params, [torch.ones_like(p) * 1e-3 for p in params]))
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        grouped_step(items)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(quick: bool = False, threads: int = 1) -> dict:
+    """Median seconds per step; ``threads`` intra-op threads (1 = stable numbers on a shared box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(quick: bool) -> dict:
+    repeats, warmup = (10, 3) if quick else (40, 8)
+    results: dict = {"threads": torch.get_num_threads(), "feature_dim": FEATURE_DIM,
+                     "condition_dim": CONDITION_DIM, "hidden_dim": 128, "keys": len(CLASSES),
+                     "repeats": repeats, "cases": []}
+    for typ in ("cvae", "gan"):
+        for batch in (64, 256, 1024):
+            g = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch, FEATURE_DIM, generator=g)
+            y = torch.arange(batch) % len(CLASSES)  # every class present: all 10 keys step
+            uni = _median_step(_store(typ, "unified"), x, y, repeats, warmup)
+            per = _median_step(_store(typ, "per_class"), x, y, repeats, warmup)
+            loop = _median_loop(_store(typ, "per_class"), x, y, repeats, warmup)
+            adam = _median_adam_only(_store(typ, "per_class"), repeats, warmup)
+            y2 = torch.arange(batch) % 2  # a typical node batch (classes_per_node=2): 2 keys step
+            per2 = _median_step(_store(typ, "per_class"), x, y2, repeats, warmup)
+            results["cases"].append({
+                "type": typ, "batch": batch, "unified_ms": round(uni * 1e3, 3),
+                "per_class_ms": round(per * 1e3, 3), "ratio": round(per / uni, 3),
+                "per_class_loop_ms": round(loop * 1e3, 3), "loop_ratio": round(loop / uni, 3),
+                "per_class_2keys_ms": round(per2 * 1e3, 3), "ratio_2keys": round(per2 / uni, 3),
+                "per_class_adam_only_ms": round(adam * 1e3, 3), "adam_floor_ratio": round(adam / uni, 3),
+            })
+    results["max_ratio"] = max(c["ratio"] for c in results["cases"])
+    results["target_ratio"] = 2.0
+    return results
+
+
+if __name__ == "__main__":
+    threads = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--threads=")), "1"))
+    print(json.dumps(run(quick="--quick" in sys.argv, threads=threads), indent=2))

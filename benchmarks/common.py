@@ -1,0 +1,41 @@
+"""Shared helpers of the benchmarks: timing medians and a synthetic store/batch."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_store(gtype: str = "cvae", granularity: str = "unified", classes: int = 10, feature_dim: int = 128,
+               condition_dim: int = 384, hidden_dim: int = 128, latent_dim: int = 16):
+    from feda2v.store import GeneratorStore, StoreSpec
+
+    names = [f"c{i}" for i in range(classes)]
+    spec = StoreSpec(type=gtype, granularity=granularity, classes=tuple(names), feature_dim=feature_dim,
+                     condition_dim=condition_dim, hidden_dim=hidden_dim, latent_dim=latent_dim)
+    conditions = torch.randn(classes, condition_dim, generator=torch.Generator().manual_seed(1))
+    return GeneratorStore(spec, conditions)
+
+
+def make_batch(batch: int, classes: int = 10, feature_dim: int = 128, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, feature_dim, generator=g), torch.arange(batch) % classes
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matrix-multiply rate (the ceiling a generator step can approach)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_time(lambda: torch.mm(a, b), repeats)
+    return 2 * n**3 / t / 1e9

@@ -1,0 +1,93 @@
+"""Run every benchmark and write reports/bench.json and reports/bench.md (one command: `make bench`).
+
+Each benchmarks/bench_<name>.py has `run(quick: bool) -> dict` returning measured numbers (medians over
+repeats, ratios measured in the same run). `--quick` is the seconds-long smoke CI runs (numbers from a
+quick run are not the report's).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["generator", "store", "engine", "checkpoint", "tracking", "scale", "profiler"]
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform()}
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# feda2v benchmarks", "",
+             f"Measured {report['when']} on: {json.dumps(report['machine'])}",
+             f"Mode: {'quick smoke (not for claims)' if report['quick'] else 'full'}", ""]
+    for name, res in report["results"].items():
+        lines += [f"## {name}", ""]
+        if "error" in res:
+            lines += [f"FAILED: {res['error']}", ""]
+            continue
+        if "summary" in res:
+            lines += [res["summary"], ""]
+        table = res.get("table")
+        if table:
+            cols = list(table[0])
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for row in table:
+                lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    ap.add_argument("--only", nargs="*", help="benchmark names to run")
+    ap.add_argument("--out", default="reports", help="output folder")
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    names = [n for n in ORDER if (HERE / f"bench_{n}.py").exists() and (not args.only or n in args.only)]
+    report = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine(),
+              "results": {}}
+    failed = False
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            res = importlib.import_module(f"bench_{name}").run(quick=args.quick)
+        except Exception as e:  # one broken benchmark must not hide the others' numbers
+            res, failed = {"error": f"{type(e).__name__}: {e}"}, True
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        report["results"][name] = res
+        print(f"bench {name}: {res.get('summary', res.get('error', ''))} ({res['seconds']} s)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_quick" if args.quick else "bench"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(to_markdown(report))
+    print(f"wrote {out / stem}.json and {out / stem}.md")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""``prepare`` (source -> partition -> standardised features -> data/prepared/) and its reader.
+
+Byte-reproducible: the same config and seed give the same files, byte for byte (no timestamps,
+no absolute cache paths, no cache hit/miss facts in the manifest; safetensors output is canonical).
+The directory is written beside its final place and renamed in only when complete, so an error
+or a crash never leaves a half-written or missing ``data/prepared/`` in place of a good one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from feda2v.data.conditions import make_conditions
+from feda2v.data.partition import make_partition, train_test_split
+from feda2v.data.sources import load_source
+from feda2v.errors import ConfigError, DataError
+from feda2v.seeding import numpy_generator
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+CONDITIONS = "conditions.safetensors"
+STD_FLOOR = 1e-8  # constant features (e.g. blank border pixels) are centred, not divided by ~0
+
+
+def node_file(i: int) -> str:
+    return f"node_{i:03d}.safetensors"
+
+
+def files_hash(files: Mapping[str, str]) -> str:
+    """The manifest's ``hash``: sha256 of the files map as compact JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(dict(files), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class NodeData:
+    node_id: int
+    train_x: "torch.Tensor"
+    train_y: "torch.Tensor"
+    test_x: "torch.Tensor"
+    test_y: "torch.Tensor"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    classes: list[str]
+    conditions: "torch.Tensor"
+    nodes: list[NodeData]
+    manifest: dict
+    manifest_hash: str
+    feature_dim: int
+    condition_dim: int
+
+
+def _as_config(cfg):
+    from omegaconf import DictConfig
+
+    from feda2v.config import load_config
+
+    return cfg if isinstance(cfg, DictConfig) else load_config(cfg)
+
+
+def _subset(n: int, max_samples: int, seed: int) -> np.ndarray:
+    if max_samples < 0:
+        raise ConfigError(f"data.max_samples must be >= 0 (0 = all), got {max_samples}")
+    if max_samples == 0 or max_samples >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(numpy_generator(seed, "subset", max_samples).choice(n, max_samples, replace=False))
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    # numpy writer: same format as safetensors.torch, and prepare of digits/fashion needs no torch
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+
+
+def prepare(cfg, report: dict | None = None) -> Path:
+    """Build ``cfg.data.prepared_dir`` from ``cfg.data``; returns its path.
+
+    ``report`` (optional dict) receives timings and cache facts for the CLI summary; they are
+    kept out of the manifest so a cached re-run writes the same bytes as a cold one.
+    """
+    cfg = _as_config(cfg)
+    t0 = time.perf_counter()
+    d = cfg.data
+    seed = int(cfg.seed)
+    source = load_source(cfg)
+    classes = source.classes
+    sel = _subset(len(source.labels), int(d.max_samples), seed)
+    labels = source.labels[sel]
+    # Partition first: it only needs labels, so a bad request fails before any slow rendering.
+    part = make_partition(labels, len(classes), int(d.nodes), d.partition, seed)
+    splits = [train_test_split(labels, idx, float(d.test_fraction), seed, i)
+              for i, idx in enumerate(part.nodes)]
+
+    skew_nodes = int(d.instruments.feature_skew_nodes) if source.variants > 1 else 0
+    feats = source.features(0, sel)
+    skew_feats = source.features(1, sel) if skew_nodes else None
+    if feats.shape != (len(sel), source.feature_dim) or not np.isfinite(feats).all():
+        raise DataError(f"{source.name}: features came out malformed or non-finite; clear {d.instruments.cache_dir}")
+
+    def rows(node: int, idx: np.ndarray) -> np.ndarray:
+        return (skew_feats if node < skew_nodes else feats)[idx]
+
+    train_x = [rows(i, tr) for i, (tr, _) in enumerate(splits)]
+    # z-score with statistics of the training samples only (all nodes), applied to train and test.
+    all_train = np.concatenate(train_x)
+    mean = all_train.mean(axis=0)
+    std = all_train.std(axis=0)
+    std = np.where(std > STD_FLOOR, std, 1.0)
+
+    def z(x: np.ndarray) -> np.ndarray:
+        return ((x - mean) / std).astype(np.float32)
+
+    conditions, cond_info = make_conditions(d.condition, source.descriptions, Path(d.instruments.cache_dir))
+
+    blobs: dict[str, bytes] = {CONDITIONS: _safetensors_bytes({"conditions": conditions})}
+    counts = {"train": [], "test": []}
+    C = len(classes)
+    for i, (tr, te) in enumerate(splits):
+        blobs[node_file(i)] = _safetensors_bytes({
+            "train_x": z(train_x[i]), "train_y": labels[tr].astype(np.int64),
+            "test_x": z(rows(i, te)), "test_y": labels[te].astype(np.int64),
+        })
+        counts["train"].append(np.bincount(labels[tr], minlength=C).tolist())
+        counts["test"].append(np.bincount(labels[te], minlength=C).tolist())
+
+    files = {name: hashlib.sha256(b).hexdigest() for name, b in sorted(blobs.items())}
+    info = {k: v for k, v in source.info.items() if k != "cache"}
+    manifest = {
+        "format": FORMAT,
+        "source": source.name,
+        "classes": list(classes),
+        "feature_dim": int(source.feature_dim),
+        "condition": d.condition,
+        "condition_dim": int(conditions.shape[1]),
+        "nodes": int(d.nodes),
+        "partition": part.info,
+        "seed": seed,
+        "test_fraction": float(d.test_fraction),
+        "sizes": {"train": int(sum(len(tr) for tr, _ in splits)), "test": int(sum(len(te) for _, te in splits))},
+        "counts": counts,
+        "files": files,
+        "hash": files_hash(files),
+        "max_samples": int(d.max_samples),
+        "standardization": {"method": "zscore", "fit_on": "training samples of all nodes",
+                            "applied_to": ["train_x", "test_x"], "std_floor": STD_FLOOR},
+        "feature_skew": ({"nodes": list(range(skew_nodes)), "library": source.info.get("skew_library")}
+                         if skew_nodes else None),
+        "source_info": info,
+        "condition_info": cond_info,
+    }
+    blobs[MANIFEST] = _manifest_bytes(manifest)
+    target = Path(d.prepared_dir)
+    _write_dir_atomically(target, blobs)
+    if report is not None:
+        report.update({"seconds": time.perf_counter() - t0, "manifest": manifest,
+                       "cache": dict(source.info.get("cache", {}))})
+    return target
+
+
+_NUM_LIST = re.compile(r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]")
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """Indented JSON with number lists (per-class counts, node classes) kept on one line."""
+    text = json.dumps(manifest, indent=2)
+    text = _NUM_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+    return (text + "\n").encode()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_dir_atomically(target: Path, blobs: dict[str, bytes]) -> None:
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{target} exists and is not a directory; move it away or set data.prepared_dir")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        for name, b in blobs.items():
+            with open(tmp / name, "wb") as f:
+                f.write(b)
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; prepared data is ordinary project output
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            old.rmdir()
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)  # put the previous data back
+            raise
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _bad(path: Path, what: str) -> DataError:
+    return DataError(f"prepared data {path} {what}; run feda2v-prepare again (dvc repro prepare)")
+
+
+def load_prepared(path) -> PreparedData:
+    """Read and verify a prepared dir: every file's sha256, the files-map hash, tensor shapes and
+    dtypes, and per-node per-class counts against the manifest. DataError on any mismatch."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_dir():
+        raise _bad(path, "is missing")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise _bad(path, f"has no {MANIFEST}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(path, f"has a damaged {MANIFEST} ({e})") from None
+    required = ("format", "source", "classes", "feature_dim", "condition_dim", "nodes", "counts",
+                "files", "hash", "sizes")
+    missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise _bad(path, f"has a {MANIFEST} without {', '.join(missing)}")
+    if manifest["format"] != FORMAT:
+        raise _bad(path, f"has format {manifest['format']!r}, this version reads {FORMAT}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or files_hash(files) != manifest["hash"]:
+        raise _bad(path, f"has a {MANIFEST} whose files map does not match its hash (edited or damaged)")
+    nodes_n = manifest["nodes"]
+    expected = [CONDITIONS] + [node_file(i) for i in range(nodes_n)]
+    absent = [f for f in expected if f not in files]
+    if absent:
+        raise _bad(path, f"has a {MANIFEST} that does not list {absent[0]}")
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        fp = path / name
+        if not fp.is_file():
+            raise _bad(path, f"is missing {name}")
+        b = fp.read_bytes()
+        if hashlib.sha256(b).hexdigest() != files[name]:
+            raise _bad(path, f"has a corrupted {name} (sha256 differs from the manifest)")
+        try:
+            return load(b)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise _bad(path, f"has an unreadable {name} ({e})") from None
+
+    classes = list(manifest["classes"])
+    C, fdim, cdim = len(classes), manifest["feature_dim"], manifest["condition_dim"]
+    cond = read(CONDITIONS).get("conditions")
+    if cond is None or cond.dtype != torch.float32 or tuple(cond.shape) != (C, cdim):
+        raise _bad(path, f"has {CONDITIONS} without a float32 [{C}, {cdim}] 'conditions' tensor")
+    nodes = []
+    for i in range(nodes_n):
+        t = read(node_file(i))
+        for split in ("train", "test"):
+            x, y = t.get(f"{split}_x"), t.get(f"{split}_y")
+            ok = (x is not None and y is not None and x.dtype == torch.float32 and y.dtype == torch.int64
+                  and x.dim() == 2 and x.shape[1] == fdim and y.shape == (x.shape[0],))
+            if not ok:
+                raise _bad(path, f"has {node_file(i)} without float32 {split}_x [n, {fdim}] and int64 {split}_y [n]")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+                raise _bad(path, f"has {node_file(i)} with {split} labels outside the {C} classes")
+            if torch.bincount(y, minlength=C).tolist() != manifest["counts"][split][i]:
+                raise _bad(path, f"has {node_file(i)} whose {split} class counts differ from the manifest")
+        nodes.append(NodeData(i, t["train_x"], t["train_y"], t["test_x"], t["test_y"]))
+    return PreparedData(classes=classes, conditions=cond, nodes=nodes, manifest=manifest,
+                        manifest_hash=manifest["hash"], feature_dim=fdim, condition_dim=cdim)

@@ -1,0 +1,577 @@
+"""GeneratorStore: per key, the generator (+ discriminator for GAN), one optimizer per role.
+
+Every (key, role) owns a real module and a real optimizer from the one factory; nobody else keeps
+them across steps. ``train_batch`` trains all keys present in a batch in one grouped computation:
+the active keys' parameters are stacked (autograd routes gradients back to each key's own
+leaves), the forward runs as batched matmuls, and one foreach Adam(W) call updates every active
+key's parameters using that key's own optimizer state. Unified is the same path with K = 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import record_function
+
+from feda2v.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from feda2v.models import build_model, init_parameters
+from feda2v.models.losses import (
+    bce_logits_per_sample,
+    beta_schedule,
+    vae_kl_per_sample,
+    vae_recon_per_sample,
+)
+from feda2v.seeding import derive_seed
+from feda2v.store.grouping import Grouping
+from feda2v.store.optim import configure_param_groups, grouped_step, make_optimizer, step_tensor
+from feda2v.store.spec import StoreSpec
+
+GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+_OPTIM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
+_META_FIELDS = ("spec", "keys", "roles", "arch", "optimizers", "trained_classes", "events", "reset_counts")
+
+
+@dataclass(frozen=True)
+class ResetEvent:
+    key: str
+    node: str
+    round: int
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "node": self.node, "round": self.round}
+
+
+def _seeded(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def _names(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(f"'{n}'" for n in names[:limit]) + more
+
+
+class GeneratorStore:
+    def __init__(self, spec: StoreSpec, conditions: Tensor):
+        self.spec = spec
+        conditions = torch.as_tensor(conditions)
+        want = (len(spec.classes), spec.condition_dim)
+        if conditions.dim() != 2 or tuple(conditions.shape) != want:
+            raise DataError(f"conditions must be float32 {list(want)} (one row per class), got {list(conditions.shape)}")
+        self._conditions = conditions.detach().to(torch.float32).clone()
+        self._key_of_class = self._resolve_keys(spec)
+        self.keys: list[str] = self._ordered_keys(spec)
+        index = {k: i for i, k in enumerate(self.keys)}
+        self._class_key_idx = torch.tensor([index[self._key_of_class[c]] for c in spec.classes], dtype=torch.long)
+        self._class_index = {c: i for i, c in enumerate(spec.classes)}
+        self.roles: tuple[str, ...] = (GENERATOR, DISCRIMINATOR) if spec.type == "gan" else (GENERATOR,)
+        self._modules: dict[tuple[str, str], nn.Module] = {}
+        self._optims: dict[tuple[str, str], torch.optim.Optimizer] = {}
+        # (name, Parameter) per (key, role): the Parameter objects never change (resets are in place).
+        self._params: dict[tuple[str, str], list[tuple[str, nn.Parameter]]] = {}
+        for key in self.keys:
+            for role in self.roles:
+                cls, kwargs = self._arch(role)
+                module = build_model(cls, kwargs, gen=_seeded(spec.seed, "init", key, role))
+                self._modules[key, role] = module
+                self._params[key, role] = list(module.named_parameters())
+                self._optims[key, role] = make_optimizer(module.parameters(), spec.optimizer)
+        self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}
+        self._events: list[ResetEvent] = []
+        self._reset_counts: dict[str, int] = {k: 0 for k in self.keys}
+        self._device = torch.device("cpu")
+        # Per role and parameter name, one [K_all, ...] tensor whose rows ARE the keys' parameters
+        # (each Parameter's data is a view of its row), so a step over all keys reads the stacked
+        # weights without copying them; the optimizers still update each key's own Parameter.
+        self._banks: dict[str, dict[str, Tensor]] = {}
+        for role in self.roles:
+            self._rebank(role)
+
+    # -- keys ----------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_keys(spec: StoreSpec) -> dict[str, str]:
+        if spec.granularity == "unified":
+            return {c: "unified" for c in spec.classes}
+        if spec.granularity == "per_class":
+            return {c: f"class/{c}" for c in spec.classes}
+        known = set(spec.classes)
+        out: dict[str, str] = {}
+        for group, members in spec.class_groups.items():
+            for c in members:
+                if c not in known:
+                    raise ConfigError(f"generator.class_groups: group '{group}' lists unknown class '{c}'")
+                if c in out:
+                    raise ConfigError(f"generator.class_groups: class '{c}' is in two groups "
+                                      f"('{out[c][len('group/'):]}' and '{group}')")
+                out[c] = f"group/{group}"
+        for c in spec.classes:
+            if c not in out:
+                if spec.default_group is None:
+                    raise ConfigError(f"class '{c}' is in no generator.class_groups group; "
+                                      "add it to a group or set generator.default_group")
+                out[c] = f"group/{spec.default_group}"
+        return out
+
+    def _ordered_keys(self, spec: StoreSpec) -> list[str]:
+        if spec.granularity == "unified":
+            return ["unified"]
+        if spec.granularity == "per_class":
+            return [f"class/{c}" for c in spec.classes]
+        keys = [f"group/{g}" for g in spec.class_groups]
+        dflt = f"group/{spec.default_group}" if spec.default_group is not None else None
+        if dflt is not None and dflt not in keys and dflt in self._key_of_class.values():
+            keys.append(dflt)
+        return keys
+
+    def key_for_class(self, name: str) -> str:
+        try:
+            return self._key_of_class[name]
+        except KeyError:
+            raise ConfigError(f"unknown class '{name}'; known: {', '.join(self.spec.classes)}") from None
+
+    def classes_of_key(self, key: str) -> list[str]:
+        self._check_key(key)
+        return [c for c in self.spec.classes if self._key_of_class[c] == key]
+
+    def _check_key(self, key: str) -> None:
+        if key not in self._trained_classes:
+            raise ConfigError(f"unknown generator key '{key}'; known: {', '.join(self.keys)}")
+
+    def _arch(self, role: str) -> tuple[str, dict[str, Any]]:
+        s = self.spec
+        if s.type == "vae":
+            return "VAE", {"feature_dim": s.feature_dim, "latent_dim": s.latent_dim, "hidden_dim": s.hidden_dim}
+        if s.type == "cvae":
+            return "CVAE", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
+                            "latent_dim": s.latent_dim, "hidden_dim": s.hidden_dim}
+        if role == GENERATOR:
+            return "GANGenerator", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
+                                    "latent_dim": s.latent_dim, "hidden_dim": s.hidden_dim}
+        return "GANDiscriminator", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
+                                    "hidden_dim": s.hidden_dim}
+
+    # -- accessors -----------------------------------------------------------------------------
+    @property
+    def conditions(self) -> Tensor:
+        return self._conditions
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def module(self, key: str, role: str = GENERATOR) -> nn.Module:
+        self._check_key(key)
+        try:
+            return self._modules[key, role]
+        except KeyError:
+            raise ConfigError(f"unknown role '{role}'; this store has {', '.join(self.roles)}") from None
+
+    def optimizer(self, key: str, role: str = GENERATOR) -> torch.optim.Optimizer:
+        self.module(key, role)
+        return self._optims[key, role]
+
+    def step_count(self, key: str, role: str = GENERATOR) -> int:
+        t = step_tensor(self.optimizer(key, role))
+        return 0 if t is None else int(t.item())
+
+    @property
+    def events(self) -> list[ResetEvent]:
+        return list(self._events)
+
+    @property
+    def reset_counts(self) -> dict[str, int]:
+        return dict(self._reset_counts)
+
+    def trained_classes(self, key: str) -> list[str] | None:
+        self._check_key(key)
+        tc = self._trained_classes[key]
+        return None if tc is None else list(tc)
+
+    # -- training ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _rebank(self, role: str) -> None:
+        per_key = [self._params[k, role] for k in self.keys]
+        bank = {}
+        for i, (name, _) in enumerate(per_key[0]):
+            bank[name] = torch.stack([pk[i][1].detach() for pk in per_key])
+            for row, pk in enumerate(per_key):
+                pk[i][1].data = bank[name][row]
+        self._banks[role] = bank
+
+    def _bank(self, role: str) -> dict[str, Tensor]:
+        """The role's bank, re-built if someone re-pointed a Parameter's data (e.g. module.to())."""
+        bank = self._banks[role]
+        for i, (name, _) in enumerate(self._params[self.keys[0], role]):
+            b = bank[name]
+            for row, key in enumerate(self.keys):
+                p = self._params[key, role][i][1]
+                if p.data_ptr() != b[row].data_ptr() or p.device != b.device or p.shape != b.shape[1:]:
+                    self._rebank(role)
+                    return self._banks[role]
+        return bank
+
+    def _stacked(self, keys: Sequence[str], role: str, grad: bool = True) -> dict[str, Tensor]:
+        """{param name: [K, ...]} of the given keys' parameters, as fresh autograd leaves.
+
+        Gradients are taken w.r.t. these tensors (one per name) and split per key for the
+        optimizers; with every key active this is the bank itself (no copy).
+        """
+        bank = self._bank(role)
+        if len(keys) == len(self.keys):
+            out = {n: b.detach() for n, b in bank.items()}
+        else:
+            idx = torch.tensor([self.keys.index(k) for k in keys], device=self._device)
+            out = {n: b.index_select(0, idx) for n, b in bank.items()}
+        if grad:
+            for t in out.values():
+                t.requires_grad_(True)
+        return out
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() != 2 or x.shape[1] != self.spec.feature_dim:
+            raise DataError(f"generator batch x must be [n, {self.spec.feature_dim}], got {list(x.shape)}")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"generator batch y must be [{x.shape[0]}] class indices, got {list(y.shape)}")
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise DataError(f"generator batch y must hold integer class indices, got {y.dtype}")
+        y = y.to(self._device, torch.long)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(self.spec.classes)):
+            raise DataError(f"class index out of range [0, {len(self.spec.classes)}) in generator batch")
+        return x.to(self._device, torch.float32), y
+
+    def _noise(self, n: int, gen: torch.Generator) -> Tensor:
+        # Drawn on the generator's device in batch order, so noise follows samples, not layout.
+        return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device)
+
+    def _raise_non_finite(self, values: Tensor, keys: Sequence[str], node: str, round_: int, what: str) -> None:
+        finite = torch.isfinite(values)
+        if finite.dim() > 1:
+            finite = finite.all(dim=1)
+        if not bool(finite.all()):
+            bad = int(torch.nonzero(~finite)[0, 0])
+            raise NonFiniteLossError(keys[bad], node, round_, what)
+
+    def _grads(self, loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[str], node: str, round_: int,
+               retain_graph: bool = False) -> list[list[Tensor]]:
+        """Gradients w.r.t. the stacked [K, ...] tensors (one per name, not one per leaf), checked
+        finite, then split per key (views): grads[k] follows that key's parameter order."""
+        names = list(stacked)
+        gs = torch.autograd.grad(loss, [stacked[n] for n in names], retain_graph=retain_graph)
+        # A bias gradient is the sum of its layer's output gradients, so it is non-finite iff one of
+        # them is; the weight gradients are those same output gradients times finite inputs. Checking
+        # the (tiny) bias gradients therefore catches a non-finite backward without a pass over
+        # every weight gradient (which would cost as much as the optimizer's read of them).
+        bias = [g.flatten(1).sum(1) for n, g in zip(names, gs) if n.endswith(".bias")]
+        if bias:
+            per_key = torch.stack(bias, dim=1)
+            if not bool(torch.isfinite(per_key).all()):
+                self._raise_non_finite(per_key, keys, node, round_, "gradient")
+        # Weight grads arrive transposed (from x @ W^T); torch's fused CPU Adam reads memory linearly
+        # and silently mixes elements of a non-contiguous grad, so lay them out like the params.
+        split = [g.contiguous().unbind(0) for g in gs]
+        return [[split[j][i] for j in range(len(names))] for i in range(len(keys))]
+
+    def train_batch(self, x: Tensor, y: Tensor, *, gen: torch.Generator, node: str, round: int
+                    ) -> dict[str, dict[str, float]]:
+        """One optimizer step for every key with samples in (x, y), all keys in one computation."""
+        with record_function("generator_step"):
+            x, y = self._check_batch(x, y)
+            if y.numel() == 0:
+                return {}
+            grp = Grouping(self._class_key_idx.to(self._device)[y], len(self.keys))
+            keys = [self.keys[i] for i in grp.active]
+            noise = self._noise(y.numel(), gen)
+            xs, cs, zs = grp.pad(x), grp.pad(self._conditions[y]), grp.pad(noise)
+            if self.spec.type == "gan":
+                return self._train_gan(grp, keys, xs, cs, zs, node, round)
+            return self._train_vae(grp, keys, xs, cs, zs, node, round)
+
+    def _train_vae(self, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, eps: Tensor,
+                   node: str, round_: int) -> dict[str, dict[str, float]]:
+        with record_function("generator_step/forward"):
+            template = self._modules[keys[0], GENERATOR]
+            params = self._stacked(keys, GENERATOR)
+            recon, mu, logvar = template.forward_stacked(params, xs, cs, eps)
+            rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
+            kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
+            steps = torch.stack([self._step_or_zero(k, GENERATOR) for k in keys]).to(rec.device)
+            beta = beta_schedule(steps, self.spec.beta_max, self.spec.beta_warmup_steps)
+            loss = rec + beta * kl
+        self._raise_non_finite(loss, keys, node, round_, "loss")
+        with record_function("generator_step/backward"):
+            grads = self._grads(loss.sum(), params, keys, node, round_)
+        with record_function("generator_step/optimizer"):
+            grouped_step(self._update_items(keys, GENERATOR, grads))
+        stats = torch.stack([loss, rec, kl, beta], dim=1).detach().tolist()
+        return {k: {"loss": s[0], "recon": s[1], "kl": s[2], "beta": s[3]} for k, s in zip(keys, stats)}
+
+    def _train_gan(self, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, zs: Tensor,
+                   node: str, round_: int) -> dict[str, dict[str, float]]:
+        # Simultaneous update: both roles' losses and gradients are computed (and checked) before
+        # either role's optimizer steps, so a non-finite loss changes nothing.
+        with record_function("generator_step/forward"):
+            g_tmpl, d_tmpl = self._modules[keys[0], GENERATOR], self._modules[keys[0], DISCRIMINATOR]
+            g_params = self._stacked(keys, GENERATOR)
+            d_params = self._stacked(keys, DISCRIMINATOR)
+            fake = g_tmpl.forward_stacked(g_params, zs, cs)
+            n = xs.shape[1]
+            logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1))
+            real_logit, fake_logit = logits[:, :n], logits[:, n:]
+            d_loss = grp.masked_mean(bce_logits_per_sample(real_logit, 1.0) + bce_logits_per_sample(fake_logit, 0.0))
+            g_loss = grp.masked_mean(bce_logits_per_sample(fake_logit, 1.0))  # non-saturating
+        self._raise_non_finite(torch.stack([g_loss, d_loss], 1), keys, node, round_, "loss")
+        with record_function("generator_step/backward"):
+            # D's gradient holds the fake samples fixed (= detached); G's holds D fixed.
+            d_grads = self._grads(d_loss.sum(), d_params, keys, node, round_, retain_graph=True)
+            g_grads = self._grads(g_loss.sum(), g_params, keys, node, round_)
+        with record_function("generator_step/optimizer"):
+            grouped_step(self._update_items(keys, DISCRIMINATOR, d_grads))
+            grouped_step(self._update_items(keys, GENERATOR, g_grads))
+        stats = torch.stack([g_loss, d_loss], dim=1).detach().tolist()
+        return {k: {"g_loss": s[0], "d_loss": s[1]} for k, s in zip(keys, stats)}
+
+    def _step_or_zero(self, key: str, role: str) -> Tensor:
+        t = step_tensor(self._optims[key, role])
+        return torch.zeros((), dtype=torch.float32) if t is None else t.to(torch.float32)
+
+    def _update_items(self, keys: Sequence[str], role: str, grads: Sequence[Sequence[Tensor]]):
+        return [(self._optims[k, role], [p for _, p in self._params[k, role]], g) for k, g in zip(keys, grads)]
+
+    # -- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, class_idx: Tensor, *, gen: torch.Generator) -> Tensor:
+        """Features for each requested class, from that class's key and condition: [n, feature_dim]."""
+        class_idx = torch.as_tensor(class_idx)
+        if class_idx.dim() != 1:
+            raise DataError(f"class_idx must be a 1-D tensor of class indices, got shape {list(class_idx.shape)}")
+        y = class_idx.to(self._device, torch.long)
+        if y.numel() == 0:
+            return torch.empty(0, self.spec.feature_dim, device=self._device)
+        if int(y.min()) < 0 or int(y.max()) >= len(self.spec.classes):
+            raise DataError(f"class index out of range [0, {len(self.spec.classes)}) in sample()")
+        grp = Grouping(self._class_key_idx.to(self._device)[y], len(self.keys))
+        keys = [self.keys[i] for i in grp.active]
+        zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y])
+        params = self._stacked(keys, GENERATOR, grad=False)
+        out = self._modules[keys[0], GENERATOR].decode_stacked(params, zs, cs)
+        return grp.unpad(out)
+
+    # -- class observation and reset -----------------------------------------------------------
+    def observe_classes(self, key: str, classes: Iterable[str], *, node: str, round: int,
+                        reset_on_change: bool) -> ResetEvent | None:
+        """Record the classes ``key`` is trained on; reset it iff that set changed and the policy is on.
+
+        The first observation of a key never resets (there is nothing to compare with).
+        """
+        self._check_key(key)
+        new = sorted(set(classes))
+        for c in new:
+            if self.key_for_class(c) != key:
+                raise ConfigError(f"class '{c}' belongs to generator key '{self._key_of_class[c]}', not '{key}'")
+        prev = self._trained_classes[key]
+        self._trained_classes[key] = new
+        if reset_on_change and prev is not None and prev != new:
+            return self.reset(key, node=node, round=round)
+        return None
+
+    def reset(self, key: str, *, node: str, round: int) -> ResetEvent:
+        """Re-initialise ``key``'s parameters and clear its optimizers' state, in place and seeded."""
+        self._check_key(key)
+        self._reset_counts[key] += 1
+        count = self._reset_counts[key]
+        for role in self.roles:
+            module = self._modules[key, role]
+            init_parameters(module, _seeded(self.spec.seed, "reset", key, role, count))
+            opt = self._optims[key, role]
+            opt.state.clear()
+            configure_param_groups(opt, self.spec.optimizer)
+        event = ResetEvent(key, str(node), int(round))
+        self._events.append(event)
+        return event
+
+    # -- state ---------------------------------------------------------------------------------
+    def _meta_arch(self) -> dict:
+        out = {}
+        for key in self.keys:
+            for role in self.roles:
+                cls, kwargs = self._arch(role)
+                out[f"{key}/{role}"] = {"class": cls, "kwargs": kwargs}
+        return out
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """(tensors, meta): everything needed to continue bit for bit. Tensors are copies."""
+        tensors: dict[str, Tensor] = {"conditions": self._conditions.detach().cpu().clone()}
+        optimizers: dict[str, dict] = {}
+        for key in self.keys:
+            for role in self.roles:
+                opt = self._optims[key, role]
+                for name, p in self._params[key, role]:
+                    tensors[f"{key}/{role}/param/{name}"] = p.detach().cpu().clone()
+                    st = opt.state.get(p)
+                    if st:
+                        for f in _OPTIM_FIELDS:
+                            tensors[f"{key}/{role}/optim/{name}/{f}"] = st[f].detach().cpu().clone()
+                g = opt.param_groups[0]
+                optimizers[f"{key}/{role}"] = {
+                    "name": self.spec.optimizer.name, "lr": float(g["lr"]), "betas": [float(b) for b in g["betas"]],
+                    "eps": float(g["eps"]), "weight_decay": float(g["weight_decay"]),
+                    "step": self.step_count(key, role),
+                }
+        meta = {
+            "spec": self.spec.to_json(),
+            "keys": list(self.keys),
+            "roles": list(self.roles),
+            "arch": self._meta_arch(),
+            "optimizers": optimizers,
+            "trained_classes": {k: (None if v is None else list(v)) for k, v in self._trained_classes.items()},
+            "events": [e.to_json() for e in self._events],
+            "reset_counts": dict(self._reset_counts),
+        }
+        return tensors, meta
+
+    def _expected_shapes(self, meta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {"conditions": tuple(self._conditions.shape)}
+        for key in self.keys:
+            for role in self.roles:
+                has_state = int(meta["optimizers"][f"{key}/{role}"]["step"]) > 0
+                for name, p in self._params[key, role]:
+                    shapes[f"{key}/{role}/param/{name}"] = tuple(p.shape)
+                    if has_state:
+                        shapes[f"{key}/{role}/optim/{name}/exp_avg"] = tuple(p.shape)
+                        shapes[f"{key}/{role}/optim/{name}/exp_avg_sq"] = tuple(p.shape)
+                        shapes[f"{key}/{role}/optim/{name}/step"] = ()
+        return shapes
+
+    def _validate_meta(self, meta: Mapping[str, Any]) -> None:
+        missing = [f for f in _META_FIELDS if f not in meta]
+        if missing:
+            raise CheckpointError(f"store state: meta is missing {', '.join(missing)}")
+        mine = self.spec.to_json()
+        if meta["spec"] != mine:
+            fields = sorted(f for f in set(mine) | set(meta["spec"]) if mine.get(f) != meta["spec"].get(f))
+            raise ConfigError(f"store state was saved with another generator spec (differs in: {', '.join(fields)}); "
+                              "load it with GeneratorStore.from_state or use the matching config")
+        if list(meta["keys"]) != self.keys:
+            raise CheckpointError(f"store state keys {list(meta['keys'])} do not match this store's keys {self.keys}")
+        if list(meta["roles"]) != list(self.roles):
+            raise CheckpointError(f"store state roles {list(meta['roles'])} do not match {list(self.roles)}")
+        arch = self._meta_arch()
+        for kr, a in arch.items():
+            got = meta["arch"].get(kr)
+            if got is None or got.get("class") != a["class"] or dict(got.get("kwargs", {})) != a["kwargs"]:
+                raise CheckpointError(f"store state architecture of '{kr}' is {got}, expected {a}")
+        extra_arch = set(meta["arch"]) - set(arch)
+        if extra_arch:
+            raise CheckpointError(f"store state has architecture for unknown {_names(extra_arch)}")
+        want = {f"{k}/{r}" for k in self.keys for r in self.roles}
+        if set(meta["optimizers"]) != want:
+            raise CheckpointError(f"store state optimizers: missing {_names(want - set(meta['optimizers']))}, "
+                                  f"unexpected {_names(set(meta['optimizers']) - want)}")
+        for kr, o in meta["optimizers"].items():
+            for f in ("name", "lr", "betas", "eps", "weight_decay", "step"):
+                if f not in o:
+                    raise CheckpointError(f"store state optimizer '{kr}' is missing '{f}'")
+            if o["name"] != self.spec.optimizer.name:
+                raise CheckpointError(f"store state optimizer '{kr}' is {o['name']}, this store uses "
+                                      f"{self.spec.optimizer.name}")
+        if set(meta["trained_classes"]) != set(self.keys) or set(meta["reset_counts"]) != set(self.keys):
+            raise CheckpointError("store state trained_classes/reset_counts do not cover exactly this store's keys")
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Strict, all-or-nothing: everything is checked before anything is changed."""
+        self._validate_meta(meta)
+        shapes = self._expected_shapes(meta)
+        missing, extra = set(shapes) - set(tensors), set(tensors) - set(shapes)
+        if missing:
+            raise CheckpointError(f"store state is missing tensor {_names(missing)}")
+        if extra:
+            raise CheckpointError(f"store state has unexpected tensor {_names(extra)}")
+        for name, shape in shapes.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"store state tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
+            if t.dtype != torch.float32:
+                raise CheckpointError(f"store state tensor '{name}' is {t.dtype}, expected torch.float32")
+        for kr, o in meta["optimizers"].items():
+            first = self._params[tuple(kr.rsplit("/", 1))][0][0]
+            if int(o["step"]) > 0 and int(tensors[f"{kr}/optim/{first}/step"].item()) != int(o["step"]):
+                raise CheckpointError(f"store state optimizer '{kr}': meta step {o['step']} != tensor step")
+
+        with torch.no_grad():
+            self._conditions.copy_(tensors["conditions"])
+            for key in self.keys:
+                for role in self.roles:
+                    o = meta["optimizers"][f"{key}/{role}"]
+                    opt = self._optims[key, role]
+                    opt.state.clear()
+                    for name, p in self._params[key, role]:
+                        p.copy_(tensors[f"{key}/{role}/param/{name}"])
+                        if int(o["step"]) > 0:
+                            pre = f"{key}/{role}/optim/{name}/"
+                            opt.state[p] = {
+                                "step": tensors[pre + "step"].detach().to(p.device, torch.float32).clone(),
+                                "exp_avg": tensors[pre + "exp_avg"].detach().to(p.device).clone(),
+                                "exp_avg_sq": tensors[pre + "exp_avg_sq"].detach().to(p.device).clone(),
+                            }
+                    for g in opt.param_groups:
+                        g["lr"], g["betas"] = float(o["lr"]), tuple(float(b) for b in o["betas"])
+                        g["eps"], g["weight_decay"] = float(o["eps"]), float(o["weight_decay"])
+        self._trained_classes = {k: (None if meta["trained_classes"][k] is None else list(meta["trained_classes"][k]))
+                                 for k in self.keys}
+        self._events = [ResetEvent(str(e["key"]), str(e["node"]), int(e["round"])) for e in meta["events"]]
+        self._reset_counts = {k: int(meta["reset_counts"][k]) for k in self.keys}
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> "GeneratorStore":
+        """Rebuild a store from ``state_dict()`` output (architecture and spec come from meta)."""
+        if "spec" not in meta:
+            raise CheckpointError("store state: meta is missing 'spec'")
+        if "conditions" not in tensors:
+            raise CheckpointError("store state is missing tensor 'conditions'")
+        store = cls(StoreSpec.from_json(meta["spec"]), tensors["conditions"])
+        store.load_state_dict(tensors, meta)
+        return store
+
+    # -- parameters only (fedavg) --------------------------------------------------------------
+    def parameter_tensors(self) -> dict[str, Tensor]:
+        """Copies of every parameter, named ``<key>/<role>/param/<name>``."""
+        return {f"{key}/{role}/param/{name}": p.detach().clone()
+                for key in self.keys for role in self.roles for name, p in self._params[key, role]}
+
+    def load_parameter_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Copy parameters in (strict; optimizer state untouched)."""
+        want = {f"{key}/{role}/param/{name}": p
+                for key in self.keys for role in self.roles for name, p in self._params[key, role]}
+        missing, extra = set(want) - set(tensors), set(tensors) - set(want)
+        if missing:
+            raise CheckpointError(f"parameter set is missing tensor {_names(missing)}")
+        if extra:
+            raise CheckpointError(f"parameter set has unexpected tensor {_names(extra)}")
+        for name, p in want.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise CheckpointError(f"parameter tensor '{name}' has shape {list(tensors[name].shape)}, "
+                                      f"expected {list(p.shape)}")
+        with torch.no_grad():
+            for name, p in want.items():
+                p.copy_(tensors[name])
+
+    # -- device --------------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> "GeneratorStore":
+        """Move modules, optimizer moments and conditions (same Parameter/optimizer objects)."""
+        device = torch.device(device)
+        for role, bank in self._banks.items():
+            for name in bank:
+                bank[name] = bank[name].to(device)
+            for i, (name, _) in enumerate(self._params[self.keys[0], role]):
+                for row, key in enumerate(self.keys):
+                    self._params[key, role][i][1].data = bank[name][row]  # same Parameter objects
+        for opt in self._optims.values():
+            for st in opt.state.values():
+                for f in ("exp_avg", "exp_avg_sq", "step"):  # fused Adam keeps step on the device
+                    if f in st:
+                        st[f] = st[f].to(device)
+        self._conditions = self._conditions.to(device)
+        self._device = device
+        return self

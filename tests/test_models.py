@@ -1,0 +1,138 @@
+"""models/: architectures, stacked (keyed) evaluation, seeded init, losses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feda2v.errors import CheckpointError
+from feda2v.models import (
+    CVAE,
+    VAE,
+    Classifier,
+    GANDiscriminator,
+    GANGenerator,
+    beta_schedule,
+    build_model,
+    init_parameters,
+    vae_kl_per_sample,
+)
+
+D, C, Z, H = 6, 4, 3, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_parameter_names_are_plain_and_stable():
+    assert [n for n, _ in CVAE(D, C, Z, H).named_parameters()] == [
+        f"{part}.{i}.{w}" for part in ("encoder", "decoder") for i in (0, 2, 4) for w in ("weight", "bias")
+    ]
+    assert [n for n, _ in GANGenerator(D, C, Z, H).named_parameters()] == [
+        f"net.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")
+    ]
+    assert CVAE(D, C, Z, H).encoder[0].weight.shape == (H, D + C)
+    assert VAE(D, Z, H).encoder[0].weight.shape == (H, D)
+    assert VAE(D, Z, H).encoder[4].weight.shape == (2 * Z, H)  # [mu, logvar]
+
+
+def test_forward_shapes():
+    x, c, z = torch.randn(5, D), torch.randn(5, C), torch.randn(5, Z)
+    recon, mu, logvar = CVAE(D, C, Z, H)(x, c, eps=z)
+    assert recon.shape == (5, D) and mu.shape == (5, Z) and logvar.shape == (5, Z)
+    assert VAE(D, Z, H)(x, eps=z)[0].shape == (5, D)
+    assert GANGenerator(D, C, Z, H)(z, c).shape == (5, D)
+    assert GANDiscriminator(D, C, H)(x, c).shape == (5,)
+    assert Classifier(D, H, 7)(x).shape == (5, 7)
+
+
+def test_cvae_needs_condition():
+    with pytest.raises(ValueError):
+        CVAE(D, C, Z, H).decode(torch.randn(2, Z))
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae", "gen", "disc"])
+def test_stacked_forward_equals_each_module_forward(kind):
+    k, n = 3, 5
+    make = {"vae": lambda g: VAE(D, Z, H, gen=g), "cvae": lambda g: CVAE(D, C, Z, H, gen=g),
+            "gen": lambda g: GANGenerator(D, C, Z, H, gen=g), "disc": lambda g: GANDiscriminator(D, C, H, gen=g)}[kind]
+    mods = [make(_gen(i)) for i in range(k)]
+    stacked = {name: torch.stack([dict(m.named_parameters())[name] for m in mods]) for name, _ in mods[0].named_parameters()}
+    g = _gen(99)
+    x, c, z = torch.randn(k, n, D, generator=g), torch.randn(k, n, C, generator=g), torch.randn(k, n, Z, generator=g)
+    with torch.no_grad():
+        if kind in ("vae", "cvae"):
+            out = mods[0].forward_stacked(stacked, x, c, z)
+            for i, m in enumerate(mods):
+                ref = m(x[i], c[i], eps=z[i])
+                for a, b in zip(out, ref):
+                    torch.testing.assert_close(a[i], b, rtol=1e-5, atol=1e-6)
+            dec = mods[0].decode_stacked(stacked, z, c)
+            for i, m in enumerate(mods):
+                torch.testing.assert_close(dec[i], m.decode(z[i], c[i]), rtol=1e-5, atol=1e-6)
+        elif kind == "gen":
+            out = mods[0].forward_stacked(stacked, z, c)
+            for i, m in enumerate(mods):
+                torch.testing.assert_close(out[i], m(z[i], c[i]), rtol=1e-5, atol=1e-6)
+        else:
+            out = mods[0].forward_stacked(stacked, x, c)
+            assert out.shape == (k, n)
+            for i, m in enumerate(mods):
+                torch.testing.assert_close(out[i], m(x[i], c[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_init_is_deterministic_in_place_and_leaves_global_rng_alone():
+    before = torch.random.get_rng_state()
+    a, b, other = CVAE(D, C, Z, H, gen=_gen(1)), CVAE(D, C, Z, H, gen=_gen(1)), CVAE(D, C, Z, H, gen=_gen(2))
+    assert torch.equal(before, torch.random.get_rng_state())
+    for (n, pa), (_, pb), (_, po) in zip(a.named_parameters(), b.named_parameters(), other.named_parameters()):
+        assert torch.equal(pa, pb), n
+        assert not torch.equal(pa, po), n
+    ids = [id(p) for p in a.parameters()]
+    old = [p.detach().clone() for p in a.parameters()]
+    init_parameters(a, _gen(3))
+    assert ids == [id(p) for p in a.parameters()]
+    assert all(not torch.equal(o, p) for o, p in zip(old, a.parameters()))
+    bound = 1 / (D + C) ** 0.5
+    assert a.encoder[0].weight.abs().max() <= bound
+
+
+def test_beta_schedule_warms_up_on_step_and_caps():
+    steps = torch.tensor([0.0, 50.0, 100.0, 400.0])
+    torch.testing.assert_close(beta_schedule(steps, 2.0, 100), torch.tensor([0.0, 1.0, 2.0, 2.0]))
+    torch.testing.assert_close(beta_schedule(steps, 0.5, 0), torch.full((4,), 0.5))
+
+
+def test_kl_is_zero_at_prior_and_positive_elsewhere():
+    assert torch.equal(vae_kl_per_sample(torch.zeros(2, Z), torch.zeros(2, Z)), torch.zeros(2))
+    assert (vae_kl_per_sample(torch.ones(2, Z), torch.zeros(2, Z)) > 0).all()
+
+
+def test_build_model_round_trips_kwargs_and_rejects_unknown():
+    m = CVAE(D, C, Z, H)
+    assert isinstance(build_model("CVAE", m.kwargs()), CVAE)
+    with pytest.raises(CheckpointError, match="Transformer"):
+        build_model("Transformer", {})
+    with pytest.raises(CheckpointError, match="CVAE"):
+        build_model("CVAE", {"feature_dim": 3})
+
+
+def test_stacked_linear_gradients_are_exact_and_laid_out_like_parameters():
+    from feda2v.models.functional import stacked_linear
+
+    g = _gen(4)
+    x = torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(stacked_linear, (x, w, b))
+    gw = torch.autograd.grad(stacked_linear(x, w, b).sum(), [w])[0]
+    assert gw.is_contiguous()  # the fused optimizer reads gradients linearly

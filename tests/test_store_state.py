@@ -1,0 +1,226 @@
+"""GeneratorStore state: contract names, bit-exact round trip, strict loading, parameter exchange."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from feda2v.errors import CheckpointError, ConfigError
+from feda2v.store import GeneratorStore, StoreSpec
+
+CLASSES = ["a", "b", "c", "d"]
+D, C, Z, H = 6, 4, 3, 8
+GROUPS = {"low": ["a", "b"], "high": ["c", "d"]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_store(type_="cvae", granularity="per_class", **kw) -> GeneratorStore:
+    args = dict(type=type_, granularity=granularity, classes=CLASSES, feature_dim=D, condition_dim=C,
+                latent_dim=Z, hidden_dim=H, class_groups=GROUPS, beta_warmup_steps=3, seed=11)
+    args.update(kw)
+    cond = torch.randn(len(CLASSES), C, generator=torch.Generator().manual_seed(5))
+    return GeneratorStore(StoreSpec(**args), cond)
+
+
+def batch(seed: int, classes=(0, 1, 2, 3), n: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=g)]
+    y[: len(classes)] = torch.tensor(classes)
+    return torch.randn(n, D, generator=g) + y.unsqueeze(1).float(), y
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_identical(a: GeneratorStore, b: GeneratorStore) -> None:
+    (ta, ma), (tb, mb) = a.state_dict(), b.state_dict()
+    assert ma == mb
+    assert sorted(ta) == sorted(tb)
+    for n in ta:
+        assert ta[n].dtype == tb[n].dtype and torch.equal(ta[n], tb[n]), n
+
+
+@pytest.mark.parametrize("type_", ["vae", "cvae", "gan"])
+@pytest.mark.parametrize("granularity", ["unified", "per_class", "per_group"])
+def test_round_trip_then_k_steps_is_bit_identical(type_, granularity):
+    s = make_store(type_, granularity)
+    first_key = s.keys[0]
+    s.observe_classes(first_key, s.classes_of_key(first_key)[:1], node="n0", round=0, reset_on_change=True)
+    for i in range(2):
+        s.train_batch(*batch(i, (0, 1, 2)), gen=gen(i), node="n0", round=0)  # class d never seen yet
+    s.observe_classes(first_key, s.classes_of_key(first_key), node="n1", round=1, reset_on_change=True)
+    s.train_batch(*batch(2, (0, 1)), gen=gen(2), node="n1", round=1)
+    tensors, meta = s.state_dict()
+    meta = json.loads(json.dumps(meta))  # the meta must survive JSON (checkpoint header)
+    if granularity != "unified":
+        assert meta["optimizers"][f"{s.keys[-1]}/generator"]["step"] == 0 or granularity == "per_group"
+    rebuilt = GeneratorStore.from_state(tensors, meta)
+    fresh = make_store(type_, granularity)
+    fresh.load_state_dict(tensors, meta)
+    assert_identical(s, rebuilt)
+    assert_identical(s, fresh)
+    assert rebuilt.events == s.events and rebuilt.reset_counts == s.reset_counts
+    for k in range(3):
+        x, y = batch(10 + k, (0, 1, 2, 3) if k else (3,))
+        outs = [st.train_batch(x, y, gen=gen(10 + k), node="n2", round=2) for st in (s, rebuilt, fresh)]
+        assert outs[0] == outs[1] == outs[2]
+    assert_identical(s, rebuilt)
+    assert_identical(s, fresh)
+    torch.testing.assert_close(s.sample(torch.arange(4), gen=gen(0)), rebuilt.sample(torch.arange(4), gen=gen(0)),
+                               rtol=0, atol=0)
+
+
+def test_state_dict_names_and_meta_follow_the_contract():
+    s = make_store("gan", "per_class")
+    s.train_batch(*batch(0, (0,)), gen=gen(0), node="n", round=0)
+    s.reset("class/b", node="n", round=0)
+    tensors, meta = s.state_dict()
+    assert tensors["conditions"].shape == (4, C)
+    assert "class/a/generator/param/net.0.weight" in tensors
+    assert "class/a/discriminator/param/net.4.bias" in tensors
+    step = tensors["class/a/discriminator/optim/net.0.weight/step"]
+    assert step.shape == () and step.dtype == torch.float32 and step.item() == 1.0
+    assert tensors["class/a/generator/optim/net.0.weight/exp_avg"].shape == (H, Z + C)
+    assert "class/a/generator/optim/net.0.weight/exp_avg_sq" in tensors
+    assert not any(n.startswith("class/b/generator/optim/") for n in tensors)  # never stepped: no state
+    assert set(meta) == {"spec", "keys", "roles", "arch", "optimizers", "trained_classes", "events", "reset_counts"}
+    assert meta["keys"] == s.keys and meta["roles"] == ["generator", "discriminator"]
+    assert meta["arch"]["class/a/discriminator"] == {
+        "class": "GANDiscriminator", "kwargs": {"feature_dim": D, "condition_dim": C, "hidden_dim": H}}
+    assert meta["optimizers"]["class/a/generator"] == {
+        "name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2, "step": 1}
+    assert meta["events"] == [{"key": "class/b", "node": "n", "round": 0}]
+    assert meta["reset_counts"]["class/b"] == 1 and meta["trained_classes"]["class/a"] is None
+
+
+def test_state_dict_is_a_copy():
+    s = make_store()
+    s.train_batch(*batch(0), gen=gen(0), node="n", round=0)
+    tensors, _ = s.state_dict()
+    saved = {n: t.clone() for n, t in tensors.items()}
+    s.train_batch(*batch(1), gen=gen(1), node="n", round=0)
+    assert all(torch.equal(saved[n], tensors[n]) for n in saved)
+
+
+def _trained(type_="cvae"):
+    s = make_store(type_, "per_class")
+    s.train_batch(*batch(0), gen=gen(0), node="n", round=0)
+    return s
+
+
+def _unchanged_after_failed_load(bad_tensors, bad_meta, exc, match):
+    target = make_store()
+    before_t, before_m = target.state_dict()
+    with pytest.raises(exc, match=match):
+        target.load_state_dict(bad_tensors, bad_meta)
+    after_t, after_m = target.state_dict()
+    assert after_m == before_m and all(torch.equal(before_t[n], after_t[n]) for n in before_t)
+
+
+def test_strict_load_names_missing_tensor():
+    tensors, meta = _trained().state_dict()
+    del tensors["class/c/generator/optim/decoder.2.weight/exp_avg_sq"]
+    _unchanged_after_failed_load(tensors, meta, CheckpointError,
+                                 "missing tensor 'class/c/generator/optim/decoder.2.weight/exp_avg_sq'")
+    tensors, meta = _trained().state_dict()
+    del tensors["class/a/generator/param/encoder.0.bias"]
+    with pytest.raises(CheckpointError, match="'class/a/generator/param/encoder.0.bias'"):
+        GeneratorStore.from_state(tensors, meta)
+
+
+def test_strict_load_names_extra_tensor():
+    tensors, meta = _trained().state_dict()
+    tensors["class/a/generator/param/encoder.9.weight"] = torch.zeros(1)
+    _unchanged_after_failed_load(tensors, meta, CheckpointError, "unexpected tensor 'class/a/generator/param/encoder.9")
+    # optimizer state for a key the meta says never stepped is extra too
+    s = make_store()
+    s.train_batch(*batch(0, (0,)), gen=gen(0), node="n", round=0)
+    tensors, meta = s.state_dict()
+    tensors["class/b/generator/optim/encoder.0.weight/step"] = torch.tensor(1.0)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'class/b/generator/optim/encoder.0.weight/step'"):
+        make_store().load_state_dict(tensors, meta)
+
+
+def test_strict_load_names_mis_shaped_tensor_and_wrong_dtype():
+    tensors, meta = _trained().state_dict()
+    tensors["class/d/generator/optim/encoder.2.weight/exp_avg"] = torch.zeros(H, H + 1)
+    _unchanged_after_failed_load(tensors, meta, CheckpointError,
+                                 r"'class/d/generator/optim/encoder.2.weight/exp_avg' has shape \[8, 9\]")
+    tensors, meta = _trained().state_dict()
+    tensors["class/a/generator/param/decoder.4.bias"] = tensors["class/a/generator/param/decoder.4.bias"].double()
+    _unchanged_after_failed_load(tensors, meta, CheckpointError, "'class/a/generator/param/decoder.4.bias' is torch.float64")
+
+
+def test_strict_load_rejects_other_spec_keys_and_meta():
+    tensors, meta = _trained().state_dict()
+    with pytest.raises(ConfigError, match="differs in: hidden_dim"):
+        make_store(hidden_dim=H + 1).load_state_dict(tensors, meta)
+    with pytest.raises(ConfigError, match="granularity"):
+        make_store(granularity="unified").load_state_dict(tensors, meta)
+    bad = dict(meta, keys=meta["keys"][:-1])
+    _unchanged_after_failed_load(tensors, bad, CheckpointError, "keys")
+    bad = {k: v for k, v in meta.items() if k != "events"}
+    _unchanged_after_failed_load(tensors, bad, CheckpointError, "missing events")
+    bad = json.loads(json.dumps(meta))
+    bad["optimizers"]["class/a/generator"]["step"] = 7
+    _unchanged_after_failed_load(tensors, bad, CheckpointError, "'class/a/generator': meta step 7")
+    bad = json.loads(json.dumps(meta))
+    bad["arch"]["class/a/generator"]["class"] = "VAE"
+    _unchanged_after_failed_load(tensors, bad, CheckpointError, "architecture of 'class/a/generator'")
+    bad = json.loads(json.dumps(meta))
+    del bad["spec"]["seed"]
+    with pytest.raises(CheckpointError, match="seed"):
+        GeneratorStore.from_state(tensors, bad)
+
+
+def test_load_restores_hyperparameters_and_counters():
+    s = _trained("gan")
+    s.optimizer("class/a", "discriminator").param_groups[0]["lr"] = 0.5
+    s.observe_classes("class/a", ["a"], node="n", round=1, reset_on_change=True)
+    s.reset("class/c", node="n3", round=4)
+    t = GeneratorStore.from_state(*s.state_dict())
+    assert t.optimizer("class/a", "discriminator").param_groups[0]["lr"] == 0.5
+    assert t.optimizer("class/a", "generator").param_groups[0]["lr"] == 1e-3
+    assert t.trained_classes("class/a") == ["a"] and t.reset_counts["class/c"] == 1
+    assert [e.key for e in t.events] == ["class/c"]
+    assert t.step_count("class/b", "discriminator") == 1 and t.step_count("class/c") == 0
+    # the next reset of a restored key uses the next seed, as the original would
+    s.reset("class/c", node="n", round=5)
+    t.reset("class/c", node="n", round=5)
+    assert_identical(s, t)
+
+
+def test_parameter_tensors_round_trip_and_averaging():
+    a, b = _trained(), make_store()
+    b.train_batch(*batch(7), gen=gen(7), node="n", round=0)
+    pa, pb = a.parameter_tensors(), b.parameter_tensors()
+    assert sorted(pa) == sorted(n for n in a.state_dict()[0] if "/param/" in n)
+    opt_state_before = {n: t for n, t in a.state_dict()[0].items() if "/optim/" in n}
+    avg = {n: (pa[n] + pb[n]) / 2 for n in pa}
+    ids = [id(p) for p in a.module("class/a").parameters()]
+    a.load_parameter_tensors(avg)
+    assert ids == [id(p) for p in a.module("class/a").parameters()]
+    assert all(torch.equal(a.parameter_tensors()[n], avg[n]) for n in avg)
+    after = a.state_dict()[0]
+    assert all(torch.equal(after[n], t) for n, t in opt_state_before.items())  # optimizer state untouched
+    pa["class/a/generator/param/encoder.0.weight"] += 1.0  # a copy: the store does not change
+    assert not torch.equal(a.parameter_tensors()["class/a/generator/param/encoder.0.weight"],
+                           pa["class/a/generator/param/encoder.0.weight"])
+    missing = dict(avg)
+    missing.pop("class/b/generator/param/decoder.0.bias")
+    with pytest.raises(CheckpointError, match="missing tensor 'class/b/generator/param/decoder.0.bias'"):
+        a.load_parameter_tensors(missing)
+    shaped = dict(avg)
+    shaped["class/b/generator/param/decoder.0.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="'class/b/generator/param/decoder.0.bias' has shape"):
+        a.load_parameter_tensors(shaped)
