@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -10,6 +11,9 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# The models under test are small: one intra-op thread is fastest and keeps results independent of
+# how many cores the runner has (training uses train.threads=1 by default for the same reason).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

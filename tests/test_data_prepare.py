@@ -138,6 +138,16 @@ def test_failure_while_writing_keeps_existing_dir(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
 
+def test_data_moved_aside_by_a_crash_is_restored(tmp_path):
+    out = prepare(cfg_for(tmp_path))
+    before = snapshot(out)
+    out.rename(tmp_path / ".prepared.old-crash")  # as if killed between the two renames
+    with pytest.raises(DataError):
+        prepare(cfg_for(tmp_path, nodes=5000))
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
 def test_existing_file_in_the_way_is_an_error(tmp_path):
     (tmp_path / "prepared").write_text("not a dir")
     with pytest.raises(DataError, match="not a directory"):
@@ -198,6 +208,22 @@ def test_load_prepared_counts_must_match(prepared):
     m["counts"]["train"][0][0] += 1
     mp.write_text(json.dumps(m))
     with pytest.raises(DataError, match="class counts differ"):
+        load_prepared(prepared)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("counts"),
+    lambda m: m["counts"].pop("test"),
+    lambda m: m.__setitem__("nodes", "five"),
+    lambda m: m["counts"]["train"].pop(),
+    lambda m: m.__setitem__("classes", []),
+])
+def test_load_prepared_malformed_manifest_is_one_clear_error(prepared, edit):
+    mp = prepared / "manifest.json"
+    m = json.loads(mp.read_text())
+    edit(m)
+    mp.write_text(json.dumps(m))
+    with pytest.raises(DataError, match="manifest.json|class counts"):
         load_prepared(prepared)
 
 

@@ -52,7 +52,7 @@ def test_forward_shapes():
     assert VAE(D, Z, H)(x, eps=z)[0].shape == (5, D)
     assert GANGenerator(D, C, Z, H)(z, c).shape == (5, D)
     assert GANDiscriminator(D, C, H)(x, c).shape == (5,)
-    assert Classifier(D, H, 7)(x).shape == (5, 7)
+    assert Classifier(D, 7, H)(x).shape == (5, 7)
 
 
 def test_cvae_needs_condition():

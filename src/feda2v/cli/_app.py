@@ -32,7 +32,7 @@ def conf_dir() -> Path:
 def _argv_with_defaults(argv: list[str]) -> list[str]:
     given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
     extra = [f"{k}={v}" for k, v in _HYDRA_DEFAULTS.items() if k not in given]
-    return extra + argv
+    return argv + extra  # after the user's flags: argparse takes overrides only at the end
 
 
 def _precheck_overrides(argv: list[str]) -> None:

@@ -94,6 +94,9 @@ class TrainConfig:
     resume: Optional[str] = None  # null | latest | <path>
     reports_dir: str = "reports/train"
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
+    # one thread is fastest here, and more threads contend badly on a shared 2-core machine.
+    threads: int = 1
 
 
 @dataclass

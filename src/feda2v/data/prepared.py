@@ -97,6 +97,7 @@ def prepare(cfg, report: dict | None = None) -> Path:
     cfg = _as_config(cfg)
     t0 = time.perf_counter()
     d = cfg.data
+    _restore_moved_aside(Path(d.prepared_dir))
     seed = int(cfg.seed)
     source = load_source(cfg)
     classes = source.classes
@@ -196,6 +197,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _restore_moved_aside(target: Path) -> None:
+    """A crash between "move the old dir aside" and "move the new one in" leaves the previous
+    data in ``.<name>.old-*``: put it back before anything else, so it survives this run too."""
+    if target.exists() or not target.parent.is_dir():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        os.rename(aside[-1], target)
+
+
 def _write_dir_atomically(target: Path, blobs: dict[str, bytes]) -> None:
     if target.exists() and not target.is_dir():
         raise DataError(f"{target} exists and is not a directory; move it away or set data.prepared_dir")
@@ -233,6 +244,24 @@ def _bad(path: Path, what: str) -> DataError:
     return DataError(f"prepared data {path} {what}; run feda2v-prepare again (dvc repro prepare)")
 
 
+def _check_shape_fields(path: Path, m: dict) -> None:
+    """Types of the fields the reader indexes with, so a hand-edited manifest is one clear line."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    ok = (is_int(m["nodes"]) and m["nodes"] >= 1 and is_int(m["feature_dim"]) and is_int(m["condition_dim"])
+          and isinstance(m["classes"], list) and m["classes"] and all(isinstance(c, str) for c in m["classes"])
+          and isinstance(m["counts"], dict))
+    if ok:
+        C = len(m["classes"])
+        for split in ("train", "test"):
+            rows = m["counts"].get(split)
+            ok = ok and isinstance(rows, list) and len(rows) == m["nodes"] and all(
+                isinstance(r, list) and len(r) == C and all(is_int(v) for v in r) for r in rows)
+    if not ok:
+        raise _bad(path, f"has a malformed {MANIFEST} (nodes, classes, dims or counts)")
+
+
 def load_prepared(path) -> PreparedData:
     """Read and verify a prepared dir: every file's sha256, the files-map hash, tensor shapes and
     dtypes, and per-node per-class counts against the manifest. DataError on any mismatch."""
@@ -257,6 +286,7 @@ def load_prepared(path) -> PreparedData:
         raise _bad(path, f"has a {MANIFEST} without {', '.join(missing)}")
     if manifest["format"] != FORMAT:
         raise _bad(path, f"has format {manifest['format']!r}, this version reads {FORMAT}")
+    _check_shape_fields(path, manifest)
     files = manifest["files"]
     if not isinstance(files, dict) or files_hash(files) != manifest["hash"]:
         raise _bad(path, f"has a {MANIFEST} whose files map does not match its hash (edited or damaged)")

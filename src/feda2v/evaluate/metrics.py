@@ -1,13 +1,14 @@
 """Generator-quality metrics on embedding sets (pure functions; numpy/scipy/sklearn only).
 
 Every function takes 2-D arrays ``[n, d]`` (numpy or torch), computes in float64 and returns plain
-Python floats / dicts so results go straight into JSON. Randomness (none so far) would come from
-explicit seeds: the classifier used for TSTR/TRTR is deterministic (lbfgs, fixed random_state).
+Python floats / dicts so results go straight into JSON. Nothing here draws random numbers: the
+classifier behind TSTR/TRTR is deterministic (lbfgs, fixed random_state, one BLAS thread).
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+
 import numpy as np
 
 from feda2v.errors import DataError

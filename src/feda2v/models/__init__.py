@@ -1,10 +1,10 @@
 """models part (see DESIGN.md): generator architectures, the node classifier, losses. No optimizers."""
-from feda2v.models.functional import stacked_sequential
+from feda2v.models.classifier import Classifier
+from feda2v.models.functional import stacked_linear, stacked_sequential
 from feda2v.models.generators import (
     ARCHITECTURES,
     CVAE,
     VAE,
-    Classifier,
     GANDiscriminator,
     GANGenerator,
     build_model,
@@ -19,6 +19,6 @@ from feda2v.models.losses import (
 
 __all__ = [
     "ARCHITECTURES", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "build_model",
-    "init_parameters", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
+    "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
     "vae_kl_per_sample", "vae_recon_per_sample",
 ]

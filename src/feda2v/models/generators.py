@@ -147,24 +147,8 @@ class GANDiscriminator(nn.Module):
         return stacked_sequential(self.net, "net", params, torch.cat([x, cond], dim=-1)).squeeze(-1)
 
 
-class Classifier(nn.Module):
-    """The node's adapter/classifier for full mode: features -> class logits."""
-
-    def __init__(self, feature_dim: int, hidden_dim: int, num_classes: int, gen: torch.Generator | None = None):
-        super().__init__()
-        self.feature_dim, self.hidden_dim, self.num_classes = feature_dim, hidden_dim, num_classes
-        self.net = nn.Sequential(linear(feature_dim, hidden_dim), nn.ReLU(), linear(hidden_dim, num_classes))
-        init_parameters(self, gen or _default_gen())
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "hidden_dim": self.hidden_dim, "num_classes": self.num_classes}
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (VAE, CVAE, GANGenerator, GANDiscriminator, Classifier)
+    cls.__name__: cls for cls in (VAE, CVAE, GANGenerator, GANDiscriminator)
 }
 
 

@@ -175,6 +175,8 @@ def train(cfg) -> dict:
     from feda2v.profiling import StepProfiler
     from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
 
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
     engine = make_engine(cfg.federation.engine)
     seed_globals(cfg.seed)

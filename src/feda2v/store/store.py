@@ -2,9 +2,11 @@
 
 Every (key, role) owns a real module and a real optimizer from the one factory; nobody else keeps
 them across steps. ``train_batch`` trains all keys present in a batch in one grouped computation:
-the active keys' parameters are stacked (autograd routes gradients back to each key's own
-leaves), the forward runs as batched matmuls, and one foreach Adam(W) call updates every active
-key's parameters using that key's own optimizer state. Unified is the same path with K = 1.
+the samples are laid out per key ([K, n_max, ...], masked), the active keys' parameters are read
+as stacked [K, ...] tensors (each key's Parameters are rows of one per-name "bank", so no copy
+when every key is active), the forward runs as batched matmuls, gradients are taken w.r.t. the
+stacked tensors and split per key, and one fused Adam(W) call updates every active key's own
+Parameters with that key's own optimizer state. Unified is the same path with K = 1.
 """
 from __future__ import annotations
 
@@ -65,7 +67,6 @@ class GeneratorStore:
         self.keys: list[str] = self._ordered_keys(spec)
         index = {k: i for i, k in enumerate(self.keys)}
         self._class_key_idx = torch.tensor([index[self._key_of_class[c]] for c in spec.classes], dtype=torch.long)
-        self._class_index = {c: i for i, c in enumerate(spec.classes)}
         self.roles: tuple[str, ...] = (GENERATOR, DISCRIMINATOR) if spec.type == "gan" else (GENERATOR,)
         self._modules: dict[tuple[str, str], nn.Module] = {}
         self._optims: dict[tuple[str, str], torch.optim.Optimizer] = {}
@@ -280,7 +281,7 @@ class GeneratorStore:
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
                 return {}
-            grp = Grouping(self._class_key_idx.to(self._device)[y], len(self.keys))
+            grp = Grouping(self._class_key_idx[y], len(self.keys))
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             xs, cs, zs = grp.pad(x), grp.pad(self._conditions[y]), grp.pad(noise)
@@ -351,7 +352,7 @@ class GeneratorStore:
             return torch.empty(0, self.spec.feature_dim, device=self._device)
         if int(y.min()) < 0 or int(y.max()) >= len(self.spec.classes):
             raise DataError(f"class index out of range [0, {len(self.spec.classes)}) in sample()")
-        grp = Grouping(self._class_key_idx.to(self._device)[y], len(self.keys))
+        grp = Grouping(self._class_key_idx[y], len(self.keys))
         keys = [self.keys[i] for i in grp.active]
         zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y])
         params = self._stacked(keys, GENERATOR, grad=False)
@@ -573,5 +574,6 @@ class GeneratorStore:
                     if f in st:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
+        self._class_key_idx = self._class_key_idx.to(device)
         self._device = device
         return self
