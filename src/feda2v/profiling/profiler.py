@@ -117,10 +117,11 @@ class StepProfiler:
         profile only covers its last cycle)."""
         self._cycles += 1
         for e in p.key_averages():
-            acc = self._ops.setdefault(e.key, [0.0, 0.0, 0])
+            acc = self._ops.setdefault(e.key, [0.0, 0.0, 0, 0.0])
             acc[0] += e.self_cpu_time_total
             acc[1] += e.cpu_time_total
             acc[2] += e.count
+            acc[3] += getattr(e, "self_device_time_total", 0.0) or 0.0
 
     def _phase_of(self, i: int) -> str:
         from torch.profiler import ProfilerAction
@@ -157,18 +158,21 @@ class StepProfiler:
         else:
             total_self = sum(v[0] for v in self._ops.values()) or 1.0
             top = sorted(self._ops.items(), key=lambda kv: kv[1][0], reverse=True)[: self.top_k]
+            cuda = len(self.activities) > 1
             lines += [f"## Top operators by self CPU time ({self._cycles} recorded cycle(s))", "",
-                      "| operator | calls | self CPU (ms) | self % | total CPU (ms) |",
-                      "|---|---|---|---|---|"]
-            for name, (self_us, tot_us, n) in top:
+                      "| operator | calls | self CPU (ms) | self % | total CPU (ms) |"
+                      + (" self CUDA (ms) |" if cuda else ""),
+                      "|---|---|---|---|---|" + ("---|" if cuda else "")]
+            for name, (self_us, tot_us, n, dev_us) in top:
                 lines.append(f"| `{name}` | {n} | {self_us / 1e3:.3f} | "
-                             f"{100 * self_us / total_self:.1f} | {tot_us / 1e3:.3f} |")
+                             f"{100 * self_us / total_self:.1f} | {tot_us / 1e3:.3f} |"
+                             + (f" {dev_us / 1e3:.3f} |" if cuda else ""))
             ranges = [r for r in RANGES if r in self._ops]
             if ranges:
                 lines += ["", "## Generator step ranges (total CPU time)", "",
                           "| range | calls | total CPU (ms) |", "|---|---|---|"]
                 for r in ranges:
-                    self_us, tot_us, n = self._ops[r]
+                    _, tot_us, n, _ = self._ops[r]
                     lines.append(f"| `{r}` | {n} | {tot_us / 1e3:.3f} |")
             lines += ["", "## Traces", ""]
             lines += [f"- `{t.name}`" for t in self.traces]
