@@ -137,6 +137,9 @@ def test_simulated_training_lands_in_sqlite_store(store_dir, tmp_path, monkeypat
     hist = client.get_metric_history(run.info.run_id, "class/a/loss")
     assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(6))
     assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(out["losses"])
+    times = sorted(client.get_metric_history(run.info.run_id, "round_time_s"),
+                   key=lambda m: m.step)
+    assert [m.value for m in times] == pytest.approx([0.01 * s for s in range(6)])
     got = client.download_artifacts(run.info.run_id, "checkpoints/round_0001.ckpt",
                                      str(tmp_path / "dl"))
     assert _sha(got) == _sha(out["ckpt"])
@@ -239,3 +242,20 @@ def test_unwritable_sqlite_location_is_unavailable(tmp_path):
     cfg = _cfg(uri=f"sqlite:///{blocker}/sub/mlflow.db", required=True)
     with pytest.raises(TrackingError):
         make_tracker(cfg)
+
+
+def test_end_flushes_every_metric_and_stops_the_sender_thread(store_dir, tmp_path):
+    cfg = _cfg(uri=f"sqlite:///{store_dir}/mlflow.db", experiment="flush")
+    tracker = make_tracker(cfg)
+    tracker.start("many", {}, {})
+    for step in range(300):  # more than one log_batch worth (1000 metrics)
+        tracker.log_metrics({f"k{i}": step + i / 10 for i in range(5)}, step=step)
+    with pytest.warns(TrackingUnavailableWarning, match="does not exist"):
+        tracker.log_artifact(tmp_path / "missing.ckpt")
+    tracker.end()
+    client = MlflowClient(tracker.uri)
+    hist = client.get_metric_history(tracker.run_id, "k4")
+    assert sorted(m.step for m in hist) == list(range(300))
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    tracker._batcher._thread.join(timeout=5)
+    assert not tracker._batcher._thread.is_alive(), "metric sender thread still alive after end()"

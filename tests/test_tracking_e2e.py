@@ -26,15 +26,13 @@ def trained(tmp_path_factory):
     data = {"name": "digits", "nodes": 3, "condition": "onehot", "prepared_dir": str(prepared),
             "partition": {"scheme": "iid"}}
     prepare(load_config({"seed": 0, "data": data}))
-    # "-m" last: cli/_app.py puts its hydra.* defaults before the user's arguments, and
-    # argparse rejects overrides on both sides of a flag (reported to the lead)
-    args = [cli("feda2v-train"), "seed=0,1", "data=digits", "data.nodes=3",
+    args = [cli("feda2v-train"), "-m", "seed=0,1", "data=digits", "data.nodes=3",
             "data.condition=onehot", "data.partition.scheme=iid", f"data.prepared_dir={prepared}",
             "generator.hidden_dim=32",
             "generator.latent_dim=8", "federation.rounds=2", "federation.batch_size=128",
             "checkpoint.dir=ckpt_s${seed}", "train.reports_dir=reports/train_s${seed}",
             "train.progress=off", "tracking=sqlite", "tracking.experiment=e2e",
-            "profiler=enabled", "profiler.wait=0", "profiler.warmup=1", "profiler.active=2", "-m"]
+            "profiler=enabled", "profiler.wait=0", "profiler.warmup=1", "profiler.active=2"]
     env = {**os.environ, "FEDA2V_CONF": str(ROOT / "conf"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, out.stderr[-3000:]

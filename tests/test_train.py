@@ -39,7 +39,7 @@ def make_cfg(tmp, prepared, *, rounds=3, resume=None, **sections):
                  "partition": {"scheme": "classes_per_node", "classes_per_node": 4}},
         "generator": {"hidden_dim": 32, "latent_dim": 8, "beta_warmup_steps": 10,
                       "class_groups": {"low": classes[:5], "high": classes[5:]}},
-        "federation": {"rounds": rounds, "batch_size": 64},
+        "federation": {"rounds": rounds, "batch_size": 64, "local_epochs": 1},
         "checkpoint": {"dir": "ckpt", "every": 1, "keep_last": 2},
         "train": {"resume": resume, "reports_dir": "reports/train", "progress": "off"},
         "tracking": {"enabled": False},

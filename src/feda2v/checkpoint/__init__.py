@@ -6,7 +6,9 @@ Nothing here unpickles untrusted bytes.
 """
 from feda2v.checkpoint.container import (
     FORMAT_VERSION,
+    checkpoint_bytes,
     read_checkpoint,
+    read_checkpoint_bytes,
     verify_checkpoint,
     write_checkpoint,
 )
@@ -53,12 +55,14 @@ __all__ = [
     "LATEST",
     "CheckpointManager",
     "capture_rng",
+    "checkpoint_bytes",
     "diff_checkpoints",
     "provenance_note",
     "inspect_checkpoint",
     "layout_expectations",
     "migrate_legacy",
     "read_checkpoint",
+    "read_checkpoint_bytes",
     "restore_rng",
     "round_filename",
     "verify_checkpoint",

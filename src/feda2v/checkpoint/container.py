@@ -403,3 +403,39 @@ def check_expected(path: Path, header: Mapping[str, Any], expect: Mapping[str, A
 
 def _show(v: Any) -> str:
     return canonical_json(v) if not isinstance(v, str) else v
+
+
+# --------------------------------------------------------------------------------------------
+# in memory (the on-wire form: the very bytes write_checkpoint puts in a file)
+
+
+def checkpoint_bytes(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> bytes:
+    """The checkpoint file's exact bytes, in memory (for messages: same format as on disk)."""
+    prefix, chunks, _ = encode_checkpoint(tensors, header)
+    return b"".join([prefix, *chunks])
+
+
+def read_checkpoint_bytes(
+    data: bytes | bytearray | memoryview, *, label: str = "checkpoint message",
+    expect: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """``read_checkpoint`` for bytes received over the wire: framing, canonical header, header and
+    payload checksums, tensor index (every byte checked, nothing unpickled). Tensors are views into
+    one private copy of ``data``. ``label`` names the source in errors."""
+    buf = bytearray(data)  # writable + owned, so tensors can alias it safely
+    st_header, header, start = parse_header(label, buf)  # type: ignore[arg-type]
+    if hashlib.sha256(memoryview(buf)[start:]).hexdigest() != header.get("sha256"):
+        raise CheckpointError(f"{label} is corrupt: the tensor data does not match its sha256 checksum")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(header["tensors"]):
+        e = header["tensors"][name]
+        dtype = _BY_NAME[e["dtype"]]
+        begin, end = e["offsets"]
+        count = (end - begin) // _ITEMSIZE[e["dtype"]]
+        if count == 0:
+            tensors[name] = torch.empty(e["shape"], dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(e["shape"])
+    if expect:
+        check_expected(label, header, expect)  # type: ignore[arg-type]
+    return tensors, header

@@ -29,10 +29,29 @@ def conf_dir() -> Path:
     return (Path(__file__).resolve().parents[3] / "conf").resolve()
 
 
+# Hydra flags that take a value (``--config-name params``, ``-cd .``).
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
 def _argv_with_defaults(argv: list[str]) -> list[str]:
-    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+    """Flags first, then the user's overrides, then our defaults for those not given: argparse
+    wants the overrides in one contiguous run."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("-"):
+            flags.append(a)
+            if a in _VALUE_FLAGS and "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(a)
+        i += 1
+    given = {a.split("=", 1)[0].lstrip("+~") for a in overrides if "=" in a}
     extra = [f"{k}={v}" for k, v in _HYDRA_DEFAULTS.items() if k not in given]
-    return argv + extra  # after the user's flags: argparse takes overrides only at the end
+    return flags + overrides + extra
 
 
 def _precheck_overrides(argv: list[str]) -> None:
@@ -44,8 +63,10 @@ def _precheck_overrides(argv: list[str]) -> None:
 
     schema = OmegaConf.structured(Feda2vConfig)
     groups = {"data", "generator", "federation", "tracking", "profiler"}
+    prev = ""
     for arg in argv:
-        if arg.startswith("-") or "=" not in arg or arg[0] in "+~":
+        flag_value, prev = prev in _VALUE_FLAGS, arg
+        if flag_value or arg.startswith("-") or "=" not in arg or arg[0] in "+~":
             continue
         key = arg.split("=", 1)[0]
         if key.startswith("hydra") or key in groups:
@@ -59,6 +80,33 @@ def _precheck_overrides(argv: list[str]) -> None:
             if not OmegaConf.is_dict(cur) or part not in cur:
                 raise ConfigError(f"unknown config key '{key}' (see conf/schema.yaml for every key)")
             cur = cur[part]
+
+
+# Outputs that each job of a multirun (-m) gets its own copy of, under its sweep folder.
+_PER_JOB = ("checkpoint.dir", "train.reports_dir", "evaluate.reports_dir", "evaluate.checkpoint",
+            "profiler.dir")
+
+
+def _per_job_outputs(raw):
+    """In a multirun, put each job's relative output paths under its own sweep folder
+    (reports/multirun/<job number>/...) so jobs never overwrite each other's checkpoints."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return raw
+    plain = OmegaConf.to_container(raw, resolve=True)
+    for dotted in _PER_JOB:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p) or {}
+        value = node.get(leaf)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            node[leaf] = str(Path(hc.runtime.output_dir) / value)
+    return plain
 
 
 def fail(err: BaseException, code: int = 2) -> None:
@@ -89,7 +137,7 @@ def run_app(task: Callable, config_name: str = "config") -> None:
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
     def _main(raw: DictConfig) -> None:
         try:
-            task(load_config(raw))
+            task(load_config(_per_job_outputs(raw)))
         except Feda2vError as e:
             fail(e, e.exit_code)
         except KeyboardInterrupt:

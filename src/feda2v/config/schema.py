@@ -69,8 +69,8 @@ class GeneratorConfig:
 class FederationConfig:
     mode: str = "generator_only"  # generator_only | full
     sharing: str = "shared"  # shared | local | fedavg
-    rounds: int = 5
-    local_epochs: int = 1
+    rounds: int = 20
+    local_epochs: int = 5
     batch_size: int = 64
     fraction: float = 1.0  # share of nodes taking part in a round
     reset_on_class_change: bool = False
@@ -78,6 +78,7 @@ class FederationConfig:
     # full mode: node adapter/classifier and server distillation
     classifier_lr: float = 1e-3
     classifier_hidden: int = 128
+    distill: bool = True  # full mode: fine-tune the global classifier on synthetic samples each round
     synthetic_per_class: str = "auto"  # auto (= real training count per class) | an integer
     distill_epochs: int = 1
 

@@ -135,15 +135,18 @@ class Federation:
         test_x, test_y = self._global_test()
         before = accuracy(self.classifier, test_x, test_y)
         per_node_before = self._per_node_accuracy()
-        sx, sy = self._synthetic_set(round_)
-        train_classifier(self.classifier, sx, sy, lr=fed.classifier_lr, epochs=fed.distill_epochs,
-                         batch_size=fed.batch_size,
-                         gen=torch_generator(self.cfg.seed, "distill", round_))
+        synthetic = 0
+        if fed.distill:
+            sx, sy = self._synthetic_set(round_)
+            synthetic = int(len(sy))
+            train_classifier(self.classifier, sx, sy, lr=fed.classifier_lr, epochs=fed.distill_epochs,
+                             batch_size=fed.batch_size,
+                             gen=torch_generator(self.cfg.seed, "distill", round_))
         after = accuracy(self.classifier, test_x, test_y)
         per_node_after = self._per_node_accuracy()
         return {
             "global_acc_fedavg": before, "global_acc_distilled": after,
-            "synthetic_samples": int(len(sy)),
+            "synthetic_samples": synthetic,
             "per_node": {n: {"fedavg": per_node_before[n], "distilled": per_node_after[n]}
                          for n in per_node_before},
         }

@@ -196,6 +196,7 @@ class _MetricBatcher:
         self._send = send
         self._items: list = []
         self._busy = False
+        self._closed = False
         self._error: BaseException | None = None
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="feda2v-mlflow-metrics",
@@ -216,8 +217,10 @@ class _MetricBatcher:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._items:
+                while not self._items and not self._closed:
                     self._cv.wait()
+                if not self._items:  # closed and drained
+                    return
                 batch, self._items = self._items[:_METRIC_BATCH], self._items[_METRIC_BATCH:]
                 self._busy = True
             try:
@@ -235,6 +238,12 @@ class _MetricBatcher:
             while self._items or self._busy:
                 self._cv.wait()
             self._raise_error()
+
+    def close(self) -> None:
+        """Let the thread exit once the queue is empty (call after flush)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
 
 
 class MlflowTracker(Tracker):
@@ -334,6 +343,10 @@ class MlflowTracker(Tracker):
 
     def log_store_model(self, checkpoint_path: str | Path, name: str = "store_model") -> None:
         """Log the checkpoint's final store as an MLflow pyfunc model (see tracking.pyfunc)."""
+        if not Path(checkpoint_path).is_file():
+            warnings.warn(f"tracking: checkpoint {checkpoint_path} does not exist; store model "
+                          "not logged", TrackingUnavailableWarning, stacklevel=2)
+            return
         from feda2v.tracking.pyfunc import log_store_model
 
         def _log():
@@ -348,5 +361,7 @@ class MlflowTracker(Tracker):
             return
         self._ended = True
         self.flush()
+        if self._batcher is not None:
+            self._batcher.close()
         if self._owns_run:
             self._call("ending the run", self.client.set_terminated, self._run_id, status)
