@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro test test-fast bench clean
+.PHONY: setup repro test test-fast bench compare clean
 
 setup:
 	@scripts/setup.sh
@@ -22,6 +22,9 @@ test-fast: setup
 
 bench: setup
 	python benchmarks/run.py
+
+compare: setup
+	python scripts/compare.py
 
 clean:
 	rm -rf data/prepared data/cache checkpoints reports/train reports/profile reports/multirun

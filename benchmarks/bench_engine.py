@@ -21,7 +21,7 @@ def federation(sharing: str, nodes: int = 10, total: int = 20_000, granularity: 
                         nodes=[NodeData(i, x[p], y[p], ex, ey) for i, p in enumerate(parts)],
                         manifest={}, manifest_hash="bench", feature_dim=dim, condition_dim=classes)
     cfg = load_config({"data": {"name": "digits", "nodes": nodes},
-                       "federation": {"rounds": 1, "batch_size": 64, "sharing": sharing},
+                       "federation": {"rounds": 1, "batch_size": 64, "sharing": sharing, "local_epochs": 1},
                        "generator": {"type": "cvae", "granularity": granularity}})
     return Federation(cfg, data)
 
@@ -31,7 +31,7 @@ def run(quick: bool = False) -> dict:
     table = []
     for sharing in ("shared", "local", "fedavg"):
         for granularity in ("unified", "per_class"):
-            fed = federation(sharing, total=4_000 if quick else 20_000, granularity=granularity)
+            fed = federation(sharing, total=2_000 if quick else 20_000, granularity=granularity)
             shares, walls = [], []
             for r in range(1, rounds + 1):
                 res = fed.run_round(r)

@@ -67,6 +67,11 @@ def main() -> int:
     ap.add_argument("--out", default="reports", help="output folder")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
+    # Training runs on one thread (train.threads=1): every ratio here is measured on one thread too,
+    # the matmul ceiling included, so "share of peak" compares like with like.
+    import torch
+
+    torch.set_num_threads(1)
     names = [n for n in ORDER if (HERE / f"bench_{n}.py").exists() and (not args.only or n in args.only)]
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine(),
               "results": {}}

@@ -66,9 +66,11 @@ def test_multirun_makes_one_complete_run_per_job(trained, tmp_path):
         assert steps == [1, 2], (some_metric, steps)
 
         # the checkpoint the run names downloads byte-identical and verifies
-        ckpt = work / f"ckpt_s{seed}" / "round_000002.ckpt"
-        if not ckpt.exists():
-            ckpt = sorted((work / f"ckpt_s{seed}").glob("round_*2.ckpt"))[0]
+        # (a multirun job may run in its own folder under reports/multirun/<n>/)
+        found = [p for p in work.glob(f"**/ckpt_s{seed}/round_*2.ckpt")
+                 if "mlartifacts" not in p.parts]
+        assert len(found) == 1, found
+        ckpt = found[0]
         got = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{ckpt.name}",
                                              str(tmp_path / seed)))
         assert hashlib.sha256(got.read_bytes()).digest() == \

@@ -21,4 +21,8 @@ class InProcessEngine:
 def make_engine(name: str):
     if name == "inprocess":
         return InProcessEngine()
+    if name == "flower":  # optional extra; Flower itself is imported only when the engine runs
+        from feda2v.federation.flower_engine import FlowerEngine
+
+        return FlowerEngine()
     raise ConfigError(f"federation.engine={name} is not available in this build; use inprocess")

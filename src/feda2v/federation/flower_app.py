@@ -129,26 +129,32 @@ def handle_query(msg, context):
     return m["Message"](rd, reply_to=msg)
 
 
-def handle_train(msg, context):
-    """One node visit: rebuild the lent store from the message, train it, send it back."""
+def visit(blob: bytes, task: dict, partition: int) -> tuple[bytes, dict]:
+    """A node's whole part of one visit, Flower aside: store bytes in -> trained store bytes out."""
     from feda2v.federation.node import train_generators
     from feda2v.store import GeneratorStore
 
-    m = flwr_modules()
-    blob, task = _unpack(msg.content)
-    pid = partition_id(context)
-    if pid != task["node_id"]:  # routing bug guard: never train partition A's data as node B
-        raise Feda2vError(f"message for node {task['node_id']} delivered to partition {pid}")
+    if partition != task["node_id"]:  # routing guard: never train partition A's data as node B
+        raise Feda2vError(f"message for node {task['node_id']} delivered to partition {partition}")
     if task.get("threads", 0) > 0:
         torch.set_num_threads(int(task["threads"]))
-    data, nd = _node_data(task["prepared_dir"], task["manifest_hash"], pid)
-    tensors, header = decode_store(blob, label=f"store message for node {pid}")
+    data, nd = _node_data(task["prepared_dir"], task["manifest_hash"], partition)
+    tensors, header = decode_store(blob, label=f"store message for node {partition}")
+    # clone: tensors are views into the received buffer; the store must own its memory
     store = GeneratorStore.from_state({k: v.clone() for k, v in tensors.items()}, header["store"])
     res = train_generators(store, nd, classes=list(data.classes), seed=task["seed"], round_=task["round"],
                            local_epochs=task["local_epochs"], batch_size=task["batch_size"],
                            reset_on_change=task["reset_on_change"])
     out = encode_store(store, store_name=task["store_name"], round_=task["round"], node=res.node)
-    return m["Message"](_pack(m, out, {"node_result": node_result_to_json(res)}), reply_to=msg)
+    return out, node_result_to_json(res)
+
+
+def handle_train(msg, context):
+    """ClientApp @train("generators"): rebuild the lent store from the message, train, send back."""
+    m = flwr_modules()
+    blob, task = _unpack(msg.content)
+    out, result = visit(blob, task, partition_id(context))
+    return m["Message"](_pack(m, out, {"node_result": result}), reply_to=msg)
 
 
 def build_client_app():
@@ -157,6 +163,18 @@ def build_client_app():
     app.train("generators")(handle_train)
     app.query("partition")(handle_query)
     return app
+
+
+def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
+    """What a node needs besides the store: the seeds and loop sizes of ``train_generators`` and
+    where its prepared data is (absolute path; checked against the server's manifest hash)."""
+    cfg = federation.cfg
+    fed = cfg.federation
+    return {"node_id": int(node_id), "round": int(round_), "seed": int(cfg.seed), "store_name": store_name,
+            "local_epochs": int(fed.local_epochs), "batch_size": int(fed.batch_size),
+            "reset_on_change": bool(fed.reset_on_class_change), "threads": int(cfg.train.threads),
+            "prepared_dir": os.path.abspath(cfg.data.prepared_dir),
+            "manifest_hash": federation.data.manifest_hash}
 
 
 # -- server side: drive one round of a Federation over a Grid ------------------------------------
@@ -222,14 +240,8 @@ class GridRounds:
     def _visit_msg(self, store_name: str, store, nd, round_: int):
         from feda2v.federation.node import node_name
 
-        cfg = self.fed.cfg
-        fed = cfg.federation
         blob = encode_store(store, store_name=store_name, round_=round_, node=node_name(nd.node_id))
-        task = {"node_id": nd.node_id, "round": round_, "seed": int(cfg.seed), "store_name": store_name,
-                "local_epochs": int(fed.local_epochs), "batch_size": int(fed.batch_size),
-                "reset_on_change": bool(fed.reset_on_class_change), "threads": int(cfg.train.threads),
-                "prepared_dir": os.path.abspath(cfg.data.prepared_dir),
-                "manifest_hash": self.fed.data.manifest_hash}
+        task = make_task(self.fed, nd.node_id, round_, store_name)
         return self.m["Message"](_pack(self.m, blob, task), dst_node_id=self.routes[nd.node_id],
                                  message_type=MSG_TRAIN, group_id=str(round_))
 

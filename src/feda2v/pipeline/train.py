@@ -20,7 +20,7 @@ log = logging.getLogger("feda2v.train")
 
 # Config sections that may differ between a checkpoint and the run resuming it.
 RESUME_FREE = ("federation.rounds", "train", "tracking", "profiler", "checkpoint.every",
-               "checkpoint.keep_last", "checkpoint.dir", "evaluate")
+               "checkpoint.keep_last", "checkpoint.dir", "evaluate", "federation.engine")
 
 
 def checkpoint_config(cfg) -> dict:
@@ -66,8 +66,12 @@ def library_versions() -> dict:
 
 def build_header(cfg, federation, meta: dict, data, rng_json: dict, provenance: dict) -> dict:
     primary = meta["stores"][meta["primary_store"]]
+    # The engine (inprocess | flower) is how the rounds ran, not what state they produced: both
+    # engines train bit-identical state, so it lives in the volatile provenance, not the config.
+    conf = checkpoint_config(cfg)
+    conf["federation"].pop("engine", None)
     return {
-        "config": checkpoint_config(cfg),
+        "config": conf,
         "round": meta["round"],
         "node_cursor": meta["node_cursor"],
         "stores": meta["stores"],
@@ -220,7 +224,8 @@ def train(cfg) -> dict:
                     rng_tensors, rng_json = capture_rng()
                     tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
                     header = build_header(cfg, federation, meta, data, rng_json,
-                                          {"mlflow_run_id": tracker.run_id})
+                                          {"mlflow_run_id": tracker.run_id,
+                                           "engine": cfg.federation.engine})
                     path = manager.save(result.round, tensors, header)
                     tracker.log_artifact(str(path), "checkpoints")
                 progress.round_done(result)

@@ -1,7 +1,7 @@
 """The final generator store as an MLflow pyfunc model.
 
-The model's one artifact is a feda2v checkpoint file (safetensors + JSON header, never pickled
-tensors); ``load_context`` rebuilds the store with ``GeneratorStore.from_state`` and ``predict``
+The model is stored "from code" (``store_model_code.py``, no cloudpickle) with one artifact, a
+feda2v checkpoint file (safetensors + JSON header): nothing in it is unpickled. ``load_context`` rebuilds the store with ``GeneratorStore.from_state`` and ``predict``
 samples synthetic embeddings for the requested classes:
 
     model = mlflow.pyfunc.load_model(uri)
@@ -177,6 +177,6 @@ def log_store_model(checkpoint_path: str | Path, *, run_id: str, name: str = "st
     with _quiet():
         return Model.log(
             None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=_CODE,
-        artifacts={"checkpoint": str(ckpt)},
-        model_config={"store": store} if store else None,
-        signature=_signature(), pip_requirements=_pip_requirements())
+            artifacts={"checkpoint": str(ckpt)},
+            model_config={"store": store} if store else None,
+            signature=_signature(), pip_requirements=_pip_requirements())
