@@ -26,7 +26,9 @@ data = PreparedData(classes=[f"c{{i}}" for i in range(classes)], conditions=torc
                     nodes=[NodeData(i, x[p], y[p], empty_x, empty_y) for i, p in enumerate(parts)],
                     manifest={{}}, manifest_hash="bench", feature_dim=dim, condition_dim=classes)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cfg = load_config({{"data": {{"name": "digits", "nodes": nodes}}, "federation": {{"rounds": 1, "batch_size": 64}},
+torch.set_num_threads(1)
+cfg = load_config({{"data": {{"name": "digits", "nodes": nodes}},
+                   "federation": {{"rounds": 1, "batch_size": 64, "local_epochs": 1}},
                    "generator": {{"type": "cvae", "granularity": "per_class"}}}})
 fed = Federation(cfg, data)
 t0 = time.perf_counter()
@@ -45,7 +47,7 @@ def measure(nodes: int, total: int) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    total = 8_000 if quick else 64_000
+    total = 4_000 if quick else 32_000
     counts = [10, 100] if quick else [10, 100, 1000]
     table = [measure(n, total) for n in counts]
     base = table[0]

@@ -106,6 +106,9 @@ def _run(quick: bool) -> dict:
             })
     results["max_ratio"] = max(c["ratio"] for c in results["cases"])
     results["target_ratio"] = 2.0
+    results["table"] = results["cases"]
+    results["summary"] = "per_class (10 keys) / unified step time: " + ", ".join(
+        f"{c['type']}@{c['batch']} {c['ratio']:.2f}x" for c in results["cases"]) + " (target <= 2x)"
     return results
 
 

@@ -34,7 +34,8 @@ else
   # (the grep hides pip's noise about this machine's empty local index folders)
   "$VENV/bin/pip" install -q "${links[@]}" -r requirements.lock 2> >(grep -v "is ignored: it is neither" >&2)
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither" >&2)
-  "$VENV/bin/python" -c "import feda2v, torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
+  # The lock includes the 'flower' extra (flwr[simulation], ray); neither may replace the CPU torch.
+  "$VENV/bin/python" -c "import feda2v, torch, flwr, ray, mlflow; assert torch.__version__.endswith('+cpu'), torch.__version__"
   echo "$want" > "$STAMP"
 fi
 

@@ -144,36 +144,39 @@ def test_full_mode_is_refused_clearly(prepared):
 
 
 # -- slow: the Flower simulation runtime (Ray) ---------------------------------------------------
-@pytest.mark.slow
-def test_simulation_matches_in_process_bit_for_bit(prepared, inprocess_shared, tmp_path):
-    work = tmp_path / "flower"
+@pytest.fixture(scope="module")
+def flower_shared(prepared, tmp_path_factory):
+    work = tmp_path_factory.mktemp("flower_shared")
     train_in(work, prepared, "flower")
-    a, b = inprocess_shared / "latest.ckpt", work / "ckpt" / "latest.ckpt"
+    return work / "ckpt"
+
+
+@pytest.mark.slow
+def test_simulation_matches_in_process_bit_for_bit(inprocess_shared, flower_shared):
+    a, b = inprocess_shared / "latest.ckpt", flower_shared / "latest.ckpt"
     assert verify_checkpoint(b)["round"] == 2
     assert diff_checkpoints(a, b) == []
     for r in (1, 2):  # every round's checkpoint, not only the last
         name = f"round_{r:06d}.ckpt"
-        assert diff_checkpoints(inprocess_shared / name, work / "ckpt" / name) == []
+        assert diff_checkpoints(inprocess_shared / name, flower_shared / name) == []
     _, h = read_checkpoint(b)
     assert h["provenance"]["engine"] == "flower"
     assert any(o["step"] > 0 for o in h["optimizers"].values())
 
 
 @pytest.mark.slow
-def test_simulation_resumes_from_either_engines_checkpoint(prepared, inprocess_shared, tmp_path):
-    # written by the in-process engine (round 1), continued through Flower
-    work = tmp_path / "from_inprocess"
-    (work / "ckpt").mkdir(parents=True)
-    (work / "ckpt" / "round_000001.ckpt").write_bytes((inprocess_shared / "round_000001.ckpt").read_bytes())
-    train_in(work, prepared, "flower", resume=str(work / "ckpt" / "round_000001.ckpt"))
-    assert diff_checkpoints(inprocess_shared / "latest.ckpt", work / "ckpt" / "latest.ckpt") == []
-
-    # written by the Flower engine (1 round), continued through Flower
-    work2 = tmp_path / "from_flower"
-    train_in(work2, prepared, "flower", rounds=1)
-    assert read_checkpoint(work2 / "ckpt" / "latest.ckpt")[1]["provenance"]["engine"] == "flower"
-    train_in(work2, prepared, "flower", resume="latest")
-    assert diff_checkpoints(inprocess_shared / "latest.ckpt", work2 / "ckpt" / "latest.ckpt") == []
+@pytest.mark.parametrize("written_by", ["inprocess", "flower"])
+def test_simulation_resumes_from_either_engines_checkpoint(prepared, inprocess_shared, flower_shared,
+                                                           tmp_path, written_by):
+    """Round 1 written by either engine, round 2 through Flower == 2 straight in-process rounds."""
+    src = (inprocess_shared if written_by == "inprocess" else flower_shared) / "round_000001.ckpt"
+    assert read_checkpoint(src)[1]["provenance"]["engine"] == written_by
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "round_000001.ckpt").write_bytes(src.read_bytes())
+    train_in(tmp_path, prepared, "flower", resume=str(tmp_path / "ckpt" / "round_000001.ckpt"))
+    out = tmp_path / "ckpt" / "latest.ckpt"
+    assert verify_checkpoint(out)["round"] == 2
+    assert diff_checkpoints(inprocess_shared / "latest.ckpt", out) == []
 
 
 @pytest.mark.slow

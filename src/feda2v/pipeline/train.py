@@ -206,6 +206,7 @@ def train(cfg) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     reports = Path(cfg.train.reports_dir)
+    Path(cfg.profiler.dir).mkdir(parents=True, exist_ok=True)  # a DVC output, empty when profiling is off
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
     summary: dict = {}
