@@ -166,8 +166,7 @@ def _train_cmd(prepared, tmp, rounds, resume=None):
             "data.condition=onehot", "data.max_samples=600", "data.partition.scheme=classes_per_node",
             "data.partition.classes_per_node=4", "generator.hidden_dim=32", "generator.latent_dim=8",
             "generator.granularity=per_class", f"federation.rounds={rounds}", "federation.local_epochs=3",
-            "tracking=none", "train.progress=lines", f"checkpoint.dir={tmp}/ckpt",
-            f"train.reports_dir={tmp}/reports/train"]
+            "tracking=none", "train.progress=lines", "checkpoint.dir=ckpt", "train.reports_dir=reports/train"]
     if resume:
         args.append(f"train.resume={resume}")
     return args
@@ -180,14 +179,15 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, prepar
     and end bit-identical to an uninterrupted run."""
     rounds = 10
     ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(prepared, ref, rounds), cwd=tmp_path, check=True, capture_output=True,
-                   timeout=300)
+    ref.mkdir()
+    subprocess.run(_train_cmd(prepared, ref, rounds), cwd=ref, check=True, capture_output=True, timeout=300)
     work = tmp_path / "work"
+    work.mkdir()
     rng = random.Random(1234)
     kills = 0
     for attempt in range(12):
         resume = "latest" if (work / "ckpt/latest.ckpt").exists() else None
-        proc = subprocess.Popen(_train_cmd(prepared, work, rounds, resume), cwd=tmp_path,
+        proc = subprocess.Popen(_train_cmd(prepared, work, rounds, resume), cwd=work,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         done = verify_checkpoint(work / "ckpt/latest.ckpt")["round"] if resume else 0
         if kills < 4 and done < rounds - 1:
