@@ -14,15 +14,6 @@ D, C, Z, H = 6, 4, 3, 8
 GROUPS = {"low": ["a", "b"], "high": ["c", "d"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_store(type_="cvae", granularity="per_class", **kw) -> GeneratorStore:
     args = dict(type=type_, granularity=granularity, classes=CLASSES, feature_dim=D, condition_dim=C,
                 latent_dim=Z, hidden_dim=H, class_groups=GROUPS, beta_warmup_steps=3, seed=11)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from feda2v.fsutil import fsync_dir
 from feda2v.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -130,19 +131,6 @@ def _st_header_bytes(st_header: Mapping[str, Any]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms/filesystems cannot open directories; rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def temp_name(path: Path, tag: str = "tmp") -> Path:
     """A sibling temp path (same filesystem, so rename is atomic); the pid lets cleanup spot orphans."""
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")
@@ -172,7 +160,7 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------------------------

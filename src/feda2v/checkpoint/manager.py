@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
-from feda2v.checkpoint.container import _fsync_dir, temp_name, write_checkpoint
+from feda2v.checkpoint.container import temp_name, write_checkpoint
+from feda2v.fsutil import fsync_dir
 from feda2v.errors import CheckpointError
 
 LATEST = "latest.ckpt"
@@ -83,7 +84,7 @@ class CheckpointManager:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise CheckpointError(f"cannot update {self.latest_path}: {e.strerror or e}") from None
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _prune(self, keep: Path) -> None:
         files = self.round_files()
@@ -91,7 +92,7 @@ class CheckpointManager:
         for p in excess:
             p.unlink(missing_ok=True)
         if excess:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def _remove_orphan_temps(self) -> None:
         """Temp files left by a killed writer (its pid no longer runs) are garbage."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from feda2v.fsutil import fsync_dir
 from feda2v.data.conditions import make_conditions
 from feda2v.data.partition import make_partition, train_test_split
 from feda2v.data.sources import load_source
@@ -184,19 +185,6 @@ def _manifest_bytes(manifest: dict) -> bytes:
     return (text + "\n").encode()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _restore_moved_aside(target: Path) -> None:
     """A crash between "move the old dir aside" and "move the new one in" leaves the previous
     data in ``.<name>.old-*``: put it back before anything else, so it survives this run too."""
@@ -220,7 +208,7 @@ def _write_dir_atomically(target: Path, blobs: dict[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; prepared data is ordinary project output
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
@@ -232,7 +220,7 @@ def _write_dir_atomically(target: Path, blobs: dict[str, bytes]) -> None:
             if old is not None:
                 os.rename(old, target)  # put the previous data back
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
