@@ -258,6 +258,9 @@ class MlflowTracker(Tracker):
         self._broken = False
         self._ended = False
         self.model_uri: str | None = None  # set by log_store_model
+        self._uploads: list = []  # (name, Future) of background artifact uploads
+        self._pool = None
+        self._staging = None
         self.log_seconds = 0.0  # wall time spent inside tracker calls (overhead accounting)
 
     def __repr__(self) -> str:
@@ -328,18 +331,64 @@ class MlflowTracker(Tracker):
         self._call("logging metrics", _log)
 
     def flush(self) -> None:
-        """Block until every queued metric is stored."""
+        """Block until every queued metric and artifact is stored."""
         if self._batcher is not None:
             self._call("logging metrics", self._batcher.flush)
+        self._wait_uploads()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Files are uploaded by a background thread from a hard-linked snapshot (so pruning or
+        replacing the original cannot race the upload); folders are logged in the caller's thread."""
         p = Path(path)
         if not p.exists():
             warnings.warn(f"tracking: artifact {p} does not exist; not logged",
                           TrackingUnavailableWarning, stacklevel=2)
             return
-        self._call(f"logging artifact {p.name}", self.client.log_artifact,
-                   self._run_id, str(p), artifact_path)
+        if p.is_dir() or self._broken or self._run_id is None:
+            self._call(f"logging artifact {p.name}", self.client.log_artifact,
+                       self._run_id, str(p), artifact_path)
+            return
+        t0 = time.perf_counter()
+        staged = self._stage(p)
+        self._uploads.append((p.name, self._uploader().submit(self._upload, staged, artifact_path)))
+        self.log_seconds += time.perf_counter() - t0
+
+    def _stage(self, p: Path) -> Path:
+        import shutil
+        import tempfile
+
+        if self._staging is None:
+            self._staging = tempfile.TemporaryDirectory(prefix="feda2v-mlflow-")
+        folder = Path(self._staging.name) / str(len(self._uploads))
+        folder.mkdir()
+        staged = folder / p.name  # same name: MLflow names the artifact after the file
+        try:
+            os.link(p, staged)
+        except OSError:  # another file system: a copy is the snapshot
+            shutil.copy2(p, staged)
+        return staged
+
+    def _uploader(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feda2v-mlflow-artifacts")
+        return self._pool
+
+    def _upload(self, staged: Path, artifact_path: str | None) -> None:
+        try:
+            self.client.log_artifact(self._run_id, str(staged), artifact_path)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _wait_uploads(self) -> None:
+        t0 = time.perf_counter()
+        uploads, self._uploads = self._uploads, []
+        for name, fut in uploads:
+            err = fut.exception()
+            if err is not None:
+                self._fail(f"logging artifact {name}", err)
+        self.log_seconds += time.perf_counter() - t0
 
     def log_store_model(self, checkpoint_path: str | Path, name: str = "store_model") -> None:
         """Log the checkpoint's final store as an MLflow pyfunc model (see tracking.pyfunc)."""
@@ -363,5 +412,9 @@ class MlflowTracker(Tracker):
         self.flush()
         if self._batcher is not None:
             self._batcher.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._staging is not None:
+            self._staging.cleanup()
         if self._owns_run:
             self._call("ending the run", self.client.set_terminated, self._run_id, status)
