@@ -50,7 +50,9 @@ def run(quick: bool = False) -> dict:
                           "gflops": gflops, "share_of_matmul_peak": gflops / peak})
         where[gtype] = top_ops(store, *make_batch(batches[-1]))
     largest = [r for r in table if r["batch"] == batches[-1]]
-    summary = (f"float32 matmul peak {peak:.1f} GFLOP/s; at batch {batches[-1]}: "
+    summary = (f"float32 matmul peak {peak:.1f} GFLOP/s (one thread); at batch {batches[-1]}: "
                + ", ".join(f"{r['type']} {r['share_of_matmul_peak']:.0%}" for r in largest)
-               + " of it (target >= 50%)")
+               + " of it (target >= 50%). Where the time goes at that batch (profiler, self CPU): "
+               + "; ".join(f"{t}: " + ", ".join(f"{o['op']} {o['self_share']:.0%}" for o in ops[:4])
+                           for t, ops in where.items()))
     return {"summary": summary, "matmul_peak_gflops": peak, "table": table, "top_ops": where}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["generator", "store", "engine", "checkpoint", "tracking", "scale", "profiler", "prepare"]
+ORDER = ["generator", "store", "engine", "flower", "checkpoint", "tracking", "scale", "profiler", "prepare"]
 
 
 def machine() -> dict:

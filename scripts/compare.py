@@ -39,7 +39,7 @@ def main() -> int:
     for name, over in VARIANTS.items():
         accs, tstr = [], []
         for s in (f"seed={s}" for s in SEEDS.split(",")):  # the Dirichlet split follows the seed too
-            run_dir = OUT / name.split(" (")[-1].strip(")").replace(" ", "_").replace("+", "") / s.replace("=", "")
+            run_dir = OUT / "runs" / name.split(" (")[-1].strip(")").replace(" ", "_") / s.replace("=", "")
             paths = [f"data.prepared_dir={run_dir}/prepared", f"checkpoint.dir={run_dir}/checkpoints",
                      f"train.reports_dir={run_dir}/train", f"evaluate.checkpoint={run_dir}/checkpoints/latest.ckpt",
                      f"evaluate.reports_dir={run_dir}/eval"]

@@ -14,7 +14,7 @@ def test_every_benchmark_runs_and_writes_its_report(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "bench_quick.json").read_text())
-    expected = {"generator", "store", "engine", "checkpoint", "tracking", "scale", "profiler", "prepare"}
+    expected = {"generator", "store", "engine", "flower", "checkpoint", "tracking", "scale", "profiler", "prepare"}
     assert expected <= set(report["results"])
     for name, res in report["results"].items():
         assert "error" not in res, (name, res)
