@@ -25,7 +25,10 @@ empty_x, empty_y = torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
 data = PreparedData(classes=[f"c{{i}}" for i in range(classes)], conditions=torch.eye(classes),
                     nodes=[NodeData(i, x[p], y[p], empty_x, empty_y) for i, p in enumerate(parts)],
                     manifest={{}}, manifest_hash="bench", feature_dim=dim, condition_dim=classes)
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = rss_mb()
 torch.set_num_threads(1)
 cfg = load_config({{"data": {{"name": "digits", "nodes": nodes}},
                    "federation": {{"rounds": 1, "batch_size": 64, "local_epochs": 1}},
@@ -35,7 +38,8 @@ t0 = time.perf_counter()
 res = fed.run_round(1)
 wall = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"nodes": nodes, "peak_rss_mb": peak / 1024, "rss_growth_mb": (peak - base) / 1024,
+print(json.dumps({{"nodes": nodes, "peak_rss_mb": peak / 1024, "peak_growth_mb": (peak - base) / 1024,
+                   "federation_rss_mb": rss_mb() - rss0,
                    "round_s": wall, "train_step_s": res.train_seconds, "steps": sum(r.steps for r in res.nodes)}}))
 """
 
@@ -56,5 +60,8 @@ def run(quick: bool = False) -> dict:
         row["time_vs_10_nodes"] = row["round_s"] / base["round_s"]
     last = table[-1]
     summary = (f"{total} samples; peak RSS at {last['nodes']} nodes = {last['peak_vs_10_nodes']:.2f}x "
-               f"that at 10 nodes (target <= 1.2x); round time {last['time_vs_10_nodes']:.2f}x")
+               f"that at 10 nodes (target <= 1.2x); memory the federation added "
+               + ", ".join(f"{r['nodes']} nodes {r['federation_rss_mb']:.1f} MB" for r in table)
+               + f"; round time {last['time_vs_10_nodes']:.2f}x (steps: "
+               + ", ".join(str(r["steps"]) for r in table) + ")")
     return {"summary": summary, "table": table}
