@@ -312,7 +312,11 @@ def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     _library_check(path, header)
     # Tensors are views into the one (writable, owned) buffer just verified: no second copy, and
     # nothing read after the checksum can differ from what was checked.
-    index = header["tensors"]
+    return _tensor_views(data, start, header["tensors"]), header
+
+
+def _tensor_views(buf: bytearray, start: int, index: dict) -> dict[str, torch.Tensor]:
+    """Tensors as views into ``buf`` (already verified) at the offsets of the checked index."""
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(index):
         e = index[name]
@@ -322,9 +326,8 @@ def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         if count == 0:
             tensors[name] = torch.empty(e["shape"], dtype=dtype)
         else:
-            flat = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin)
-            tensors[name] = flat.reshape(e["shape"])
-    return tensors, header
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(e["shape"])
+    return tensors
 
 
 def _library_check(path: Path, header: dict) -> None:
@@ -414,16 +417,7 @@ def read_checkpoint_bytes(
     st_header, header, start = parse_header(label, buf)  # type: ignore[arg-type]
     if hashlib.sha256(memoryview(buf)[start:]).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{label} is corrupt: the tensor data does not match its sha256 checksum")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in sorted(header["tensors"]):
-        e = header["tensors"][name]
-        dtype = _BY_NAME[e["dtype"]]
-        begin, end = e["offsets"]
-        count = (end - begin) // _ITEMSIZE[e["dtype"]]
-        if count == 0:
-            tensors[name] = torch.empty(e["shape"], dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(e["shape"])
+    tensors = _tensor_views(buf, start, header["tensors"])
     if expect:
         check_expected(label, header, expect)  # type: ignore[arg-type]
     return tensors, header

@@ -108,16 +108,22 @@ def _fluent_context(uri: str, experiment_id: str):
         tu.set_tracking_uri(old_uri)
 
 
-def _connect(uri: str, experiment: str, timeout: float):
-    """(client, experiment_id), or raise with the reason. Creates the experiment if missing."""
+def _client(uri: str, timeout: float):
+    """An MlflowClient for ``uri``; an http server is probed first (bounded retries and timeout)."""
     if _is_http(uri):
         for k, v in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
         probe_http(uri, timeout)
     from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _connect(uri: str, experiment: str, timeout: float):
+    """(client, experiment_id), or raise with the reason. Creates the experiment if missing."""
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri, timeout)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         try:
@@ -173,13 +179,7 @@ def open_run(cfg: Any, run_id: str, *, timeout: float = PROBE_TIMEOUT_S) -> Trac
     uri = str(t.uri)
     try:
         uri = resolve_uri(uri)
-        if _is_http(uri):
-            for k, v in HTTP_ENV_DEFAULTS.items():
-                os.environ.setdefault(k, v)
-            probe_http(uri, timeout)
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client = _client(uri, timeout)
         run = client.get_run(run_id)
     except Exception as e:
         return _unavailable(uri, e, bool(t.required), f"or has no run {run_id}")
