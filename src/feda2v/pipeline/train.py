@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from feda2v.config import to_plain
-from feda2v.errors import CheckpointError, Feda2vError
+from feda2v.errors import CheckpointError
 
 log = logging.getLogger("feda2v.train")
 
@@ -247,8 +247,6 @@ def train(cfg) -> dict:
         tracker.log_store_model(str(manager.latest_path))
         status = "FINISHED"
         return summary
-    except Feda2vError:
-        raise
     finally:
         progress.close()
         losses.close()
