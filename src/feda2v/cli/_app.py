@@ -127,6 +127,8 @@ def run_app(task: Callable, config_name: str = "config") -> None:
 
     from feda2v.config.validate import translate_legacy_override
 
+    if os.environ.get("FEDA2V_DEBUG") == "1":
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # else Hydra shortens the re-raised traceback
     try:
         sys.argv[1:] = [translate_legacy_override(a) for a in sys.argv[1:]]
         _precheck_overrides(sys.argv[1:])
