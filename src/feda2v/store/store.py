@@ -55,6 +55,19 @@ def _names(names: Iterable[str], limit: int = 5) -> str:
     return ", ".join(f"'{n}'" for n in names[:limit]) + more
 
 
+def _check_names_and_shapes(what: str, shapes: Mapping[str, tuple], tensors: Mapping[str, Tensor]) -> None:
+    """Strict loading: exactly the expected tensor names, each with its expected shape."""
+    missing, extra = set(shapes) - set(tensors), set(tensors) - set(shapes)
+    if missing:
+        raise CheckpointError(f"{what} is missing tensor {_names(missing)}")
+    if extra:
+        raise CheckpointError(f"{what} has unexpected tensor {_names(extra)}")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"{what} tensor '{name}' has shape {list(tensors[name].shape)}, "
+                                  f"expected {list(shape)}")
+
+
 class GeneratorStore:
     def __init__(self, spec: StoreSpec, conditions: Tensor):
         self.spec = spec
@@ -484,15 +497,9 @@ class GeneratorStore:
         """Strict, all-or-nothing: everything is checked before anything is changed."""
         self._validate_meta(meta)
         shapes = self._expected_shapes(meta)
-        missing, extra = set(shapes) - set(tensors), set(tensors) - set(shapes)
-        if missing:
-            raise CheckpointError(f"store state is missing tensor {_names(missing)}")
-        if extra:
-            raise CheckpointError(f"store state has unexpected tensor {_names(extra)}")
-        for name, shape in shapes.items():
+        _check_names_and_shapes("store state", shapes, tensors)
+        for name in shapes:
             t = tensors[name]
-            if tuple(t.shape) != shape:
-                raise CheckpointError(f"store state tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
             if t.dtype != torch.float32:
                 raise CheckpointError(f"store state tensor '{name}' is {t.dtype}, expected torch.float32")
         for kr, o in meta["optimizers"].items():
@@ -545,15 +552,7 @@ class GeneratorStore:
         """Copy parameters in (strict; optimizer state untouched)."""
         want = {f"{key}/{role}/param/{name}": p
                 for key in self.keys for role in self.roles for name, p in self._params[key, role]}
-        missing, extra = set(want) - set(tensors), set(tensors) - set(want)
-        if missing:
-            raise CheckpointError(f"parameter set is missing tensor {_names(missing)}")
-        if extra:
-            raise CheckpointError(f"parameter set has unexpected tensor {_names(extra)}")
-        for name, p in want.items():
-            if tuple(tensors[name].shape) != tuple(p.shape):
-                raise CheckpointError(f"parameter tensor '{name}' has shape {list(tensors[name].shape)}, "
-                                      f"expected {list(p.shape)}")
+        _check_names_and_shapes("parameter set", {n: tuple(p.shape) for n, p in want.items()}, tensors)
         with torch.no_grad():
             for name, p in want.items():
                 p.copy_(tensors[name])
