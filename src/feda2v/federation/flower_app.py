@@ -181,10 +181,8 @@ def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
 class GridRounds:
     """Runs ``Federation`` rounds with node visits as Flower messages.
 
-    Uses the Federation's own server code (participants, store routing, FedAvg merge, metrics); only
-    the node visit itself goes over the Grid. Shared relay is sequential (each node trains what the
-    previous one produced); local/fedavg visits are independent, so they are sent together and
-    answered in parallel, then applied in participant order (the order the in-process engine uses).
+    ``Federation.run_round`` does everything (participants, store routing, FedAvg merge, metrics)
+    but the node visit itself, which ``visits`` sends over the Grid.
     """
 
     def __init__(self, grid, federation, *, timeout_s: float = 600.0, poll_s: float = 0.01,
@@ -253,49 +251,23 @@ class GridRounds:
         store.load_state_dict({k: v.clone() for k, v in tensors.items()}, header["store"])
         return node_result_from_json(task["node_result"])
 
-    def run_round(self, round_: int, on_node: Optional[Callable[[object], None]] = None):
-        """Mirror of ``Federation.run_round`` with node visits over Flower (bit-identical results)."""
-        from feda2v.federation.node import node_name
-        from feda2v.federation.server import RoundResult
-
-        fed_obj, cfg = self.fed, self.fed.cfg
-        t_start = time.perf_counter()
-        result = RoundResult(round=round_)
-        participants = fed_obj.participants(round_)
-        sharing = cfg.federation.sharing
-        global_params = fed_obj.stores["server"].parameter_tensors() if sharing == "fedavg" else None
-
-        def prepared(nd):
-            name = node_name(nd.node_id)
-            store_name = "server" if sharing == "shared" else name
-            store = fed_obj.store_for(name)
-            if global_params is not None:
-                store.load_parameter_tensors(global_params)
-            return store_name, store
-
-        if sharing == "shared":  # relay: one at a time, each trains what the previous returned
-            for nd in participants:
-                store_name, store = prepared(nd)
+    def visits(self, round_: int, visits: list, on_step=None):
+        """``Federation.run_round``'s node step over Flower; yields NodeResults in visit order.
+        Shared relay is sequential (each node trains what the previous one returned); local/fedavg
+        visits are independent, so they are sent together and answered in parallel."""
+        if self.fed.cfg.federation.sharing == "shared":
+            for nd, store_name in visits:
+                store = self.fed.stores[store_name]
                 (reply,) = self._exchange([self._visit_msg(store_name, store, nd, round_)])
-                self._record(result, self._apply(reply, store, store_name), on_node)
-        else:  # independent copies: all visits in flight together
-            visits = [(nd, *prepared(nd)) for nd in participants]
-            replies = self._exchange([self._visit_msg(sn, st, nd, round_) for nd, sn, st in visits])
-            for (nd, store_name, store), reply in zip(visits, replies):
-                self._record(result, self._apply(reply, store, store_name), on_node)
-        if sharing == "fedavg":
-            fed_obj._fedavg_generators(result.nodes)
-        fed_obj.round = round_
-        result.wall_seconds = time.perf_counter() - t_start
-        result.metrics = fed_obj._round_metrics(result)
-        return result
+                yield self._apply(reply, store, store_name)
+            return
+        msgs = [self._visit_msg(sn, self.fed.stores[sn], nd, round_) for nd, sn in visits]
+        for (nd, store_name), reply in zip(visits, self._exchange(msgs)):
+            yield self._apply(reply, self.fed.stores[store_name], store_name)
 
-    @staticmethod
-    def _record(result, res, on_node) -> None:
-        result.nodes.append(res)
-        result.train_seconds += res.train_seconds
-        if on_node is not None:
-            on_node(res)
+    def run_round(self, round_: int, on_node: Optional[Callable[[object], None]] = None):
+        """``Federation.run_round`` with node visits over Flower (bit-identical results)."""
+        return self.fed.run_round(round_, on_node=on_node, train_visits=self.visits)
 
 
 # -- ServerApp for deployment (`flwr run`): the whole training job runs inside it ------------------

@@ -63,8 +63,11 @@ class Federation:
         """The store evaluate and the MLflow model use: the server's, or node 0's in local mode."""
         return "server" if "server" in self.stores else next(iter(self.stores))
 
+    def store_name_for(self, node: str) -> str:
+        return "server" if self.cfg.federation.sharing == "shared" else node
+
     def store_for(self, node: str) -> GeneratorStore:
-        return self.stores["server"] if self.cfg.federation.sharing == "shared" else self.stores[node]
+        return self.stores[self.store_name_for(node)]
 
     def participants(self, round_: int) -> list:
         nodes = list(self.data.nodes)
@@ -75,22 +78,30 @@ class Federation:
         return [nodes[i] for i in sorted(pick.tolist())]  # relay order: node id order
 
     # -- one round -----------------------------------------------------------------------
+    def train_visits(self, round_: int, visits: list, on_step: Optional[Callable[[], None]] = None):
+        """Train each (node data, store name) visit here, in order; yields each NodeResult.
+        Engines that run the nodes elsewhere (Flower) pass their own function to ``run_round``."""
+        fed = self.cfg.federation
+        for nd, store_name in visits:
+            yield train_generators(
+                self.stores[store_name], nd, classes=self.classes, seed=self.cfg.seed, round_=round_,
+                local_epochs=fed.local_epochs, batch_size=fed.batch_size,
+                reset_on_change=fed.reset_on_class_change, on_step=on_step)
+
     def run_round(self, round_: int, on_step: Optional[Callable[[], None]] = None,
-                  on_node: Optional[Callable[[object], None]] = None) -> RoundResult:
+                  on_node: Optional[Callable[[object], None]] = None,
+                  train_visits: Optional[Callable] = None) -> RoundResult:
+        """One round: route participants to stores, train them (``train_visits``, in-process by
+        default), then aggregate, distil (full mode) and summarise."""
         t_start = time.perf_counter()
         fed = self.cfg.federation
         result = RoundResult(round=round_)
-        participants = self.participants(round_)
-        global_params = self.stores["server"].parameter_tensors() if fed.sharing == "fedavg" else None
-        for nd in participants:
-            name = node_name(nd.node_id)
-            store = self.store_for(name)
-            if global_params is not None:
-                store.load_parameter_tensors(global_params)
-            res = train_generators(
-                store, nd, classes=self.classes, seed=self.cfg.seed, round_=round_,
-                local_epochs=fed.local_epochs, batch_size=fed.batch_size,
-                reset_on_change=fed.reset_on_class_change, on_step=on_step)
+        visits = [(nd, self.store_name_for(node_name(nd.node_id))) for nd in self.participants(round_)]
+        if fed.sharing == "fedavg":  # every participant starts from the global parameters
+            global_params = self.stores["server"].parameter_tensors()
+            for _, store_name in visits:
+                self.stores[store_name].load_parameter_tensors(global_params)
+        for res in (train_visits or self.train_visits)(round_, visits, on_step):
             result.nodes.append(res)
             result.train_seconds += res.train_seconds
             if on_node is not None:
@@ -98,7 +109,7 @@ class Federation:
         if fed.sharing == "fedavg":
             self._fedavg_generators(result.nodes)
         if self.classifier is not None:
-            result.downstream = self._full_mode_round(round_, participants)
+            result.downstream = self._full_mode_round(round_, [nd for nd, _ in visits])
         self.round = round_
         result.wall_seconds = time.perf_counter() - t_start
         result.metrics = self._round_metrics(result)
