@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from feda2v.checkpoint.container import canonical_json, read_checkpoint
+from feda2v.config.validate import flatten_dotted
 
 # Derived from the tensors (the tensor comparison already reports them), never volatile data.
 _DERIVED = ("sha256", "header_sha256", "tensors")
@@ -54,14 +55,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(obj, Mapping) and obj:
-        for k in obj:
-            _flatten(obj[k], f"{prefix}.{k}" if prefix else str(k), out)
-    else:
-        out[prefix] = obj
-
-
 def _tensor_difference(name: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
     if a.dtype != b.dtype:
         return f"tensor {name}: dtype {a.dtype} vs {b.dtype}"
@@ -100,11 +93,9 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, strict: bool
             d = _tensor_difference(name, ta[name], tb[name])
             if d:
                 out.append(d)
-    fa: dict[str, Any] = {}
-    fb: dict[str, Any] = {}
     skip = _DERIVED if strict else (*_DERIVED, PROVENANCE)
-    _flatten({k: v for k, v in ha.items() if k not in skip}, "", fa)
-    _flatten({k: v for k, v in hb.items() if k not in skip}, "", fb)
+    fa = flatten_dotted({k: v for k, v in ha.items() if k not in skip})
+    fb = flatten_dotted({k: v for k, v in hb.items() if k not in skip})
     for field in sorted(set(fa) | set(fb)):
         if field not in fb:
             out.append(f"header {field}: only in {a}")

@@ -110,6 +110,19 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"federation.synthetic_per_class must be 'auto' or a positive integer, got {spc!r}")
 
 
+def flatten_dotted(tree: Mapping, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}, "c": {}}`` -> ``{"a.b": 1, "c": {}}``: leaves keep their values (an empty
+    mapping is a leaf). Shared by resume checks, checkpoint diffs and MLflow params."""
+    out: dict = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_dotted(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
 def to_plain(cfg: DictConfig) -> dict:
     """A plain, JSON-able dict of the resolved config (for headers, MLflow params, params.yaml)."""
     return OmegaConf.to_container(cfg, resolve=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import platform
 import random
 import sys
@@ -13,10 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feda2v.config import to_plain
+from feda2v.config import flatten_dotted, to_plain
 from feda2v.errors import CheckpointError
-
-log = logging.getLogger("feda2v.train")
 
 # Config sections that may differ between a checkpoint and the run resuming it.
 RESUME_FREE = ("federation.rounds", "train", "tracking", "profiler", "checkpoint.every",
@@ -31,22 +28,11 @@ def checkpoint_config(cfg) -> dict:
     return plain
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, name + "."))
-        else:
-            out[name] = v
-    return out
-
-
 def check_resumable(cfg, header: dict, manifest_hash: str, path: Path) -> None:
     if header.get("data_manifest_hash") != manifest_hash:
         raise CheckpointError(f"{path} was trained on other prepared data (manifest hash differs); "
                               "re-run prepare with that checkpoint's data config or start without resume")
-    mine, theirs = _flat(checkpoint_config(cfg)), _flat(header.get("config") or {})
+    mine, theirs = flatten_dotted(checkpoint_config(cfg)), flatten_dotted(header.get("config") or {})
     for name in sorted(set(mine) | set(theirs)):
         if any(name == f or name.startswith(f + ".") for f in RESUME_FREE):
             continue
@@ -64,7 +50,7 @@ def library_versions() -> dict:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
-def build_header(cfg, federation, meta: dict, data, rng_json: dict, provenance: dict) -> dict:
+def build_header(cfg, meta: dict, data, rng_json: dict, provenance: dict) -> dict:
     primary = meta["stores"][meta["primary_store"]]
     # The engine (inprocess | flower) is how the rounds ran, not what state they produced: both
     # engines train bit-identical state, so it lives in the volatile provenance, not the config.
@@ -224,13 +210,13 @@ def train(cfg) -> dict:
                     tensors, meta = federation.state_dict()
                     rng_tensors, rng_json = capture_rng()
                     tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
-                    header = build_header(cfg, federation, meta, data, rng_json,
+                    header = build_header(cfg, meta, data, rng_json,
                                           {"mlflow_run_id": tracker.run_id,
                                            "engine": cfg.federation.engine})
                     path = manager.save(result.round, tensors, header)
                     tracker.log_artifact(str(path), "checkpoints")
                 progress.round_done(result)
-                summary = {k: v for k, v in result.metrics.items()}
+                summary = dict(result.metrics)
         summary["rounds"] = rounds
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from feda2v.config.validate import flatten_dotted
+
 # MLflow rejects longer param values; keep the start of the value and say it was cut.
 MAX_PARAM_CHARS = 6000
 
@@ -41,14 +43,7 @@ def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
     Values are strings in YAML spelling (``true``, ``null``) so they read like the config and
     compare cleanly in the MLflow UI.
     """
-    out: dict[str, str] = {}
-    for k, v in _plain(cfg).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = _param_value(v)
-    return out
+    return {k: _param_value(v) for k, v in flatten_dotted(_plain(cfg), prefix).items()}
 
 
 def git_info(cwd: str | Path | None = None, *, fallback_to_source: bool = False
