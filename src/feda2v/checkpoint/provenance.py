@@ -9,9 +9,11 @@ The sidecar is best-effort metadata: a missing or unreadable one means "provenan
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from feda2v.errors import OutputError
+from feda2v.fsutil import atomic_write_text
 
 SIDECAR = "provenance.json"
 _FORMAT = 1
@@ -28,23 +30,6 @@ def _load(path: Path) -> dict:
     return data["checkpoints"]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    from feda2v.checkpoint.container import temp_name
-    from feda2v.fsutil import fsync_dir
-
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def record(checkpoint: Path, header_sha256: str, provenance: Mapping[str, Any]) -> None:
     """Add ``checkpoint``'s entry; drop entries of files no longer in the directory. A failure to
     write the sidecar never costs the checkpoint: it only makes its provenance unknown."""
@@ -55,8 +40,8 @@ def record(checkpoint: Path, header_sha256: str, provenance: Mapping[str, Any]) 
     entries[header_sha256] = {"file": checkpoint.name, "provenance": dict(provenance)}
     text = json.dumps({"feda2v_provenance": _FORMAT, "checkpoints": entries}, indent=1, sort_keys=True)
     try:
-        _write_atomic(side, text + "\n")
-    except OSError:
+        atomic_write_text(side, text + "\n")
+    except OutputError:
         pass
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from feda2v.config import to_plain
+from feda2v.fsutil import atomic_write_text, ensure_dir, writing
 
 def run_params(cfg) -> dict:
     """The run's MLflow params: the resolved config, minus where it was resumed from."""
@@ -30,8 +31,7 @@ class LossLog:
     """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots)."""
 
     def __init__(self, reports_dir: Path, keep_before_round: int):
-        self.dir = reports_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = ensure_dir(reports_dir)
         self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round)
         self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round)
 
@@ -41,13 +41,18 @@ class LossLog:
         if keep_before_round > 1 and path.exists():  # resume: keep the rounds already done
             with path.open(newline="") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["round"]) < keep_before_round]
-        f = path.open("w", newline="")
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(kept)
+        with writing(path):
+            f = path.open("w", newline="")
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            w.writerows(kept)
         return f, w
 
     def add(self, result) -> None:
+        with writing(self.dir, "write the loss reports in"):
+            self._add(result)
+
+    def _add(self, result) -> None:
         _, w = self.detail
         for nr in result.nodes:
             for key, ms in nr.losses.items():
@@ -140,7 +145,7 @@ def train(cfg) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     reports = Path(cfg.train.reports_dir)
-    Path(cfg.profiler.dir).mkdir(parents=True, exist_ok=True)  # a DVC output, empty when profiling is off
+    ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
     summary: dict = {}
@@ -153,7 +158,7 @@ def train(cfg) -> dict:
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
                 if result.downstream is not None:
-                    (reports / "downstream.json").write_text(json.dumps(result.downstream, indent=2) + "\n")
+                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
                 if checkpointer.due(result.round, rounds):
                     path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
                     tracker.log_artifact(str(path), "checkpoints")
@@ -163,8 +168,7 @@ def train(cfg) -> dict:
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)
         metrics_path = reports.parent / "train_metrics.json"
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         tracker.log_artifact(str(metrics_path))
         for p in sorted(reports.glob("*")):
             if p.is_file():
