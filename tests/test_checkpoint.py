@@ -112,7 +112,7 @@ def test_is_a_real_safetensors_file(tmp_path):
         meta = f.metadata()
     assert set(meta) == {"feda2v"}
     inner = json.loads(meta["feda2v"])
-    assert inner["round"] == 3 and inner["format_version"] == 1
+    assert inner["round"] == 3 and inner["format_version"] == FORMAT_VERSION
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0

@@ -85,9 +85,11 @@ def _drop(tree: dict, dotted: str) -> None:
 
 def state_config(cfg) -> dict:
     """The config recorded in checkpoints: resolved, minus the operational sections."""
+    from omegaconf import OmegaConf
+
     from feda2v.config import to_plain
 
-    plain = to_plain(cfg) if not isinstance(cfg, Mapping) else _deep_copy(cfg)
+    plain = to_plain(cfg) if OmegaConf.is_config(cfg) else _deep_copy(cfg)
     for dotted in OPERATIONAL:
         _drop(plain, dotted)
     return plain
