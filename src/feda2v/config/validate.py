@@ -1,6 +1,7 @@
 """Turn any composed config (Hydra, params.yaml, a dict) into a validated, typed config."""
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +15,15 @@ def _legacy_value(alias: str, value: Any) -> Any:
         return "generator_only" if _as_bool(alias, value) else "full"
     if alias == "shared_generator_in_only_mode":
         return "shared" if _as_bool(alias, value) else "local"
+    if alias == "reset_generator_on_class_change":
+        return _reset_policy(alias, value)
+    return value
+
+
+def _reset_policy(name: str, value: Any) -> Any:
+    """The published on/off flag's meaning as a policy: true = the published rule, false = never."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return "new_classes" if _as_bool(name, value) else "never"
     return value
 
 
@@ -62,6 +72,10 @@ def load_config(raw: Mapping | DictConfig) -> DictConfig:
     if isinstance(raw, DictConfig):
         raw = OmegaConf.to_container(raw, resolve=True)
     raw = translate_legacy(dict(raw))
+    fed = raw.get("federation")
+    if isinstance(fed, Mapping) and "reset_on_class_change" in fed:  # true/false: the published flag
+        raw["federation"] = {**fed, "reset_on_class_change": _reset_policy(
+            "federation.reset_on_class_change", fed["reset_on_class_change"])}
     raw.pop("hydra", None)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Feda2vConfig), raw)
@@ -105,6 +119,8 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"generator.optimizer.betas must be two numbers in [0, 1), got {betas}")
     if cfg.generator.granularity == "per_group" and not cfg.generator.class_groups:
         raise ConfigError("generator.granularity=per_group needs generator.class_groups ({group: [classes]})")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not one of auto, cpu, cuda, cuda:N")
     spc = cfg.federation.synthetic_per_class
     if spc != "auto" and not (spc.isdigit() and int(spc) > 0):
         raise ConfigError(f"federation.synthetic_per_class must be 'auto' or a positive integer, got {spc!r}")
