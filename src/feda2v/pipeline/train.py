@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
+import signal
 import random
 import sys
 import time
@@ -14,7 +16,11 @@ import numpy as np
 import torch
 
 from feda2v.config import to_plain
-from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, writing
+from feda2v.errors import DataError, RunDirError, TrainingStopped
+from feda2v.fsutil import atomic_write_text, ensure_dir, fsync_dir, output_error, writing
+
+# Training reports in train.reports_dir that belong to one run (a fresh run refuses a folder holding them).
+REPORT_FILES = ("losses.csv", "round_losses.csv", "downstream.json")
 
 def run_params(cfg) -> dict:
     """The run's MLflow params: the resolved config, minus where it was resumed from."""
@@ -31,14 +37,30 @@ def provenance(cfg, tracker) -> dict:
 class LossLog:
     """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots)."""
 
-    def __init__(self, reports_dir: Path, keep_before_round: int):
-        self.dir = ensure_dir(reports_dir)
-        self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round)
-        self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round)
+    FILES = ("losses.csv", "round_losses.csv")
 
-    def _open(self, name: str, header: list, keep_before_round: int):
+    def __init__(self, reports_dir: Path, keep_before_round: int, *, staged: bool = False):
+        """``staged`` (starting over in a used folder): write beside the old reports and replace
+        them only at ``commit()``, once the run's first checkpoint exists."""
+        self.dir = ensure_dir(reports_dir)
+        self._staged: list[tuple[Path, Path]] = []
+        self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round, staged)
+        self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round, staged)
+
+    def commit(self) -> None:
+        """Put staged reports in place of the old ones (the open files keep appending)."""
+        with writing(self.dir, "replace the loss reports in"):
+            for tmp, final in self._staged:
+                os.replace(tmp, final)
+        self._staged = []
+        fsync_dir(self.dir)
+
+    def _open(self, name: str, header: list, keep_before_round: int, staged: bool = False):
         path = self.dir / name
         kept = verified_rows(path, header, keep_before_round) if keep_before_round > 1 else []
+        if staged:
+            final, path = path, self.dir / f".{name}.start-over"
+            self._staged.append((path, final))
         # The rows kept are rewritten atomically (a failure leaves the old file), then appended to.
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=header)
@@ -149,8 +171,62 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_manifest(cfg, manifest: dict) -> None:
+    """The data config must describe the prepared data it trains on (else the checkpoint's
+    config would record false values): one line naming the key and both values.
+
+    ``seed`` is not compared: it also seeds training, and sweeping training seeds over one
+    prepared data set is a supported multirun (the header's data_manifest_hash names the data)."""
+    d = cfg.data
+    part = manifest.get("partition") or {}
+    pairs = [("data.name", d.name, manifest.get("source")), ("data.nodes", d.nodes, manifest.get("nodes")),
+             ("data.condition", d.condition, manifest.get("condition")),
+             ("data.partition.scheme", d.partition.scheme, part.get("scheme")),
+             ("data.test_fraction", d.test_fraction, manifest.get("test_fraction")),
+             ("data.max_samples", d.max_samples, manifest.get("max_samples"))]
+    if d.partition.scheme == "dirichlet":
+        pairs.append(("data.partition.alpha", d.partition.alpha, part.get("alpha")))
+    if d.partition.scheme == "classes_per_node":
+        pairs.append(("data.partition.classes_per_node", d.partition.classes_per_node, part.get("classes_per_node")))
+    if d.name == "instruments":
+        pairs.append(("data.instruments.classes", d.instruments.classes, len(manifest.get("classes") or [])))
+    for key, mine, theirs in pairs:
+        if theirs is None and key in ("data.test_fraction", "data.max_samples"):
+            continue  # not recorded by older manifests
+        if mine != theirs:
+            raise DataError(f"{key}={mine!r} but the prepared data in {d.prepared_dir} was made with "
+                            f"{theirs!r}; re-run feda2v-prepare with this config or set {key}={theirs!r}")
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def train(cfg) -> dict:
-    """Run (or resume) the federation; returns the final summary metrics."""
+    """Run (or resume) the federation; returns the final summary metrics.
+
+    The run owns checkpoint.dir and train.reports_dir (locked) from start to end; SIGTERM/SIGINT
+    stop it at the next safe point with ``latest`` intact (TrainingStopped, exit 143/130)."""
+    from feda2v.checkpoint.rundir import RunDirs
+    from feda2v.pipeline.stopping import StopOnSignal
+
+    last = {"path": None, "round": None}  # the last complete checkpoint, for the stop message
+
+    def stopped(signum: int) -> str:
+        if last["path"] is None:
+            return f"stopped by {_signal_name(signum)} before any checkpoint was written; nothing to resume"
+        return (f"stopped by {_signal_name(signum)}; {last['path']} (round {last['round']}) is the last "
+                "complete checkpoint; continue with train.resume=latest")
+
+    with StopOnSignal(stopped) as stop, \
+            RunDirs({"checkpoint.dir": cfg.checkpoint.dir, "train.reports_dir": cfg.train.reports_dir}):
+        return _train(cfg, stop, last)
+
+
+def _train(cfg, stop, last: dict) -> dict:
     from feda2v.checkpoint import Checkpointer
     from feda2v.data import load_prepared
     from feda2v.federation.engine import make_engine
@@ -161,15 +237,32 @@ def train(cfg) -> dict:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
+    check_manifest(cfg, data.manifest)
     engine = make_engine(cfg.federation.engine)
     seed_globals(cfg.seed)
     federation = Federation(cfg, data)
     checkpointer = Checkpointer(cfg, data.manifest_hash)
-    start_round, resumed_from = 1, None
+    reports = Path(cfg.train.reports_dir)
+    start_round, resumed_from, staged = 1, None, False
     if cfg.train.resume:
         path, state = checkpointer.restore(cfg.train.resume, federation)
         start_round, resumed_from = state.round + 1, str(path)
+        last.update(path=checkpointer.latest_path, round=state.round)
         print(f"resuming from {path} after round {state.round}", flush=True)
+    else:
+        used = [p.name for p in checkpointer.existing()]
+        old_reports = [f for f in REPORT_FILES if (reports / f).is_file()]
+        if (used or old_reports) and not cfg.train.start_over:
+            what, where, files = (("checkpoint.dir", cfg.checkpoint.dir, used) if used
+                                  else ("train.reports_dir", cfg.train.reports_dir, old_reports))
+            raise RunDirError(
+                f"{what}={where} holds another run's {'checkpoints' if used else 'reports'} "
+                f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); resume it with "
+                "train.resume=latest, replace it with train.start_over=true (nothing is deleted before "
+                f"this run's first checkpoint), or choose another {what}")
+        if used or old_reports:
+            checkpointer.start_over()
+            staged = bool(old_reports)
     rounds = cfg.federation.rounds
     if start_round > rounds:
         print(f"nothing to do: the checkpoint already has {start_round - 1} rounds (federation.rounds={rounds})")
@@ -180,24 +273,29 @@ def train(cfg) -> dict:
     tracker.start(name, params=flatten(run_params(cfg)),
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
-    reports = Path(cfg.train.reports_dir)
-    ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
-    losses = LossLog(reports, start_round)
-    progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
-    summary: dict = {}
     status = "FAILED"
-    t_train = time.perf_counter()
+    losses = progress = None
+    summary: dict = {}
     try:
+        ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
+        losses = LossLog(reports, start_round, staged=staged)
+        progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
+        t_train = time.perf_counter()
         with StepProfiler(cfg.profiler, name) as profiler:
             for result in engine.run(federation, start_round, rounds, on_step=profiler.step,
                                      on_node=progress.node_done):
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
-                if result.downstream is not None:
-                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
                 if checkpointer.due(result.round, rounds):
-                    path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
+                    with stop.critical():  # a signal waits until latest names the new file
+                        path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
+                        last.update(path=checkpointer.latest_path, round=result.round)
+                        if staged:
+                            losses.commit()
+                            staged = False
                     tracker.log_artifact(str(path), "checkpoints")
+                if result.downstream is not None and not staged:
+                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
                 progress.round_done(result)
                 summary = dict(result.metrics)
         summary["rounds"] = rounds
@@ -207,7 +305,7 @@ def train(cfg) -> dict:
         atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         tracker.log_artifact(str(metrics_path))
         for p in sorted(reports.glob("*")):
-            if p.is_file():
+            if p.is_file() and not p.name.startswith("."):  # not the run lock
                 tracker.log_artifact(str(p), "reports/train")
         tracker.log_artifact(str(Path(cfg.data.prepared_dir) / "manifest.json"), "data")
         if profiler.enabled and profiler.out_dir.exists():
@@ -217,7 +315,12 @@ def train(cfg) -> dict:
         tracker.log_store_model(str(checkpointer.latest_path))
         status = "FINISHED"
         return summary
+    except TrainingStopped:
+        status = "KILLED"
+        raise
     finally:
-        progress.close()
-        losses.close()
+        if progress is not None:
+            progress.close()
+        if losses is not None:
+            losses.close()
         tracker.end(status)
