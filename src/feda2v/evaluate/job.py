@@ -20,6 +20,7 @@ import torch
 
 from feda2v.errors import CheckpointError, ConfigError, DataError, Feda2vError, TrackingError
 from feda2v.evaluate import metrics as M
+from feda2v.fsutil import atomic_write_text
 from feda2v.seeding import numpy_generator, torch_generator
 
 # Pairwise metrics are O(n²) in memory; overall sets larger than this are subsampled (seeded).
@@ -192,13 +193,6 @@ def compute_metrics(
 # ------------------------------------------------------------------------------------ job
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _read_downstream(train_reports: Path) -> dict | None:
     p = train_reports / "downstream.json"
     if not p.is_file():
@@ -338,17 +332,17 @@ def evaluate(cfg) -> dict:
         "stream_seed": seed,
     }
     metrics_path = out / "metrics.json"
-    _atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
     outputs["metrics"] = metrics_path
 
     report_path = out / "report.md"
     outputs["report"] = report_path
-    _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     flat = flatten({k: v for k, v in metrics.items() if k != "round"})
     run_id = header.get("mlflow_run_id") or (header.get("provenance") or {}).get("mlflow_run_id")
     _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes)
     # the copy on disk also says what happened with MLflow
-    _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
 
 

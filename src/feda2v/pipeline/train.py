@@ -14,6 +14,7 @@ import torch
 
 from feda2v.config import flatten_dotted, to_plain
 from feda2v.errors import CheckpointError
+from feda2v.fsutil import atomic_write_text, ensure_dir, writing
 
 # Config sections that may differ between a checkpoint and the run resuming it.
 RESUME_FREE = ("federation.rounds", "train", "tracking", "profiler", "checkpoint.every",
@@ -78,8 +79,7 @@ class LossLog:
     """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots)."""
 
     def __init__(self, reports_dir: Path, keep_before_round: int):
-        self.dir = reports_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = ensure_dir(reports_dir)
         self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round)
         self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round)
 
@@ -89,13 +89,18 @@ class LossLog:
         if keep_before_round > 1 and path.exists():  # resume: keep the rounds already done
             with path.open(newline="") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["round"]) < keep_before_round]
-        f = path.open("w", newline="")
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(kept)
+        with writing(path):
+            f = path.open("w", newline="")
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            w.writerows(kept)
         return f, w
 
     def add(self, result) -> None:
+        with writing(self.dir, "write the loss reports in"):
+            self._add(result)
+
+    def _add(self, result) -> None:
         _, w = self.detail
         for nr in result.nodes:
             for key, ms in nr.losses.items():
@@ -192,7 +197,7 @@ def train(cfg) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     reports = Path(cfg.train.reports_dir)
-    Path(cfg.profiler.dir).mkdir(parents=True, exist_ok=True)  # a DVC output, empty when profiling is off
+    ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
     summary: dict = {}
@@ -205,7 +210,7 @@ def train(cfg) -> dict:
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
                 if result.downstream is not None:
-                    (reports / "downstream.json").write_text(json.dumps(result.downstream, indent=2) + "\n")
+                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
                 if result.round % cfg.checkpoint.every == 0 or result.round == rounds:
                     tensors, meta = federation.state_dict()
                     rng_tensors, rng_json = capture_rng()
@@ -221,8 +226,7 @@ def train(cfg) -> dict:
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)
         metrics_path = reports.parent / "train_metrics.json"
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         tracker.log_artifact(str(metrics_path))
         for p in sorted(reports.glob("*")):
             if p.is_file():
