@@ -242,8 +242,8 @@ def derive_plan(run: LegacyRun, arch: Architecture, opts: Options) -> Plan:
     if class_groups is not None:
         cfgd.setdefault("generator", {})["class_groups"] = class_groups
     _set(cfgd, "federation.mode", "generator_only", user=user)
-    if run.kind == "server":
-        _set(cfgd, "federation.sharing", "shared", user=user)
+    # one store held by the server: the layout a migrated file has (client files included)
+    _set(cfgd, "federation.sharing", "shared", user=user)
     if arch.arch == "fedgfe_multimodal" and run.get("diffusion_type") == "flux":
         raise CheckpointError("legacy key 'diffusion_type' is 'flux': the multimodal VAE was conditioned on T5 "
                               "embeddings too, which this project does not have; it cannot be migrated")
