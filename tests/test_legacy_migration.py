@@ -365,10 +365,9 @@ def test_file_order_does_not_matter_for_merged_files(tmp_path, prep):
     paths = save_case(tmp_path, case)
     migrate_legacy(paths, tmp_path / "a.ckpt")
     migrate_legacy(list(reversed(paths)), tmp_path / "b.ckpt")
-    ta, ha = read_checkpoint(tmp_path / "a.ckpt")
-    tb, hb = read_checkpoint(tmp_path / "b.ckpt")
-    assert ha["keys"] == [f"class/{c}" for c in CLASSES] or sorted(ha["keys"]) == sorted(hb["keys"])
-    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "b.ckpt").read_bytes()
+    _, h = read_checkpoint(tmp_path / "a.ckpt")
+    assert h["keys"] == [f"class/{c}" for c in sorted(CLASSES)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -443,8 +442,7 @@ REFUSALS = {
         lambda: [{**server_per_class_vae().files[0], "optimizer_state_dict": vae()[1].state_dict()}],
         "'optimizer_state_dict' does not belong", {}),
     "two optimizers for one shared generator": (
-        lambda: [_server_multi({c: server_unified_shared().expect["unified"]["generator"][0] for c in CLASSES[:2]},
-                               {c: vae()[1].state_dict() for c in CLASSES[:2]})],
+        lambda: [_server_multi(dict.fromkeys(CLASSES[:2], vae()[0]), {c: vae()[1].state_dict() for c in CLASSES[:2]})],
         "'generator_optimizers.zero' and 'generator_optimizers.one' are two optimizers of one shared generator", {}),
     "stray optimizer key": (
         lambda: [_server_multi({c: vae(seed=i)[0] for i, c in enumerate(CLASSES)}, {"winds": vae()[1].state_dict()})],

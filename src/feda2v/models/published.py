@@ -191,11 +191,26 @@ class FedgfeMultiModalVAE(FedgfeCVAE):
         return self._kw("feature_dim", "condition_dim", "latent_dim", "hidden_dim", "fusion_dim")
 
     def _condition_one(self, cond: Tensor) -> Tensor:
-        return self.single_fusion(self.clip_projection(cond))
+        return _each_distinct_row(cond, lambda row: self.single_fusion(self.clip_projection(row)))
 
     def _condition(self, cond: Tensor, params: Mapping[str, Tensor], gen: torch.Generator | None) -> Tensor:
-        projected = _run(self.clip_projection, "clip_projection", params, cond, gen)
-        return _run(self.single_fusion, "single_fusion", params, projected, gen)
+        def project(k: int, row: Tensor) -> Tensor:
+            one = {n: t[k:k + 1] for n, t in params.items()}
+            x = _run(self.clip_projection, "clip_projection", one, row.unsqueeze(0), gen)
+            return _run(self.single_fusion, "single_fusion", one, x, gen)[0]
+
+        return torch.stack([_each_distinct_row(cond[k], lambda row, k=k: project(k, row)) for k in range(cond.shape[0])])
+
+
+def _each_distinct_row(c: Tensor, fn) -> Tensor:
+    """``fn`` applied to each distinct row of ``c`` [n, dim] as a batch of one, gathered back.
+
+    The published multimodal VAE projects its (one) condition as a batch of one and repeats it;
+    a matmul over one row may round differently from the same row inside a larger batch, so the
+    class conditions are projected one at a time, as published (and dropout there is one mask per
+    condition, as published)."""
+    uniq, inverse = torch.unique(c, dim=0, return_inverse=True)
+    return torch.cat([fn(uniq[i:i + 1]) for i in range(uniq.shape[0])])[inverse]
 
 
 class FedgfeGANGenerator(_Base):

@@ -274,24 +274,27 @@ def merge_files(files: list[LegacyFile]) -> LegacyRun:
     if len(files) == 1:
         f = files[0]
         return LegacyRun([f], list(f.modules), dict(f.free_optimizers), f.kind)
+    files = sorted(files, key=lambda f: (f.path.name, str(f.path)))  # the result does not depend on argv order
     first = files[0]
     seen: dict[str, LegacyFile] = {}
     for f in files:
         if f.kind != "client":
             raise CheckpointError(f"'{f.path.name}' is a server checkpoint; only client files (one generator "
                                   "each) can be merged; migrate a server file on its own")
-        for fld in RUN_FIELDS:
-            if f.raw.get(fld) != first.raw.get(fld):
-                raise CheckpointError(f"'{first.path.name}' and '{f.path.name}' are from different runs or rounds "
-                                      f"({fld} {first.raw.get(fld)!r} vs {f.raw.get(fld)!r}); merge files of one run")
         for m in f.modules:
             if not m.names:
                 other = files[1] if f is first else first
                 raise CheckpointError(f"'{f.path.name}' holds a unified generator; it cannot be merged with "
                                       f"'{other.path.name}' (a store has one unified key)")
+        for fld in RUN_FIELDS:
+            if f.raw.get(fld) != first.raw.get(fld):
+                raise CheckpointError(f"'{first.path.name}' and '{f.path.name}' are from different runs or rounds "
+                                      f"({fld} {first.raw.get(fld)!r} vs {f.raw.get(fld)!r}); merge files of one run")
+        for m in f.modules:
             for n in m.names:
                 if n in seen:
                     raise CheckpointError(f"'{seen[n].path.name}' and '{f.path.name}' both hold generator key '{n}'; "
                                           "pass one file per key")
                 seen[n] = f
-    return LegacyRun(list(files), [m for f in files for m in f.modules], {}, "client")
+    modules = sorted((m for f in files for m in f.modules), key=lambda m: m.names)
+    return LegacyRun(list(files), modules, {}, "client")
