@@ -51,7 +51,7 @@ def test_migrated_run_resumes_with_the_printed_overrides(tmp_path, monkeypatch, 
     t0, h0 = read_checkpoint("out.ckpt")
     legacy_round = h0["round"]
     _train_with([*overrides, "train.resume=out.ckpt", f"federation.rounds={legacy_round + 1}",
-                 "federation.local_epochs=1", "tracking.enabled=false", "train.progress=off", "checkpoint.dir=ck",
+                 "tracking.enabled=false", "train.progress=off", "checkpoint.dir=ck",
                  "train.reports_dir=reports/train"])
     t1, h1 = read_checkpoint(tmp_path / "ck" / "latest.ckpt")
     assert h1["round"] == legacy_round + 1

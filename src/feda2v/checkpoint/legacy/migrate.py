@@ -427,8 +427,13 @@ def _hydra_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_hydra_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
-        return "{" + ",".join(f"{_hydra_value(str(k))}:{_hydra_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ",".join(f"{_hydra_key(str(k))}:{_hydra_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(type(v))
+
+
+def _hydra_key(k: str) -> str:
+    """Hydra's override grammar takes dict keys unquoted; its special characters are escaped."""
+    return "".join("\\" + ch if ch in "\\()[]{}:=, \t" else ch for ch in k)
 
 
 def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -451,7 +456,9 @@ def resume_overrides(config: Mapping, default: Mapping) -> list[str]:
         if name.split(".", 1)[0] in _NOT_FOR_RESUME or name.startswith("federation.rounds"):
             continue
         if base.get(name, object()) != mine[name]:
-            out.append(f"{name}={_hydra_value(mine[name])}")
+            # a dict-typed key takes new entries only with ++ (Hydra's config is in struct mode)
+            prefix = "++" if name in _WHOLE and mine[name] else ""
+            out.append(f"{prefix}{name}={_hydra_value(mine[name])}")
     return out
 
 
