@@ -22,12 +22,14 @@ def prep_dir(tmp_path_factory):
 
 
 def _train_with(overrides: list[str]):
-    from feda2v.cli._app import conf_dir
+    """What ``feda2v-train <overrides>`` does: the CLI's override checks and rewrites, Hydra's
+    composition of conf/, the train job."""
+    from feda2v.cli._app import conf_dir, prepare_overrides
     from feda2v.config import load_config
     from feda2v.config.files import compose_conf
     from feda2v.pipeline.train import train
 
-    train(load_config(compose_conf(conf_dir(), overrides)))
+    train(load_config(compose_conf(conf_dir(), prepare_overrides(overrides))))
 
 
 @pytest.mark.slow

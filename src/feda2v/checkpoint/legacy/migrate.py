@@ -456,9 +456,7 @@ def resume_overrides(config: Mapping, default: Mapping) -> list[str]:
         if name.split(".", 1)[0] in _NOT_FOR_RESUME or name.startswith("federation.rounds"):
             continue
         if base.get(name, object()) != mine[name]:
-            # a dict-typed key takes new entries only with ++ (Hydra's config is in struct mode)
-            prefix = "++" if name in _WHOLE and mine[name] else ""
-            out.append(f"{prefix}{name}={_hydra_value(mine[name])}")
+            out.append(f"{name}={_hydra_value(mine[name])}")
     return out
 
 
