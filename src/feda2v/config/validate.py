@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Dict, Mapping
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +16,15 @@ def _legacy_value(alias: str, value: Any) -> Any:
         return "generator_only" if _as_bool(alias, value) else "full"
     if alias == "shared_generator_in_only_mode":
         return "shared" if _as_bool(alias, value) else "local"
+    if alias == "reset_generator_on_class_change":
+        return _reset_policy(alias, value)
+    return value
+
+
+def _reset_policy(name: str, value: Any) -> Any:
+    """The published on/off flag's meaning as a policy: true = the published rule, false = never."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return "new_classes" if _as_bool(name, value) else "never"
     return value
 
 
@@ -63,6 +73,10 @@ def load_config(raw: Mapping | DictConfig) -> DictConfig:
     if isinstance(raw, DictConfig):
         raw = OmegaConf.to_container(raw, resolve=True)
     raw = translate_legacy(dict(raw))
+    fed = raw.get("federation")
+    if isinstance(fed, Mapping) and "reset_on_class_change" in fed:  # true/false: the published flag
+        raw["federation"] = {**fed, "reset_on_class_change": _reset_policy(
+            "federation.reset_on_class_change", fed["reset_on_class_change"])}
     raw.pop("hydra", None)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Feda2vConfig), raw)
@@ -147,6 +161,8 @@ RULES: Dict[str, _Rule] = {
     "train.resume": _text(optional=True),
     "train.reports_dir": _text(),
     "train.threads": _between(0, 4096),
+    "train.device": _Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                          "auto, cpu, cuda or cuda:N"),
     "tracking.uri": _text(),
     "tracking.experiment": _text(),
     "tracking.run_name": _text(optional=True),
