@@ -517,3 +517,49 @@ def test_existing_output_is_not_overwritten(tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         migrate_legacy(p, out)
     assert out.read_bytes() == b"precious"
+
+
+def test_grouped_step_draws_dropout_from_the_batch_generator(prep, monkeypatch):
+    """The published VAE's dropout is active in the store's grouped step, its masks come from the
+    batch's generator (same generator state, same update), and eval/sampling has none."""
+    import feda2v.models.published as published
+    from feda2v.config import load_config
+    from feda2v.store import GeneratorStore, StoreSpec
+
+    calls = []
+    real = published._dropout
+    monkeypatch.setattr(published, "_dropout", lambda x, p, gen: calls.append(p) or real(x, p, gen))
+    cfg = load_config({"generator": {"type": "vae", "arch": "fedgfe", "granularity": "per_class", "hidden_dim": 8,
+                                     "latent_dim": 3}, "data": {"condition": "onehot"}})
+
+    def one_step(seed):
+        spec = StoreSpec.from_config(cfg, classes=CLASSES, feature_dim=64, condition_dim=10)
+        store = GeneratorStore(spec, torch.eye(10))
+        y = torch.arange(10).repeat(3)
+        x = torch.rand(len(y), 64, generator=torch.Generator().manual_seed(0))
+        store.train_batch(x, y, gen=torch.Generator().manual_seed(seed), node="node0", round=1)
+        return store.state_dict()[0]
+
+    a, b, c = one_step(1), one_step(1), one_step(2)
+    assert calls and set(calls) == {0.2}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if "/param/" in k)
+    calls.clear()
+    spec = StoreSpec.from_config(cfg, classes=CLASSES, feature_dim=64, condition_dim=10)
+    GeneratorStore(spec, torch.eye(10)).sample(torch.arange(10), gen=torch.Generator().manual_seed(0))
+    assert calls == []
+
+
+def test_layouts_name_exactly_the_published_architectures_parameters():
+    from feda2v.checkpoint.legacy import LAYOUTS
+    from feda2v.models import build_model
+
+    kw = {"feature_dim": 4, "condition_dim": 2, "latent_dim": 2, "hidden_dim": 3, "fusion_dim": 5}
+    for lay in LAYOUTS.values():
+        from feda2v.models import ARCHITECTURES, constructor_args
+
+        args = {a: kw[a] for a in constructor_args(ARCHITECTURES[lay.cls])}
+        own = list(build_model(lay.cls, args).state_dict())
+        published = [n for n in lay.param_names() if n.split(".", 1)[0] not in lay.unused]
+        assert sorted(own) == sorted(published), lay.name
+        assert lay.kind()[1].startswith("fedgfe")

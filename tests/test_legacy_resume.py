@@ -67,3 +67,33 @@ def test_migrated_run_resumes_with_the_printed_overrides(tmp_path, monkeypatch, 
     drift = (t1[name0] - t0[name0]).abs().max().item()
     assert 0 < drift < 1.0
     assert torch.isfinite(t1[name0]).all()
+
+
+PUBLISHED = [("vae", "fedgfe", "per_class"), ("cvae", "fedgfe", "unified"), ("cvae", "fedgfe_multimodal", "per_group"),
+             ("gan", "fedgfe", "per_group")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gtype, arch, granularity", PUBLISHED, ids=[f"{t}-{a}-{g}" for t, a, g in PUBLISHED])
+def test_published_architectures_train_and_resume_bit_identically(tmp_path, gtype, arch, granularity):
+    """generator.arch=fedgfe* for a new run: the grouped step trains them (dropout drawn from the
+    batch's derived generator), and k rounds + resume + the rest = all rounds, bit for bit."""
+    from test_train import assert_same, run
+    from feda2v.config import load_config
+    from feda2v.data import prepare
+
+    prep = tmp_path / "prepared"
+    prepare(load_config({"seed": 0, "data": {"name": "digits", "nodes": 4, "condition": "onehot",
+                                             "prepared_dir": str(prep), "max_samples": 600,
+                                             "partition": {"scheme": "classes_per_node", "classes_per_node": 4}}}))
+    sections = {"generator": {"type": gtype, "arch": arch, "granularity": granularity, "fusion_dim": 6}}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(straight, prep, rounds=3, **sections)
+    run(split, prep, rounds=1, **sections)
+    run(split, prep, rounds=3, resume="latest", **sections)
+    assert_same(straight / "ckpt" / "latest.ckpt", split / "ckpt" / "latest.ckpt")
+    t, h = read_checkpoint(straight / "ckpt" / "latest.ckpt")
+    assert h["config"]["generator"]["arch"] == arch
+    cls = h["stores"]["server"]["arch"][f"{h['keys'][0]}/generator"]["class"]
+    assert cls.startswith("Fedgfe")
+    assert all(torch.isfinite(v).all() for k, v in t.items() if "/param/" in k)

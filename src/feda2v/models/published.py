@@ -17,12 +17,13 @@ caller passes the step's ``gen`` (masks drawn from it, so a resumed run draws th
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from feda2v.models.generators import ARCHITECTURES, Architecture
 from feda2v.models.init import init_parameters, linear
 
 
@@ -75,11 +76,8 @@ def _mlp(dims: list[int], act: Callable[[], nn.Module], dropout: float | None, f
     return nn.Sequential(*layers)
 
 
-class _Base(nn.Module):
+class _Base(Architecture):
     conditional = False
-
-    def _kw(self, *names: str) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in names}
 
 
 class FedgfeVAE(_Base):
@@ -93,8 +91,6 @@ class FedgfeVAE(_Base):
         self.decoder = _mlp([z, h, h, d], nn.ReLU, 0.2)
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return self._kw("feature_dim", "latent_dim", "hidden_dim")
 
     @staticmethod
     def _latent(q: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,8 +130,6 @@ class FedgfeCVAE(_Base):
         self.decoder = _mlp([z + c, h, h, d], lambda: nn.LeakyReLU(0.2), None, final=nn.Tanh())
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return self._kw("feature_dim", "condition_dim", "latent_dim", "hidden_dim")
 
     # the condition as the encoder and decoder see it (the multimodal VAE projects it first)
     def _condition_one(self, cond: Tensor) -> Tensor:
@@ -187,8 +181,6 @@ class FedgfeMultiModalVAE(FedgfeCVAE):
         self.decoder = _mlp([z + f, h, h, d], lambda: nn.LeakyReLU(0.2), 0.2, final=nn.Tanh())
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return self._kw("feature_dim", "condition_dim", "latent_dim", "hidden_dim", "fusion_dim")
 
     def _condition_one(self, cond: Tensor) -> Tensor:
         return _each_distinct_row(cond, lambda row: self.single_fusion(self.clip_projection(row)))
@@ -226,8 +218,6 @@ class FedgfeGANGenerator(_Base):
         self.model = _mlp([latent_dim, hidden_dim, hidden_dim, feature_dim], nn.ReLU, None)
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return self._kw("feature_dim", "condition_dim", "latent_dim", "hidden_dim")
 
     def forward(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.model(z)
@@ -249,8 +239,6 @@ class FedgfeGANDiscriminator(_Base):
         self.model = _mlp([feature_dim, hidden_dim, hidden_dim, 1], lambda: nn.LeakyReLU(0.2), 0.2)
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return self._kw("feature_dim", "condition_dim", "hidden_dim")
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.model(x).squeeze(-1)
@@ -260,7 +248,9 @@ class FedgfeGANDiscriminator(_Base):
         return _run(self.model, "model", params, x, gen).squeeze(-1)
 
 
-PUBLISHED_ARCHITECTURES: dict[str, type[nn.Module]] = {
+PUBLISHED_ARCHITECTURES: dict[str, type[Architecture]] = {
     cls.__name__: cls for cls in (FedgfeVAE, FedgfeCVAE, FedgfeMultiModalVAE, FedgfeGANGenerator,
                                   FedgfeGANDiscriminator)
 }
+# build_model and the kinds table find architectures by class name (models/__init__ imports this)
+ARCHITECTURES.update(PUBLISHED_ARCHITECTURES)

@@ -24,27 +24,35 @@ class Layout:
 
     name: str
     role: str
-    type: str  # generator.type
-    arch: str  # generator.arch
+    cls: str  # this project's architecture (models/published.py), same parameter names
     prefixes: tuple[str, ...]
     unused: tuple[str, ...] = ()  # prefixes outside the function this project computes
 
     def param_names(self) -> list[str]:
         return [f"{p}.{w}" for p in self.prefixes for w in ("weight", "bias")]
 
+    def kind(self) -> tuple[str, str]:
+        """(generator.type, generator.arch) whose role is built from ``cls``: the kinds table's answer."""
+        from feda2v.store.kinds import kind_of_class
+
+        found = kind_of_class(self.cls, self.role)
+        if found is None:
+            raise CheckpointError(f"no generator kind in store/kinds.py builds its {self.role} from {self.cls}")
+        return found
+
 
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
-    Layout("VAEGenerator", GENERATOR, "vae", "fedgfe",
+    Layout("VAEGenerator", GENERATOR, "FedgfeVAE",
            ("encoder.0", "encoder.3", "encoder.6", "decoder.0", "decoder.3", "decoder.6")),
-    Layout("ConditionedVAEGenerator", GENERATOR, "cvae", "fedgfe",
+    Layout("ConditionedVAEGenerator", GENERATOR, "FedgfeCVAE",
            ("encoder.0", "encoder.2", "fc_mu", "fc_logvar", "decoder.0", "decoder.2", "decoder.4")),
-    Layout("MultiModalVAEGenerator", GENERATOR, "cvae", "fedgfe_multimodal",
+    Layout("MultiModalVAEGenerator", GENERATOR, "FedgfeMultiModalVAE",
            ("clip_projection.0", "clip_projection.1", "t5_projection.0", "t5_projection.1", "fusion.0", "fusion.1",
             "single_fusion.0", "single_fusion.1", "encoder.0", "encoder.3", "fc_mu", "fc_logvar",
             "decoder.0", "decoder.3", "decoder.6"),
            unused=("t5_projection", "fusion")),
-    Layout("GANGenerator", GENERATOR, "gan", "fedgfe", ("model.0", "model.2", "model.4")),
-    Layout("GANDiscriminator", DISCRIMINATOR, "gan", "fedgfe", ("model.0", "model.3", "model.6")),
+    Layout("GANGenerator", GENERATOR, "FedgfeGANGenerator", ("model.0", "model.2", "model.4")),
+    Layout("GANDiscriminator", DISCRIMINATOR, "FedgfeGANDiscriminator", ("model.0", "model.3", "model.6")),
 )}
 
 
@@ -126,10 +134,13 @@ def infer_architecture(run: LegacyRun) -> Architecture:
                     raise CheckpointError(f"legacy key '{m.roles[DISCRIMINATOR].src}' has sizes {dd} that differ "
                                           f"from the generator's {dims}; this project uses one hidden size per key")
     gen = layouts[GENERATOR]
+    gtype, arch = gen.kind()
+    if DISCRIMINATOR in layouts and layouts[DISCRIMINATOR].kind() != (gtype, arch):
+        raise CheckpointError(f"legacy discriminator {layouts[DISCRIMINATOR].name} does not belong with a {gen.name}")
     legacy_type = run.get("generator_type")
-    if legacy_type is not None and legacy_type != ("gan" if gen.type == "gan" else "vae"):
+    if legacy_type is not None and legacy_type != ("gan" if gtype == "gan" else "vae"):
         raise CheckpointError(f"legacy key 'generator_type' says {legacy_type!r} but the tensors are a {gen.name}")
-    return Architecture(layouts, dims, gen.type, gen.arch)
+    return Architecture(layouts, dims, gtype, arch)
 
 
 # ------------------------------------------------------------------------------------------
