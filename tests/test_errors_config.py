@@ -37,6 +37,7 @@ BAD = {
     "data.instruments.cache_dir": "",
     "generator.type": "transformer",
     "generator.arch": "resnet",
+    "generator.fusion_dim": 0,
     "generator.granularity": "per_klass",
     "generator.class_groups": {"strings": []},
     "generator.default_group": "",
