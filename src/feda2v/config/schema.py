@@ -94,6 +94,8 @@ class CheckpointConfig:
 class TrainConfig:
     resume: Optional[str] = None  # null | latest | <path>
     reports_dir: str = "reports/train"
+    metrics_path: str = "reports/train_metrics.json"  # DVC metrics: no timing, no run ids
+    timing_path: str = "reports/timing/train.json"  # wall-clock figures: untracked (git and DVC)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
     # one thread is fastest here, and more threads contend badly on a shared 2-core machine.

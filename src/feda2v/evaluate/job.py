@@ -331,9 +331,11 @@ def evaluate(cfg) -> dict:
         "seed": int(ev.seed),
         "stream_seed": seed,
     }
-    metrics_path = out / "metrics.json"
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
-    outputs["metrics"] = metrics_path
+    metrics_path, detail_path = out / "metrics.json", out / "per_class.json"
+    summary, detail = split_metrics(metrics)
+    atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(detail_path, json.dumps(detail, indent=2, sort_keys=False) + "\n")
+    outputs["metrics"], outputs["per_class"] = metrics_path, detail_path
 
     report_path = out / "report.md"
     outputs["report"] = report_path
@@ -341,9 +343,25 @@ def evaluate(cfg) -> dict:
     flat = flatten({k: v for k, v in metrics.items() if k != "round"})
     run_id = header.get("mlflow_run_id") or (header.get("provenance") or {}).get("mlflow_run_id")
     _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes)
-    # the copy on disk also says what happened with MLflow
-    atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    # The copy on disk also says what happened with MLflow, but not the run id: report.md is a DVC
+    # output, and two identical runs must write the same bytes (the returned notes keep the id).
+    shown = [n.replace(f"run {run_id}", "the checkpoint's MLflow run") for n in notes] if run_id else notes
+    atomic_write_text(report_path, report.render(metrics, info, outputs, out, shown))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
+
+
+def split_metrics(metrics: dict) -> tuple[dict, dict]:
+    """(metrics.json, per_class.json): the overall numbers (DVC metrics, a few columns in ``dvc
+    metrics show``/``dvc exp show``) and the per-class and per-node detail (a plain JSON output)."""
+    summary = {"overall": metrics["overall"]}
+    detail = {"per_class": metrics["per_class"]}
+    downstream = dict(metrics.get("downstream") or {})
+    if "per_node" in downstream:
+        detail["per_node"] = downstream.pop("per_node")
+    if downstream:
+        summary["downstream"] = downstream
+    summary["round"] = metrics["round"]
+    return summary, detail
 
 
 def derive_eval_seed(cfg) -> int:
