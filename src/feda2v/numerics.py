@@ -28,6 +28,8 @@ PINNED_ENV = {
     "MKL_CBWR": "AVX2,STRICT",
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (torch's mkldnn kernels)
     "OPENBLAS_CORETYPE": "Haswell",  # numpy/scipy's OpenBLAS kernels: the AVX2 + FMA family
+    # one OpenBLAS thread: its splits follow the core count, which differs between machines
+    "OPENBLAS_NUM_THREADS": "1",
     "NPY_DISABLE_CPU_FEATURES": _NUMPY_ABOVE_AVX2,
 }
 
@@ -79,8 +81,10 @@ def numeric_facts() -> dict:
     try:
         from threadpoolctl import threadpool_info
 
+        # numpy's own BLAS only: which other copies are loaded (scipy's) depends on imports
         facts["blas"] = sorted({f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
-                               for i in threadpool_info() if i.get("user_api") == "blas"})
+                               for i in threadpool_info() if i.get("user_api") == "blas"
+                               and "numpy" in str(i.get("filepath"))})
     except ImportError:
         facts["blas"] = "unknown"
     facts["numpy"] = np.__version__

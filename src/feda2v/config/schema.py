@@ -39,6 +39,7 @@ class DataConfig:
     max_samples: int = 0  # 0 = all; caps large sources (fashion_mnist) for quick runs
     prepared_dir: str = "data/prepared"
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -139,6 +140,7 @@ class EvaluateConfig:
     samples_per_class: int = 200
     knn_k: int = 5
     seed: int = 0
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -168,6 +170,8 @@ CHOICES: Dict[str, tuple] = {
     "federation.engine": ("inprocess", "flower"),
     "federation.reset_on_class_change": ("new_classes", "changed", "never"),
     "train.progress": ("auto", "bar", "lines", "off"),
+    "data.progress": ("auto", "bar", "lines", "off"),
+    "evaluate.progress": ("auto", "bar", "lines", "off"),
 }
 
 # The published system's flag names, accepted as aliases (top level of a config or an override).

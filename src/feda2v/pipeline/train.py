@@ -25,7 +25,10 @@ def run_params(cfg) -> dict:
 
 def provenance(cfg, tracker) -> dict:
     """Who wrote a checkpoint (kept in the sidecar beside it, never in its bytes)."""
-    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node()}
+    from feda2v.numerics import host_cpu
+
+    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node(),
+            "host_cpu": host_cpu()}
 
 
 class LossLog:
