@@ -26,7 +26,10 @@ def run_params(cfg) -> dict:
 
 def provenance(cfg, tracker) -> dict:
     """Who wrote a checkpoint (kept in the sidecar beside it, never in its bytes)."""
-    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node()}
+    from feda2v.numerics import host_cpu
+
+    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node(),
+            "host_cpu": host_cpu()}
 
 
 class LossLog:
@@ -149,6 +152,28 @@ class Progress:
             self.bar.close()
 
 
+# Wall-clock figures: MLflow and train.timing_path (untracked) only, never a DVC output, so two
+# identical runs write identical outputs (and dvc.lock).
+TIMING = ("round_seconds", "train_step_seconds", "engine_overhead_share", "train_wall_seconds")
+
+
+def split_summary(summary: dict) -> tuple[dict, dict]:
+    """(train_metrics.json, timing): the DVC metrics hold the last round's losses averaged over keys
+    (``gen/<metric>``; per key they are in reports/train/round_losses.csv, a plot), accuracies,
+    resets and rounds - a few columns in ``dvc metrics show`` whatever the granularity."""
+    metrics, timing, per_key = {}, {}, {}
+    for name, v in summary.items():
+        if name in TIMING:
+            timing[name] = v
+        elif name.startswith("gen/"):
+            per_key.setdefault(name.split("/")[1], []).append(v)
+        else:
+            metrics[name] = v
+    for metric, values in per_key.items():
+        metrics[f"gen/{metric}"] = sum(values) / len(values)
+    return metrics, timing
+
+
 def seed_globals(seed: int) -> None:
     """Global RNGs are not used for training decisions, but are seeded and checkpointed anyway."""
     random.seed(seed)
@@ -188,7 +213,6 @@ def train(cfg) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     reports = Path(cfg.train.reports_dir)
-    ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
     summary: dict = {}
@@ -214,9 +238,13 @@ def train(cfg) -> dict:
         summary["rounds"] = rounds
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)
-        metrics_path = reports.parent / "train_metrics.json"
-        atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        metrics, timing = split_summary(summary)
+        metrics_path, timing_path = Path(cfg.train.metrics_path), Path(cfg.train.timing_path)
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(timing_path, json.dumps(timing, indent=2, sort_keys=True) + "\n")
+        tracker.log_metrics({"train_wall_seconds": timing["train_wall_seconds"]}, step=rounds)
         tracker.log_artifact(str(metrics_path))
+        tracker.log_artifact(str(timing_path))
         for p in sorted(reports.glob("*")):
             if p.is_file():
                 tracker.log_artifact(str(p), "reports/train")
