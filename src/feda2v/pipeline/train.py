@@ -6,8 +6,8 @@ import io
 import json
 import os
 import platform
-import signal
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 
 from feda2v.config import to_plain
 from feda2v.errors import DataError, RunDirError, TrainingStopped
-from feda2v.fsutil import atomic_write_text, ensure_dir, fsync_dir, output_error, writing
+from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, remove_quietly, writing
 
 # Training reports in train.reports_dir that belong to one run (a fresh run refuses a folder holding them).
 REPORT_FILES = ("losses.csv", "round_losses.csv", "downstream.json")
@@ -31,69 +31,62 @@ def run_params(cfg) -> dict:
 
 def provenance(cfg, tracker) -> dict:
     """Who wrote a checkpoint (kept in the sidecar beside it, never in its bytes)."""
-    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node()}
+    from feda2v.numerics import host_cpu
+
+    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node(),
+            "host_cpu": host_cpu()}
 
 
 class LossLog:
-    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots)."""
+    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots).
 
-    FILES = ("losses.csv", "round_losses.csv")
+    Rows are kept in memory and each file is replaced atomically by ``commit()``, called right after
+    a checkpoint is saved: the reports on disk always describe a saved state, a failed run leaves
+    the previous reports whole, and a resumed run continues from rows it can verify.
+    """
 
-    def __init__(self, reports_dir: Path, keep_before_round: int, *, staged: bool = False):
-        """``staged`` (starting over in a used folder): write beside the old reports and replace
-        them only at ``commit()``, once the run's first checkpoint exists."""
+    FILES = {"losses.csv": ["round", "node", "key", "metric", "value"],
+             "round_losses.csv": ["round", "key", "metric", "value"]}
+
+    def __init__(self, reports_dir: Path, keep_before_round: int):
         self.dir = ensure_dir(reports_dir)
-        self._staged: list[tuple[Path, Path]] = []
-        self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round, staged)
-        self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round, staged)
-
-    def commit(self) -> None:
-        """Put staged reports in place of the old ones (the open files keep appending)."""
-        with writing(self.dir, "replace the loss reports in"):
-            for tmp, final in self._staged:
-                os.replace(tmp, final)
-        self._staged = []
-        fsync_dir(self.dir)
-
-    def _open(self, name: str, header: list, keep_before_round: int, staged: bool = False):
-        path = self.dir / name
-        kept = verified_rows(path, header, keep_before_round) if keep_before_round > 1 else []
-        if staged:
-            final, path = path, self.dir / f".{name}.start-over"
-            self._staged.append((path, final))
-        # The rows kept are rewritten atomically (a failure leaves the old file), then appended to.
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=header)
-        w.writeheader()
-        w.writerows(kept)
-        atomic_write_text(path, buf.getvalue())
-        with writing(path):
-            f = path.open("a", newline="")
-        return f, csv.DictWriter(f, fieldnames=header)
+        probe_writable(self.dir)  # fail before training, not after the first checkpoint
+        self.rows = {name: verified_rows(self.dir / name, header, keep_before_round) if keep_before_round > 1
+                     else [] for name, header in self.FILES.items()}
 
     def add(self, result) -> None:
-        with writing(self.dir, "write the loss reports in"):
-            self._add(result)
-
-    def _add(self, result) -> None:
-        _, w = self.detail
+        detail, rounds = self.rows["losses.csv"], self.rows["round_losses.csv"]
         for nr in result.nodes:
             for key, ms in nr.losses.items():
                 for m, v in ms.items():
-                    w.writerow({"round": result.round, "node": nr.node, "key": key, "metric": m,
-                                "value": f"{v:.9g}"})
-        _, w = self.rounds
+                    detail.append({"round": result.round, "node": nr.node, "key": key, "metric": m,
+                                   "value": f"{v:.9g}"})
         for name, v in result.metrics.items():
             if name.startswith("gen/"):
                 _, metric, key = name.split("/", 2)
-                w.writerow({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
-        for f, _ in (self.detail, self.rounds):
-            f.flush()
+                rounds.append({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
 
-    def close(self) -> None:
-        with writing(self.dir, "write the loss reports in"):
-            for f, _ in (self.detail, self.rounds):
-                f.close()
+    def commit(self) -> None:
+        for name, header in self.FILES.items():
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=header)  # \r\n rows, as csv writes them by default
+            w.writeheader()
+            w.writerows(self.rows[name])
+            atomic_write_text(self.dir / name, buf.getvalue())
+
+
+def probe_writable(directory: Path) -> None:
+    """Raise OutputError unless ``directory`` takes a small file (read-only, disk full)."""
+    import tempfile
+
+    with writing(directory):
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            remove_quietly(tmp)
 
 
 def verified_rows(path: Path, header: list, before_round: int) -> list[dict]:
@@ -164,6 +157,28 @@ class Progress:
             self.bar.close()
 
 
+# Wall-clock figures: MLflow and train.timing_path (untracked) only, never a DVC output, so two
+# identical runs write identical outputs (and dvc.lock).
+TIMING = ("round_seconds", "train_step_seconds", "engine_overhead_share", "train_wall_seconds")
+
+
+def split_summary(summary: dict) -> tuple[dict, dict]:
+    """(train_metrics.json, timing): the DVC metrics hold the last round's losses averaged over keys
+    (``gen/<metric>``; per key they are in reports/train/round_losses.csv, a plot), accuracies,
+    resets and rounds - a few columns in ``dvc metrics show`` whatever the granularity."""
+    metrics, timing, per_key = {}, {}, {}
+    for name, v in summary.items():
+        if name in TIMING:
+            timing[name] = v
+        elif name.startswith("gen/"):
+            per_key.setdefault(name.split("/")[1], []).append(v)
+        else:
+            metrics[name] = v
+    for metric, values in per_key.items():
+        metrics[f"gen/{metric}"] = sum(values) / len(values)
+    return metrics, timing
+
+
 def seed_globals(seed: int) -> None:
     """Global RNGs are not used for training decisions, but are seeded and checkpointed anyway."""
     random.seed(seed)
@@ -226,6 +241,25 @@ def train(cfg) -> dict:
         return _train(cfg, stop, last)
 
 
+def _refuse_used_dirs(cfg, checkpointer, reports: Path) -> None:
+    """A fresh run never replaces another run's results unless told to (train.start_over)."""
+    used = [p.name for p in checkpointer.existing()]
+    old_reports = [f for f in REPORT_FILES if (reports / f).is_file()]
+    if not (used or old_reports):
+        return
+    if not cfg.train.start_over:
+        what, where, files = (("checkpoint.dir", cfg.checkpoint.dir, used) if used
+                              else ("train.reports_dir", cfg.train.reports_dir, old_reports))
+        raise RunDirError(
+            f"{what}={where} holds another run's {'checkpoints' if used else 'reports'} "
+            f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); resume it with "
+            "train.resume=latest, replace it with train.start_over=true (nothing is deleted before "
+            f"this run's first checkpoint), or choose another {what}")
+    # Old checkpoints go once the first new one is complete; the reports are only ever replaced
+    # right after a checkpoint (LossLog.commit), so they follow.
+    checkpointer.start_over()
+
+
 def _train(cfg, stop, last: dict) -> dict:
     from feda2v.checkpoint import Checkpointer
     from feda2v.data import load_prepared
@@ -243,26 +277,14 @@ def _train(cfg, stop, last: dict) -> dict:
     federation = Federation(cfg, data)
     checkpointer = Checkpointer(cfg, data.manifest_hash)
     reports = Path(cfg.train.reports_dir)
-    start_round, resumed_from, staged = 1, None, False
+    start_round, resumed_from = 1, None
     if cfg.train.resume:
         path, state = checkpointer.restore(cfg.train.resume, federation)
         start_round, resumed_from = state.round + 1, str(path)
         last.update(path=checkpointer.latest_path, round=state.round)
         print(f"resuming from {path} after round {state.round}", flush=True)
     else:
-        used = [p.name for p in checkpointer.existing()]
-        old_reports = [f for f in REPORT_FILES if (reports / f).is_file()]
-        if (used or old_reports) and not cfg.train.start_over:
-            what, where, files = (("checkpoint.dir", cfg.checkpoint.dir, used) if used
-                                  else ("train.reports_dir", cfg.train.reports_dir, old_reports))
-            raise RunDirError(
-                f"{what}={where} holds another run's {'checkpoints' if used else 'reports'} "
-                f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); resume it with "
-                "train.resume=latest, replace it with train.start_over=true (nothing is deleted before "
-                f"this run's first checkpoint), or choose another {what}")
-        if used or old_reports:
-            checkpointer.start_over()
-            staged = bool(old_reports)
+        _refuse_used_dirs(cfg, checkpointer, reports)
     rounds = cfg.federation.rounds
     if start_round > rounds:
         print(f"nothing to do: the checkpoint already has {start_round - 1} rounds (federation.rounds={rounds})")
@@ -274,11 +296,11 @@ def _train(cfg, stop, last: dict) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     status = "FAILED"
-    losses = progress = None
+    progress = None
     summary: dict = {}
+    downstream = None
     try:
-        ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
-        losses = LossLog(reports, start_round, staged=staged)
+        losses = LossLog(reports, start_round)
         progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
         t_train = time.perf_counter()
         with StepProfiler(cfg.profiler, name) as profiler:
@@ -286,24 +308,28 @@ def _train(cfg, stop, last: dict) -> dict:
                                      on_node=progress.node_done):
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
+                downstream = result.downstream if result.downstream is not None else downstream
                 if checkpointer.due(result.round, rounds):
                     with stop.critical():  # a signal waits until latest names the new file
                         path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
                         last.update(path=checkpointer.latest_path, round=result.round)
-                        if staged:
-                            losses.commit()
-                            staged = False
+                        # reports follow the checkpoint: a failed save leaves the previous ones whole
+                        losses.commit()
+                        if downstream is not None:
+                            atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
                     tracker.log_artifact(str(path), "checkpoints")
-                if result.downstream is not None and not staged:
-                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
                 progress.round_done(result)
                 summary = dict(result.metrics)
         summary["rounds"] = rounds
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)
-        metrics_path = reports.parent / "train_metrics.json"
-        atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        metrics, timing = split_summary(summary)
+        metrics_path, timing_path = Path(cfg.train.metrics_path), Path(cfg.train.timing_path)
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(timing_path, json.dumps(timing, indent=2, sort_keys=True) + "\n")
+        tracker.log_metrics({"train_wall_seconds": timing["train_wall_seconds"]}, step=rounds)
         tracker.log_artifact(str(metrics_path))
+        tracker.log_artifact(str(timing_path))
         for p in sorted(reports.glob("*")):
             if p.is_file() and not p.name.startswith("."):  # not the run lock
                 tracker.log_artifact(str(p), "reports/train")
@@ -321,6 +347,4 @@ def _train(cfg, stop, last: dict) -> dict:
     finally:
         if progress is not None:
             progress.close()
-        if losses is not None:
-            losses.close()
         tracker.end(status)

@@ -298,7 +298,7 @@ class GeneratorStore:
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             xs, cs, zs = grp.pad(x), grp.pad(self._conditions[y]), grp.pad(noise)
-            return self._kind.step(self, grp, keys, xs, cs, zs, node, round)
+            return self._kind.step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
