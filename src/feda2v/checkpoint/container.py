@@ -213,6 +213,8 @@ def parse_header(path: Path, data: bytes) -> tuple[dict, dict, int]:
     bad = f"{path} is not a valid feda2v checkpoint"
     n = _framed_length(data)
     st_header = None
+    if n is not None and n % 8:  # framed as a container, but this writer always pads to 8
+        raise CheckpointError(f"{bad}: its header bytes were altered (not in the form feda2v writes)")
     if n is not None:
         raw = bytes(data[8 : 8 + n])
         try:
