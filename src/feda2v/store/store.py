@@ -268,7 +268,7 @@ class GeneratorStore:
         if len(keys) == len(self.keys):
             out = {n: b.detach() for n, b in bank.items()}
         else:
-            idx = torch.tensor([self.keys.index(k) for k in keys], device=self._device)
+            idx = torch.tensor([self.keys.index(k) for k in keys]).to(self._device, non_blocking=True)
             out = {n: b.index_select(0, idx) for n, b in bank.items()}
         if grad:
             for t in out.values():
@@ -292,7 +292,9 @@ class GeneratorStore:
 
     def _noise(self, n: int, gen: torch.Generator) -> Tensor:
         # Drawn on the generator's device in batch order, so noise follows samples, not layout.
-        return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device)
+        # (non_blocking: a copy to the device must not wait for the device)
+        return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device,
+                                                                                          non_blocking=True)
 
     def train_batch(self, x: Tensor, y: Tensor, *, gen: torch.Generator, node: str, round: int
                     ) -> dict[str, dict[str, float]]:
