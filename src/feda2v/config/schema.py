@@ -39,6 +39,7 @@ class DataConfig:
     max_samples: int = 0  # 0 = all; caps large sources (fashion_mnist) for quick runs
     prepared_dir: str = "data/prepared"
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -55,7 +56,8 @@ class OptimizerConfig:
 @dataclass
 class GeneratorConfig:
     type: str = "cvae"  # vae | cvae | gan (the kinds table: store/kinds.py)
-    arch: str = "default"  # architecture variant of the kind (store/kinds.py)
+    arch: str = "default"  # architecture variant of the kind (store/kinds.py); fedgfe* = published (migrated runs)
+    fusion_dim: int = 512  # arch=fedgfe_multimodal only: the published multimodal VAE's condition projection
     granularity: str = "unified"  # unified | per_class | per_group
     class_groups: Dict[str, List[str]] = field(default_factory=dict)
     default_group: Optional[str] = None  # group for classes missing from class_groups
@@ -98,6 +100,8 @@ class CheckpointConfig:
 class TrainConfig:
     resume: Optional[str] = None  # null | latest | <path>
     reports_dir: str = "reports/train"
+    metrics_path: str = "reports/train_metrics.json"  # DVC metrics: no timing, no run ids
+    timing_path: str = "reports/timing/train.json"  # wall-clock figures: untracked (git and DVC)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
     # one thread is fastest here, and more threads contend badly on a shared 2-core machine.
@@ -137,6 +141,7 @@ class EvaluateConfig:
     samples_per_class: int = 200
     knn_k: int = 5
     seed: int = 0
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -158,7 +163,7 @@ CHOICES: Dict[str, tuple] = {
     "data.partition.scheme": ("iid", "dirichlet", "classes_per_node"),
     "data.condition": ("text", "onehot"),
     "generator.type": ("vae", "cvae", "gan"),
-    "generator.arch": ("default",),
+    "generator.arch": ("default", "fedgfe", "fedgfe_multimodal"),
     "generator.granularity": ("unified", "per_class", "per_group"),
     "generator.optimizer.name": ("adamw", "adam"),
     "federation.mode": ("generator_only", "full"),
@@ -166,6 +171,8 @@ CHOICES: Dict[str, tuple] = {
     "federation.engine": ("inprocess", "flower"),
     "federation.reset_on_class_change": ("new_classes", "changed", "never"),
     "train.progress": ("auto", "bar", "lines", "off"),
+    "data.progress": ("auto", "bar", "lines", "off"),
+    "evaluate.progress": ("auto", "bar", "lines", "off"),
 }
 
 # The published system's flag names, accepted as aliases (top level of a config or an override).

@@ -35,7 +35,7 @@ class RoleArch:
 class Kind:
     name: str
     roles: tuple[str, ...]
-    step: Callable[..., dict[str, dict[str, float]]]  # (store, grouping, keys, xs, cs, zs, node, round)
+    step: Callable[..., dict[str, dict[str, float]]]  # (store, grouping, keys, xs, cs, zs, node, round, *, gen)
     archs: Mapping[str, Mapping[str, RoleArch]]  # variant -> role -> architecture
 
     def arch(self, variant: str) -> Mapping[str, RoleArch]:
@@ -47,10 +47,15 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("vae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("VAE")}}),
-    Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")}}),
+    # "fedgfe*": the published FedA2V architectures (models/published.py), for migrated runs
+    Kind("vae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("VAE")},
+                                          "fedgfe": {GENERATOR: RoleArch("FedgfeVAE")}}),
+    Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")},
+                                           "fedgfe": {GENERATOR: RoleArch("FedgfeCVAE")},
+                                           "fedgfe_multimodal": {GENERATOR: RoleArch("FedgfeMultiModalVAE")}}),
     Kind("gan", (GENERATOR, DISCRIMINATOR), gan_step,
-         {DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("GANDiscriminator")}}),
+         {DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("GANDiscriminator")},
+          "fedgfe": {GENERATOR: RoleArch("FedgfeGANGenerator"), DISCRIMINATOR: RoleArch("FedgfeGANDiscriminator")}}),
 )}
 
 TYPES: tuple[str, ...] = tuple(KINDS)

@@ -54,6 +54,7 @@ class StoreSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
+    fusion_dim: int = 512  # the published multimodal VAE's condition projection (arch fedgfe_multimodal)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -87,7 +88,7 @@ class StoreSpec:
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(o.lr), betas=tuple(o.betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
-            seed=int(cfg.seed),
+            seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
         )
 
     def to_json(self) -> dict:
@@ -104,6 +105,7 @@ class StoreSpec:
         restores it)."""
         d = dict(d)
         d.setdefault("arch", DEFAULT_ARCH)
+        d.setdefault("fusion_dim", StoreSpec.fusion_dim)
         expected = set(cls.__dataclass_fields__)
         got = set(d)
         if got != expected:

@@ -308,7 +308,7 @@ class GeneratorStore:
             noise = self._noise(y.numel(), gen)
             cond = self._conditions[y.to(self._device, non_blocking=True)]
             xs, cs, zs = grp.pad(x), grp.pad(cond), grp.pad(noise)
-            return self._kind.step(self, grp, keys, xs, cs, zs, node, round)
+            return self._kind.step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
