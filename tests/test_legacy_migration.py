@@ -563,3 +563,28 @@ def test_layouts_name_exactly_the_published_architectures_parameters():
         published = [n for n in lay.param_names() if n.split(".", 1)[0] not in lay.unused]
         assert sorted(own) == sorted(published), lay.name
         assert lay.kind()[1].startswith("fedgfe")
+
+
+def test_cli_without_prepared_says_how_to_resume(tmp_path, capsys):
+    import json
+
+    from feda2v.cli.ckpt import main as ckpt_main
+
+    paths = save_case(tmp_path, server_per_group_vae())
+    out = tmp_path / "m.ckpt"
+    # flags and overrides around the files
+    with pytest.raises(SystemExit) as e:
+        ckpt_main(["migrate", "generator.granularity=per_group", str(paths[0]), str(out), GROUPS_OVERRIDE])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "migrate with --prepared DIR" in printed
+    assert not (tmp_path / "m.ckpt.overrides").exists()
+    with pytest.raises(SystemExit) as e:
+        ckpt_main(["inspect", str(out)])
+    info = json.loads(capsys.readouterr().out)
+    assert info["keys"] == ["group/low", "group/high"] and info["round"] == 4
+    with pytest.raises(SystemExit) as e:
+        ckpt_main(["migrate", str(paths[0]), str(tmp_path / "x.ckpt"), "--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("feda2v: error: ") and err.count("\n") == 1 and "--bogus" in err

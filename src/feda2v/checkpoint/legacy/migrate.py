@@ -468,6 +468,7 @@ class Migrated:
     header: dict
     notes: list[str]
     overrides: list[str]  # resume overrides (empty when no default config was given)
+    resumable: bool  # a resume checks the prepared data's manifest: only with --prepared
 
 
 def migrate_legacy(legacy: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
@@ -499,8 +500,9 @@ def migrate_legacy(legacy: str | os.PathLike | Sequence[str | os.PathLike], out:
 
         resume = resume_overrides(to_plain(cfg), default_config)
     header = write_migrated(out, cfg, store, run, arch, plan)  # 5. the file
-    if default_config is not None:
+    resumable = plan.prepared is not None
+    if default_config is not None and resumable:
         from feda2v.fsutil import atomic_write_text
 
         atomic_write_text(Path(str(out) + OVERRIDES_SUFFIX), "".join(f"{o}\n" for o in resume))
-    return Migrated(header, list(plan.notes), resume)
+    return Migrated(header, list(plan.notes), resume, resumable)
