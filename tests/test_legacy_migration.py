@@ -193,6 +193,21 @@ def client_per_class_gan_files():
                 fresh=tuple((f"class/{c}", "discriminator") for c in CLASSES))
 
 
+def client_per_group_vae_files():
+    mods = {"low": vae(seed=1, opt=False), "high": vae(seed=2, opt=False)}
+    files = [_client("per_group", k, "generator_state_dict", g.state_dict(), classes=LOW if k == "low" else HIGH)
+             for k, (g, _) in mods.items()]
+    return Case(files, {f"group/{k}": {"generator": m} for k, m in mods.items()})
+
+
+def client_per_group_gan_files():
+    mods = {"low": gan_g(seed=1, opt=False), "high": gan_g(seed=2, opt=False)}
+    files = [_client("per_group", k, "generator_clip_state_dict", g.state_dict(), classes=LOW if k == "low" else HIGH)
+             for k, (g, _) in mods.items()]
+    return Case(files, {f"group/{k}": {"generator": m} for k, m in mods.items()}, flags={"fresh_discriminator": True},
+                fresh=(("group/low", "discriminator"), ("group/high", "discriminator")))
+
+
 def client_unified_gan():
     g, _ = gan_g(opt=False)
     return Case([_client("unified", None, "generator_clip_state_dict", g.state_dict())],
@@ -219,6 +234,8 @@ CASES = {
     "client-per_group-multimodal-files": client_per_group_multimodal_files,
     "client-per_group-multimodal-files-no-optimizer": lambda: client_per_group_multimodal_files(opt=False),
     "client-per_class-gan-files": client_per_class_gan_files,
+    "client-per_group-vae-files": client_per_group_vae_files,
+    "client-per_group-gan-files": client_per_group_gan_files,
     "client-unified-gan": client_unified_gan,
 }
 
