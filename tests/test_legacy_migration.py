@@ -356,6 +356,15 @@ def test_published_layout_migrates_exactly(tmp_path, prep, name):
                 assert_same_function(store.module(key, role), module, store, key, prep)
     for key, role in case.fresh:
         assert any(f"{key}/{role}" in n and "fresh" in n for n in done.notes)
+    # the optimizer factory (resets) gets the legacy generator optimizer's settings
+    gen_opts = [opt for roles in case.expect.values() for role, (_, opt) in roles.items()
+                if role == "generator" and opt is not None]
+    factory = header["config"]["generator"]["optimizer"]
+    if gen_opts:
+        g0 = gen_opts[0].state_dict()["param_groups"][0]
+        assert (factory["lr"], factory["weight_decay"], factory["betas"]) == (g0["lr"], g0["weight_decay"], list(g0["betas"]))
+    else:
+        assert any("no optimizer state" in n for n in done.notes)
     # it trains on: one grouped step per key continues each key's legacy optimizer state
     before = {kr: o["step"] for kr, o in header["stores"]["server"]["optimizers"].items()}
     y = torch.arange(len(store.spec.classes)).repeat(2)
