@@ -541,3 +541,18 @@ def test_a_failed_fresh_run_keeps_the_previous_reports(project, tmp_path, capsys
     code, _, err = run_cli("train", [f"checkpoint.dir={_write(sandbox / 'f', 'x')}"], sandbox, capsys)
     assert code == 2 and len(err.splitlines()) == 1
     assert digest([sandbox / "reports"]) == before
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["generator.class_groups={low:[digit_0,digit_1],high:[digit_2]}"],
+     {"low": ["digit_0", "digit_1"], "high": ["digit_2"]}),
+    (["generator_class_groups={low:[digit_0]}"], {"low": ["digit_0"]}),
+    (["generator.class_groups.low=[digit_0]"], {"low": ["digit_0"]}),
+    (["generator.class_groups.low=[digit_0]", "generator.class_groups={b:[digit_1]}"], {"b": ["digit_1"]}),
+], ids=["map", "alias", "one-group", "later-map-replaces"])
+def test_class_groups_override_works_as_documented(argv, want, tmp_path, capsys):
+    import yaml
+
+    code, out, err = run_cli("train", [*argv, "--cfg", "job"], tmp_path, capsys)
+    assert code == 0, err
+    assert yaml.safe_load(out)["generator"]["class_groups"] == want
