@@ -53,6 +53,17 @@ class OptimizerConfig:
 
 
 @dataclass
+class GanConfig:
+    """The GAN's schedule and objective (generator.type=gan); why these defaults: store/steps.py."""
+
+    schedule: str = "alternating"  # alternating (D step(s), then G step(s) against the updated D) | simultaneous
+    d_steps: int = 1  # discriminator updates per batch
+    g_steps: int = 1  # generator updates per batch
+    loss: str = "nonsaturating"  # nonsaturating | hinge
+    r1_gamma: float = 1.0  # R1 penalty weight on real samples (0 = off)
+
+
+@dataclass
 class GeneratorConfig:
     type: str = "cvae"  # vae | cvae | gan
     granularity: str = "unified"  # unified | per_class | per_group
@@ -63,6 +74,7 @@ class GeneratorConfig:
     beta_max: float = 1.0  # VAE KL weight after warm-up
     beta_warmup_steps: int = 200  # on the key's persistent optimizer step counter
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
 
 
 @dataclass
@@ -152,6 +164,8 @@ CHOICES: Dict[str, tuple] = {
     "generator.type": ("vae", "cvae", "gan"),
     "generator.granularity": ("unified", "per_class", "per_group"),
     "generator.optimizer.name": ("adamw", "adam"),
+    "generator.gan.schedule": ("alternating", "simultaneous"),
+    "generator.gan.loss": ("nonsaturating", "hinge"),
     "federation.mode": ("generator_only", "full"),
     "federation.sharing": ("shared", "local", "fedavg"),
     "federation.engine": ("inprocess", "flower"),

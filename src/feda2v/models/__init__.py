@@ -7,6 +7,7 @@ from feda2v.models.generators import (
     VAE,
     GANDiscriminator,
     GANGenerator,
+    ProjectionDiscriminator,
     build_model,
 )
 from feda2v.models.init import init_parameters
@@ -18,7 +19,7 @@ from feda2v.models.losses import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "build_model",
+    "ARCHITECTURES", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "ProjectionDiscriminator", "build_model",
     "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
     "vae_kl_per_sample", "vae_recon_per_sample",
 ]

@@ -35,6 +35,32 @@ class OptimizerSpec:
             raise ConfigError("generator.optimizer: eps must be > 0 and weight_decay >= 0")
 
 
+GAN_SCHEDULES = ("alternating", "simultaneous")
+GAN_LOSSES = ("nonsaturating", "hinge")
+
+
+@dataclass(frozen=True)
+class GanSpec:
+    """The GAN's training schedule and objective (generator.gan in config; see store/steps.py)."""
+
+    schedule: str = "alternating"  # D step(s), then G step(s) against the updated D | simultaneous
+    d_steps: int = 1  # discriminator updates per batch (alternating)
+    g_steps: int = 1  # generator updates per batch (alternating)
+    loss: str = "nonsaturating"  # nonsaturating | hinge
+    r1_gamma: float = 1.0  # weight gamma of the R1 penalty gamma/2 * ||grad_x D(x_real)||^2 (0 = off)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "r1_gamma", float(self.r1_gamma))
+        if self.schedule not in GAN_SCHEDULES:
+            raise ConfigError(f"generator.gan.schedule: {self.schedule!r} is not one of {', '.join(GAN_SCHEDULES)}")
+        if self.loss not in GAN_LOSSES:
+            raise ConfigError(f"generator.gan.loss: {self.loss!r} is not one of {', '.join(GAN_LOSSES)}")
+        if int(self.d_steps) < 1 or int(self.g_steps) < 1:
+            raise ConfigError("generator.gan.d_steps and generator.gan.g_steps must be >= 1")
+        if not self.r1_gamma >= 0:
+            raise ConfigError(f"generator.gan.r1_gamma must be >= 0, got {self.r1_gamma}")
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     type: str
@@ -50,6 +76,7 @@ class StoreSpec:
     beta_warmup_steps: int = 200
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
+    gan: GanSpec = field(default_factory=GanSpec)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -57,6 +84,8 @@ class StoreSpec:
                            {str(g): tuple(str(c) for c in cs) for g, cs in dict(self.class_groups).items()})
         if isinstance(self.optimizer, Mapping):
             object.__setattr__(self, "optimizer", OptimizerSpec(**dict(self.optimizer)))
+        if isinstance(self.gan, Mapping):
+            object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
         if self.type not in TYPES:
             raise ConfigError(f"generator.type: {self.type!r} is not one of {', '.join(TYPES)}")
         if self.granularity not in GRANULARITIES:
@@ -85,6 +114,8 @@ class StoreSpec:
             optimizer=OptimizerSpec(name=str(o.name), lr=float(o.lr), betas=tuple(o.betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed),
+            gan=GanSpec(schedule=str(g.gan.schedule), d_steps=int(g.gan.d_steps), g_steps=int(g.gan.g_steps),
+                        loss=str(g.gan.loss), r1_gamma=float(g.gan.r1_gamma)),
         )
 
     def to_json(self) -> dict:

@@ -156,7 +156,7 @@ class GeneratorStore:
         if role == GENERATOR:
             return "GANGenerator", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
                                     "latent_dim": s.latent_dim, "hidden_dim": s.hidden_dim}
-        return "GANDiscriminator", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
+        return "ProjectionDiscriminator", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
                                     "hidden_dim": s.hidden_dim}
 
     # -- accessors -----------------------------------------------------------------------------
@@ -264,8 +264,8 @@ class GeneratorStore:
             noise = self._noise(y.numel(), gen)
             xs, cs, zs = grp.pad(x), grp.pad(self._conditions[y]), grp.pad(noise)
             if self.spec.type == "gan":
-                return gan_step(self, grp, keys, xs, cs, zs, node, round)
-            return vae_step(self, grp, keys, xs, cs, zs, node, round)
+                return gan_step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
+            return vae_step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
