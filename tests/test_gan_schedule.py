@@ -141,3 +141,23 @@ def test_each_role_steps_once_per_update_and_d_first():
 def test_bad_gan_settings_are_config_errors(bad):
     with pytest.raises(ConfigError, match="generator.gan"):
         GanSpec(**bad)
+
+
+def test_type_override_and_group_choice_compose_the_same_training():
+    """`generator.type=gan` and `generator=gan` are one choice: the type's defaults come with the type."""
+    from pathlib import Path
+
+    from feda2v.config import load_config
+    from feda2v.config.files import compose_conf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    a, b = compose_conf(conf, ["generator.type=gan"]), compose_conf(conf, ["generator=gan"])
+    assert a == b
+    specs = [StoreSpec.from_config(load_config(c), classes=CLASSES, feature_dim=D, condition_dim=C) for c in (a, b)]
+    assert specs[0] == specs[1]
+    assert specs[0].optimizer.betas == (0.5, 0.99) and specs[0].gan.schedule == "alternating"
+    cvae = StoreSpec.from_config(load_config(compose_conf(conf, [])), classes=CLASSES, feature_dim=D, condition_dim=C)
+    assert cvae.optimizer.betas == (0.9, 0.999)
+    # an explicit setting wins over the type's default, for every type
+    lr = compose_conf(conf, ["generator=gan", "generator.optimizer.lr=0.003"])
+    assert StoreSpec.from_config(load_config(lr), classes=CLASSES, feature_dim=D, condition_dim=C).optimizer.lr == 0.003

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from feda2v.errors import CheckpointError, ConfigError, DataError, Feda2vError, TrackingError
+from feda2v.errors import CheckpointError, DataError, Feda2vError, TrackingError
 from feda2v.evaluate import metrics as M
 from feda2v.fsutil import atomic_write_text
 from feda2v.seeding import numpy_generator, torch_generator
@@ -32,7 +32,7 @@ MAX_PAIRWISE = 2000
 
 def load_trained_store(path: str | Path):
     """(store, header, store_name) from a federation checkpoint; CheckpointError if unusable."""
-    from feda2v.checkpoint import read_checkpoint
+    from feda2v.checkpoint import read_primary_store
     from feda2v.store import GeneratorStore
 
     path = Path(path)
@@ -40,22 +40,9 @@ def load_trained_store(path: str | Path):
         raise CheckpointError(
             f"checkpoint not found: {path}; run feda2v-train first or set evaluate.checkpoint=PATH"
         )
+    name, st, meta, header = read_primary_store(path)
     try:
-        tensors, header = read_checkpoint(path)
-    except Feda2vError:
-        raise
-    except Exception as e:  # any reader failure on a bad file is a user-level problem, said once
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    stores = header.get("stores") or {}
-    if not stores:
-        raise CheckpointError(f"checkpoint {path} holds no generator store; is it a training checkpoint?")
-    name = header.get("primary_store") or ("server" if "server" in stores else sorted(stores)[0])
-    if name not in stores:
-        raise CheckpointError(f"checkpoint {path}: primary store '{name}' missing from its stores")
-    prefix = f"store/{name}/"
-    st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        store = GeneratorStore.from_state(st, stores[name])
+        store = GeneratorStore.from_state(st, meta)
     except Feda2vError:
         raise
     except Exception as e:
@@ -270,15 +257,7 @@ def evaluate(cfg) -> dict:
     from feda2v.data import load_prepared
     from feda2v.evaluate import plots, report
 
-    ev = cfg.evaluate
-    if ev.samples_per_class < 2:
-        raise ConfigError(f"evaluate.samples_per_class must be >= 2, got {ev.samples_per_class}")
-    if ev.knn_k < 1:
-        raise ConfigError(f"evaluate.knn_k must be >= 1, got {ev.knn_k}")
-    if ev.knn_k >= ev.samples_per_class:
-        raise ConfigError(
-            f"evaluate.knn_k ({ev.knn_k}) must be below evaluate.samples_per_class ({ev.samples_per_class})"
-        )
+    ev = cfg.evaluate  # its ranges were checked by load_config
     ckpt = Path(ev.checkpoint)
     store, header, store_name = load_trained_store(ckpt)
     prepared = load_prepared(cfg.data.prepared_dir)

@@ -3,12 +3,14 @@ from feda2v.models.classifier import Classifier
 from feda2v.models.functional import stacked_linear, stacked_sequential
 from feda2v.models.generators import (
     ARCHITECTURES,
+    Architecture,
     CVAE,
     VAE,
     GANDiscriminator,
     GANGenerator,
     ProjectionDiscriminator,
     build_model,
+    constructor_args,
 )
 from feda2v.models.init import init_parameters
 from feda2v.models.losses import (
@@ -19,7 +21,8 @@ from feda2v.models.losses import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "ProjectionDiscriminator", "build_model",
+    "ARCHITECTURES", "Architecture", "constructor_args", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator",
+    "ProjectionDiscriminator", "build_model",
     "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
     "vae_kl_per_sample", "vae_recon_per_sample",
 ]

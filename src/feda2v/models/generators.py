@@ -9,6 +9,7 @@ Models own no optimizer (the store does).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import torch
@@ -27,7 +28,20 @@ def _cat(a: Tensor, cond: Tensor | None) -> Tensor:
     return a if cond is None else torch.cat([a, cond], dim=-1)
 
 
-class _VAEBase(nn.Module):
+def constructor_args(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The architecture's constructor arguments (what a checkpoint records), ``gen`` excluded."""
+    return tuple(n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "gen"))
+
+
+class Architecture(nn.Module):
+    """Base of every generator architecture: each keeps its constructor arguments as attributes of
+    the same name, so ``kwargs()`` (what rebuilds it) is derived, never listed per class."""
+
+    def kwargs(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in constructor_args(type(self))}
+
+
+class _VAEBase(Architecture):
     conditional: bool = False
 
     def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, condition_dim: int,
@@ -82,9 +96,6 @@ class VAE(_VAEBase):
     def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
         super().__init__(feature_dim, latent_dim, hidden_dim, 0, gen)
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
-
 
 class CVAE(_VAEBase):
     """VAE whose encoder and decoder both see the class condition vector."""
@@ -95,12 +106,8 @@ class CVAE(_VAEBase):
                  gen: torch.Generator | None = None):
         super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen)
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim,
-                "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
 
-
-class GANGenerator(nn.Module):
+class GANGenerator(Architecture):
     """G(z, cond) -> feature vector."""
 
     conditional = True
@@ -114,10 +121,6 @@ class GANGenerator(nn.Module):
         self.net = nn.Sequential(linear(z + c, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2), linear(h, d))
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim,
-                "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
-
     def forward(self, z: Tensor, cond: Tensor) -> Tensor:
         return self.net(torch.cat([z, cond], dim=-1))
 
@@ -127,7 +130,7 @@ class GANGenerator(nn.Module):
     decode_stacked = forward_stacked  # sampling: the generator maps prior noise to features
 
 
-class GANDiscriminator(nn.Module):
+class GANDiscriminator(Architecture):
     """D(x, cond) -> real/fake logit per sample."""
 
     def __init__(self, feature_dim: int, condition_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
@@ -137,9 +140,6 @@ class GANDiscriminator(nn.Module):
         self.net = nn.Sequential(linear(d + c, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2), linear(h, 1))
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim, "hidden_dim": self.hidden_dim}
-
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         return self.net(torch.cat([x, cond], dim=-1)).squeeze(-1)
 
@@ -147,7 +147,7 @@ class GANDiscriminator(nn.Module):
         return stacked_sequential(self.net, "net", params, torch.cat([x, cond], dim=-1)).squeeze(-1)
 
 
-class ProjectionDiscriminator(nn.Module):
+class ProjectionDiscriminator(Architecture):
     """D(x, c) = psi(phi(x)) + <embed(c), phi(x)>: a projection discriminator (Miyato & Koyama, 2018).
 
     The condition enters as an inner product with the features phi(x) instead of being
@@ -166,9 +166,6 @@ class ProjectionDiscriminator(nn.Module):
         self.embed = nn.Sequential(linear(c, h))
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim, "hidden_dim": self.hidden_dim}
-
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         phi = self.net(x)
         return self.out(phi).squeeze(-1) + (self.embed(cond) * phi).sum(-1)
@@ -179,7 +176,7 @@ class ProjectionDiscriminator(nn.Module):
         return stacked_sequential(self.out, "out", params, phi).squeeze(-1) + proj
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
+ARCHITECTURES: dict[str, type[Architecture]] = {
     cls.__name__: cls for cls in (VAE, CVAE, GANGenerator, GANDiscriminator, ProjectionDiscriminator)
 }
 
