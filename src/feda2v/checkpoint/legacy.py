@@ -476,6 +476,10 @@ def migrate_legacy(
     _set(cfgd, "generator.granularity", gran_eff, user=user)
     _set(cfgd, "generator.latent_dim", int(dims["latent_dim"]), user=user)
     _set(cfgd, "generator.hidden_dim", int(dims["hidden_dim"]), user=user)
+    if gtype == "gan":  # the published discriminator concatenates the condition; published update: simultaneous
+        _set(cfgd, "generator.arch", "concat", user=user)
+        _set(cfgd, "generator.gan.schedule", "simultaneous", user=user)
+        _set(cfgd, "generator.gan.r1_gamma", 0.0, user=user)
     if class_groups is not None:
         cfgd.setdefault("generator", {})["class_groups"] = class_groups
     _set(cfgd, "federation.mode", "generator_only", user=user)
