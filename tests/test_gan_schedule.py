@@ -161,3 +161,16 @@ def test_type_override_and_group_choice_compose_the_same_training():
     # an explicit setting wins over the type's default, for every type
     lr = compose_conf(conf, ["generator=gan", "generator.optimizer.lr=0.003"])
     assert StoreSpec.from_config(load_config(lr), classes=CLASSES, feature_dim=D, condition_dim=C).optimizer.lr == 0.003
+
+
+def test_a_gan_store_saved_before_the_schedule_existed_still_loads_as_it_trained():
+    old = StoreSpec(type="gan", granularity="unified", classes=CLASSES, feature_dim=D, condition_dim=C,
+                    latent_dim=Z, hidden_dim=H, arch="concat", gan={"schedule": "simultaneous", "r1_gamma": 0.0})
+    s = GeneratorStore(old, torch.randn(len(CLASSES), C, generator=torch.Generator().manual_seed(1)))
+    s.train_batch(*batch(0, (0, 1)), gen=torch.Generator().manual_seed(0), node="n", round=0)
+    tensors, meta = s.state_dict()
+    spec_json = {k: v for k, v in meta["spec"].items() if k not in ("gan", "arch")}  # the earlier header
+    assert StoreSpec.from_json(spec_json) == old
+    back = GeneratorStore.from_state(tensors, {**meta, "spec": spec_json})
+    assert back.module("unified", "discriminator").__class__.__name__ == "GANDiscriminator"
+    assert back.step_count("unified", "discriminator") == 1

@@ -68,7 +68,8 @@ class GanConfig:
 @dataclass
 class GeneratorConfig:
     type: str = "cvae"  # vae | cvae | gan (the kinds table: store/kinds.py)
-    arch: str = "default"  # architecture variant of the kind (store/kinds.py)
+    arch: str = "default"  # architecture variant of the kind (store/kinds.py); fedgfe* = published (migrated runs)
+    fusion_dim: int = 512  # arch=fedgfe_multimodal only: the published multimodal VAE's condition projection
     granularity: str = "unified"  # unified | per_class | per_group
     class_groups: Dict[str, List[str]] = field(default_factory=dict)
     default_group: Optional[str] = None  # group for classes missing from class_groups
@@ -172,7 +173,7 @@ CHOICES: Dict[str, tuple] = {
     "data.partition.scheme": ("iid", "dirichlet", "classes_per_node"),
     "data.condition": ("text", "onehot"),
     "generator.type": ("vae", "cvae", "gan"),
-    "generator.arch": ("default", "concat"),
+    "generator.arch": ("default", "fedgfe", "fedgfe_multimodal", "concat"),
     "generator.granularity": ("unified", "per_class", "per_group"),
     "generator.optimizer.name": ("adamw", "adam"),
     "generator.gan.schedule": ("alternating", "simultaneous"),

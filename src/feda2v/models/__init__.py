@@ -13,6 +13,8 @@ from feda2v.models.generators import (
     constructor_args,
 )
 from feda2v.models.init import init_parameters
+# the published FedA2V architectures (generator.arch=fedgfe*), registered in ARCHITECTURES on import
+from feda2v.models.published import PUBLISHED_ARCHITECTURES
 from feda2v.models.losses import (
     bce_logits_per_sample,
     beta_schedule,
@@ -24,5 +26,5 @@ __all__ = [
     "ARCHITECTURES", "Architecture", "constructor_args", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator",
     "ProjectionDiscriminator", "build_model",
     "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
-    "vae_kl_per_sample", "vae_recon_per_sample",
+    "vae_kl_per_sample", "vae_recon_per_sample", "PUBLISHED_ARCHITECTURES",
 ]

@@ -78,7 +78,8 @@ class _VAEBase(Architecture):
 
     # -- K models at once ----------------------------------------------------------------------
     def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor | None,
-                        eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                        eps: Tensor, *, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        # ``gen``: the step's generator, for architectures with dropout (models/published.py); none here
         c = self._c(cond)
         mu, logvar = stacked_sequential(self.encoder, "encoder", params, _cat(x, c)).chunk(2, dim=-1)
         z = mu + torch.exp(0.5 * logvar) * eps
@@ -124,7 +125,8 @@ class GANGenerator(Architecture):
     def forward(self, z: Tensor, cond: Tensor) -> Tensor:
         return self.net(torch.cat([z, cond], dim=-1))
 
-    def forward_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor) -> Tensor:
+    def forward_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor, *,
+                        gen: torch.Generator | None = None) -> Tensor:
         return stacked_sequential(self.net, "net", params, torch.cat([z, cond], dim=-1))
 
     decode_stacked = forward_stacked  # sampling: the generator maps prior noise to features
@@ -143,7 +145,8 @@ class GANDiscriminator(Architecture):
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         return self.net(torch.cat([x, cond], dim=-1)).squeeze(-1)
 
-    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor) -> Tensor:
+    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor, *,
+                        gen: torch.Generator | None = None) -> Tensor:
         return stacked_sequential(self.net, "net", params, torch.cat([x, cond], dim=-1)).squeeze(-1)
 
 
@@ -170,7 +173,8 @@ class ProjectionDiscriminator(Architecture):
         phi = self.net(x)
         return self.out(phi).squeeze(-1) + (self.embed(cond) * phi).sum(-1)
 
-    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor) -> Tensor:
+    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor, *,
+                        gen: torch.Generator | None = None) -> Tensor:
         phi = stacked_sequential(self.net, "net", params, x)
         proj = (stacked_sequential(self.embed, "embed", params, cond) * phi).sum(-1)
         return stacked_sequential(self.out, "out", params, phi).squeeze(-1) + proj

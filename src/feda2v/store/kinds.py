@@ -35,7 +35,7 @@ class RoleArch:
 class Kind:
     name: str
     roles: tuple[str, ...]
-    step: Callable[..., dict[str, dict[str, float]]]  # (store, grouping, keys, xs, cs, zs, node, round)
+    step: Callable[..., dict[str, dict[str, float]]]  # (store, grouping, keys, xs, cs, zs, node, round, *, gen)
     archs: Mapping[str, Mapping[str, RoleArch]]  # variant -> role -> architecture
     # generator.optimizer settings left null in config take these (the type's own defaults)
     optimizer_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -54,12 +54,18 @@ _VAE_OPTIMIZER = {"lr": 1e-3, "betas": (0.9, 0.999)}
 _GAN_OPTIMIZER = {"lr": 1e-3, "betas": (0.5, 0.99)}
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("vae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("VAE")}}, _VAE_OPTIMIZER),
-    Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")}}, _VAE_OPTIMIZER),
+    # "fedgfe*": the published FedA2V architectures (models/published.py), for migrated runs
+    Kind("vae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("VAE")},
+                                          "fedgfe": {GENERATOR: RoleArch("FedgfeVAE")}}, _VAE_OPTIMIZER),
+    Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")},
+                                           "fedgfe": {GENERATOR: RoleArch("FedgfeCVAE")},
+                                           "fedgfe_multimodal": {GENERATOR: RoleArch("FedgfeMultiModalVAE")}},
+         _VAE_OPTIMIZER),
     Kind("gan", (GENERATOR, DISCRIMINATOR), gan_step, {
         DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("ProjectionDiscriminator")},
-        # the discriminator stores of this project had before the projection one (kept readable)
+        # the discriminator this project's GAN stores had before the projection one (still readable)
         "concat": {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("GANDiscriminator")},
+        "fedgfe": {GENERATOR: RoleArch("FedgfeGANGenerator"), DISCRIMINATOR: RoleArch("FedgfeGANDiscriminator")},
     }, _GAN_OPTIMIZER),
 )}
 

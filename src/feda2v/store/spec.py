@@ -80,6 +80,7 @@ class StoreSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
+    fusion_dim: int = 512  # the published multimodal VAE's condition projection (arch fedgfe_multimodal)
     gan: GanSpec = field(default_factory=GanSpec)
 
     def __post_init__(self) -> None:
@@ -121,7 +122,7 @@ class StoreSpec:
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
-            seed=int(cfg.seed),
+            seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
             gan=GanSpec(schedule=str(g.gan.schedule), d_steps=int(g.gan.d_steps), g_steps=int(g.gan.g_steps),
                         loss=str(g.gan.loss), r1_gamma=float(g.gan.r1_gamma)),
         )
@@ -144,6 +145,7 @@ class StoreSpec:
             if d.get("type") == "gan":
                 d.setdefault("arch", "concat")
         d.setdefault("arch", DEFAULT_ARCH)
+        d.setdefault("fusion_dim", StoreSpec.fusion_dim)
         expected = set(cls.__dataclass_fields__)
         got = set(d)
         if got != expected:

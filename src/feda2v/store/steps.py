@@ -76,7 +76,8 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
     with record_function("generator_step/forward"):
         template = store._modules[keys[0], GENERATOR]
         params = store._stacked(keys, GENERATOR)
-        recon, mu, logvar = template.forward_stacked(params, xs, cs, eps)
+        # gen: the batch's generator, for architectures with dropout (drawn after the noise)
+        recon, mu, logvar = template.forward_stacked(params, xs, cs, eps, gen=gen)
         rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
         kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
         steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
@@ -108,7 +109,7 @@ def gan_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
     exists, so a G loss that becomes non-finite only through that D update leaves it applied.
     """
     if store.spec.gan.schedule == "simultaneous":
-        return _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_)
+        return _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_, gen)
     return _gan_alternating(store, grp, keys, xs, cs, zs, node, round_, gen)
 
 
@@ -119,7 +120,7 @@ def _fresh_noise(store: GeneratorStore, grp: Grouping, gen: torch.Generator | No
 
 
 def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, zs: Tensor,
-            node: str, round_: int, keep_fake: bool):
+            node: str, round_: int, keep_fake: bool, gen: torch.Generator | None):
     """One discriminator update; returns (d_loss [K], fakes with G's graph and G's stacked params or None)."""
     gs = store.spec.gan
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
@@ -127,13 +128,13 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
     with record_function("generator_step/forward"):
         g_params = store._stacked(keys, GENERATOR, grad=keep_fake)
         if keep_fake:
-            fake = g_tmpl.forward_stacked(g_params, zs, cs)
+            fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         else:
             with torch.no_grad():
-                fake = g_tmpl.forward_stacked(g_params, zs, cs)
+                fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         d_params = store._stacked(keys, DISCRIMINATOR)
         real = xs.detach().requires_grad_(True) if gs.r1_gamma > 0 else xs
-        logits = d_tmpl.forward_stacked(d_params, torch.cat([real, fake.detach()], 1), torch.cat([cs, cs], 1))
+        logits = d_tmpl.forward_stacked(d_params, torch.cat([real, fake.detach()], 1), torch.cat([cs, cs], 1), gen=gen)
         real_logit, fake_logit = logits[:, :n], logits[:, n:]
         per_sample = gan_d_loss_per_sample(real_logit, fake_logit, gs.loss)
         if gs.r1_gamma > 0:
@@ -151,17 +152,18 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
 
 
 def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, zs: Tensor | None,
-            node: str, round_: int, kept=None) -> Tensor:
+            node: str, round_: int, kept, gen: torch.Generator | None) -> Tensor:
     """One generator update against the current D; ``kept`` = (fakes, G params) from the D step."""
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
     with record_function("generator_step/forward"):
         if kept is None:
             g_params = store._stacked(keys, GENERATOR)
-            fake = g_tmpl.forward_stacked(g_params, zs, cs)
+            fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         else:
             fake, g_params = kept
         d_params = store._stacked(keys, DISCRIMINATOR, grad=False)  # D constant: no D weight grads
-        g_loss = grp.masked_mean(gan_g_loss_per_sample(d_tmpl.forward_stacked(d_params, fake, cs), store.spec.gan.loss))
+        logit = d_tmpl.forward_stacked(d_params, fake, cs, gen=gen)
+        g_loss = grp.masked_mean(gan_g_loss_per_sample(logit, store.spec.gan.loss))
     raise_non_finite(g_loss, keys, node, round_, "generator loss")
     with record_function("generator_step/backward"):
         g_grads = stacked_grads(g_loss.sum(), g_params, keys, node, round_)
@@ -175,15 +177,15 @@ def _gan_alternating(store, grp, keys, xs, cs, zs, node, round_, gen) -> dict[st
     kept = None
     for i in range(gs.d_steps):
         z = zs if i == 0 else _fresh_noise(store, grp, gen)
-        d_loss, kept = _d_step(store, grp, keys, xs, cs, z, node, round_, keep_fake=i == gs.d_steps - 1)
+        d_loss, kept = _d_step(store, grp, keys, xs, cs, z, node, round_, i == gs.d_steps - 1, gen)
     for j in range(gs.g_steps):
         g_loss = _g_step(store, grp, keys, cs, None if j == 0 else _fresh_noise(store, grp, gen),
-                         node, round_, kept if j == 0 else None)
+                         node, round_, kept if j == 0 else None, gen)
     stats = torch.stack([g_loss, d_loss], dim=1).tolist()
     return {k: {"g_loss": s[0], "d_loss": s[1]} for k, s in zip(keys, stats)}
 
 
-def _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_) -> dict[str, dict[str, float]]:
+def _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_, gen) -> dict[str, dict[str, float]]:
     # Both roles' losses and gradients are computed (and checked) before either optimizer steps
     # (so a non-finite loss changes nothing), from one D forward over real and fake samples.
     gs = store.spec.gan
@@ -191,9 +193,9 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_) -> dict[str, d
         g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
         g_params = store._stacked(keys, GENERATOR)
         d_params = store._stacked(keys, DISCRIMINATOR)
-        fake = g_tmpl.forward_stacked(g_params, zs, cs)
+        fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         n = xs.shape[1]
-        logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1))
+        logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1), gen=gen)
         real_logit, fake_logit = logits[:, :n], logits[:, n:]
         d_loss = grp.masked_mean(gan_d_loss_per_sample(real_logit, fake_logit, gs.loss))
         g_loss = grp.masked_mean(gan_g_loss_per_sample(fake_logit, gs.loss))
