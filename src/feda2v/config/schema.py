@@ -39,6 +39,7 @@ class DataConfig:
     max_samples: int = 0  # 0 = all; caps large sources (fashion_mnist) for quick runs
     prepared_dir: str = "data/prepared"
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -113,6 +114,8 @@ class CheckpointConfig:
 class TrainConfig:
     resume: Optional[str] = None  # null | latest | <path>
     reports_dir: str = "reports/train"
+    metrics_path: str = "reports/train_metrics.json"  # DVC metrics: no timing, no run ids
+    timing_path: str = "reports/timing/train.json"  # wall-clock figures: untracked (git and DVC)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
     # one thread is fastest here, and more threads contend badly on a shared 2-core machine.
@@ -152,6 +155,7 @@ class EvaluateConfig:
     samples_per_class: int = 200
     knn_k: int = 5
     seed: int = 0
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -183,6 +187,8 @@ CHOICES: Dict[str, tuple] = {
     "federation.engine": ("inprocess", "flower"),
     "federation.reset_on_class_change": ("new_classes", "changed", "never"),
     "train.progress": ("auto", "bar", "lines", "off"),
+    "data.progress": ("auto", "bar", "lines", "off"),
+    "evaluate.progress": ("auto", "bar", "lines", "off"),
 }
 
 # The published system's flag names, accepted as aliases (top level of a config or an override).

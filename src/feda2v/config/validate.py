@@ -164,6 +164,8 @@ RULES: Dict[str, _Rule] = {
     "checkpoint.keep_last": _at_least(1),
     "train.resume": _text(optional=True),
     "train.reports_dir": _text(),
+    "train.metrics_path": _text(),
+    "train.timing_path": _text(),
     "train.threads": _between(0, 4096),
     "train.device": _Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                           "auto, cpu, cuda or cuda:N"),
