@@ -144,14 +144,14 @@ def test_config_that_contradicts_the_manifest_is_one_line(tmp_path, prepared, da
 
 @pytest.mark.slow
 def test_identical_runs_with_tracking_write_identical_bytes(tmp_path, prepared, capsys):
-    """Tracking on (a real MLflow store), other thread counts and output folders: the files are
+    """Tracking on (a real MLflow store, so two run ids) and other output folders: the files are
     byte-identical and `diff --strict` says so; provenance is beside them, and inspect shows it."""
     from feda2v.cli.ckpt import main as ckpt_main
 
     tracking = {"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "same"}
-    run_in(tmp_path / "a", prepared, tracking=tracking, train={"threads": 1})
-    run_in(tmp_path / "b", prepared, tracking=tracking,
-           train={"threads": 2, "reports_dir": "elsewhere/reports"}, checkpoint={"dir": "other_ckpt"})
+    run_in(tmp_path / "a", prepared, tracking=tracking)
+    run_in(tmp_path / "b", prepared, tracking=tracking, train={"reports_dir": "elsewhere/reports"},
+           checkpoint={"dir": "other_ckpt"})
     a, b = tmp_path / "a/ckpt/latest.ckpt", tmp_path / "b/other_ckpt/latest.ckpt"
     assert a.read_bytes() == b.read_bytes()
     for name in ("round_000001.ckpt", "round_000002.ckpt"):
@@ -162,9 +162,19 @@ def test_identical_runs_with_tracking_write_identical_bytes(tmp_path, prepared, 
     ia, ib = inspect_checkpoint(a), inspect_checkpoint(b)
     assert ia["provenance"]["mlflow_run_id"] and ib["provenance"]["mlflow_run_id"]
     assert ia["provenance"]["mlflow_run_id"] != ib["provenance"]["mlflow_run_id"]
-    assert ib["provenance"]["operational"]["train.threads"] == 2
+    assert ib["provenance"]["operational"]["checkpoint.dir"] == "other_ckpt"
     header = verify_checkpoint(a)
     assert "provenance" not in header and "train" not in header["config"] and "tracking" not in header["config"]
+
+
+@pytest.mark.slow
+def test_other_thread_counts_train_the_same_bytes(tmp_path, prepared):
+    """train.threads is operational: the checkpoint (header and tensors) must not depend on it."""
+    run_in(tmp_path / "one", prepared, train={"threads": 1})
+    run_in(tmp_path / "two", prepared, train={"threads": 2})
+    a, b = tmp_path / "one/ckpt/latest.ckpt", tmp_path / "two/ckpt/latest.ckpt"
+    assert diff_checkpoints(a, b, strict=True) == []
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_state_round_trips_through_the_run_state_module(tmp_path, prepared):

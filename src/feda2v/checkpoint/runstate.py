@@ -72,9 +72,11 @@ def library_versions() -> dict:
     import feda2v
     from feda2v.numerics import numeric_facts
 
+    # the thread count is how the run was operated (train.threads, in the provenance sidecar),
+    # not a code path: runs with other thread counts train the same bytes (issue 13)
+    cpu = {k: v for k, v in numeric_facts().items() if k != "torch_threads"}
     return {"feda2v": feda2v.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version(),
-            "cpu": numeric_facts()}
+            "safetensors": safetensors.__version__, "python": platform.python_version(), "cpu": cpu}
 
 
 def _drop(tree: dict, dotted: str) -> None:
