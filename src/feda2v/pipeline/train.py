@@ -190,6 +190,11 @@ def train(cfg) -> dict:
     from feda2v.profiling import StepProfiler
     from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
 
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    # An absent device is one line before anything is read or written; on CUDA the trainer sets
+    # the determinism switches (incl. CUBLAS_WORKSPACE_CONFIG) before the first kernel runs.
+    configure_determinism(resolve_device(cfg.train.device))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
