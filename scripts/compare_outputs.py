@@ -4,7 +4,7 @@ be held (another CPU family than x86-64 with AVX2, FEDA2V_NATIVE_NUMERICS=1, oth
     python scripts/compare_outputs.py RUN_A RUN_B [--rtol 1e-4] [--atol 1e-9] [--acc-samples 1]
 
 RUN_A and RUN_B are project roots (or copies of their reports/ folders' parents). Every number in
-reports/train_metrics.json, reports/metrics.json and reports/per_class.json must agree within
+reports/train_metrics.json and reports/evaluation.json (metrics.json is a subset) must agree within
 ``rtol`` (relative) or ``atol`` (absolute); accuracies (``*acc*``) may differ by ``acc-samples``
 held-out samples of the class (per-class) or of the whole test set (overall). Exit 0 when all
 agree, 1 otherwise (each difference on its own line), 2 on unusable input.
@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-FILES = ("reports/train_metrics.json", "reports/metrics.json", "reports/per_class.json")
+FILES = ("reports/train_metrics.json", "reports/evaluation.json")
 
 
 def _flat(d, prefix: str = "") -> dict:

@@ -29,7 +29,7 @@ PIPELINE = [
                          "tracking.enabled=false", "evaluate.samples_per_class=20", "evaluate.knn_k=3"]),
 ]
 OUTPUTS = ("data/prepared", "checkpoints", "reports/train", "reports/train_metrics.json",
-           "reports/metrics.json", "reports/per_class.json", "reports/plots", "reports/report.md")
+           "reports/metrics.json", "reports/evaluation.json", "reports/plots", "reports/report.md")
 
 
 def run_pipeline(cwd: Path, env_extra: dict, native: bool = False) -> dict[str, str]:
@@ -236,9 +236,9 @@ def test_plots_page_renders_offline_with_one_series_per_key_and_metric(tmp_path)
 def test_compare_outputs_holds_the_stated_tolerance(tmp_path):
     def write(root: Path, frechet: float, tstr: float, loss: float):
         (root / "reports").mkdir(parents=True)
-        (root / "reports/metrics.json").write_text(json.dumps({"overall": {"frechet": frechet}, "round": 2}))
-        (root / "reports/per_class.json").write_text(json.dumps(
-            {"per_class": {"piano": {"n_real": 20, "tstr_acc": tstr}, "violin": {"n_real": 20, "tstr_acc": 0.5}}}))
+        (root / "reports/evaluation.json").write_text(json.dumps(
+            {"overall": {"frechet": frechet}, "round": 2,
+             "per_class": {"piano": {"n_real": 20, "tstr_acc": tstr}, "violin": {"n_real": 20, "tstr_acc": 0.5}}}))
         (root / "reports/train_metrics.json").write_text(json.dumps({"gen/loss": loss}))
 
     def compare(a: str, b: str) -> subprocess.CompletedProcess:
