@@ -90,8 +90,12 @@ def _migrate(args: argparse.Namespace) -> int:
     print(f"wrote {out}: keys {h['keys']}, roles {h['roles']}, round {h['round']}")
     for note in done.notes:
         print(f"note: {note}")
-    print(f"resume with (also in {out}{OVERRIDES_SUFFIX}): feda2v-train "
-          + " ".join(shlex.quote(o) for o in [*done.overrides, f"train.resume={out}"]))
+    if done.resumable:
+        print(f"resume with (also in {out}{OVERRIDES_SUFFIX}): feda2v-train "
+              + " ".join(shlex.quote(o) for o in [*done.overrides, f"train.resume={out}"]))
+    else:
+        print("note: to resume training from it, migrate with --prepared DIR (the prepared data the run "
+              "continues on: a resume checks its manifest)")
     return 0
 
 

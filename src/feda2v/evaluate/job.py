@@ -102,10 +102,13 @@ def reconstruction_errors(store, x: torch.Tensor, y: torch.Tensor, classes: list
         if not (hasattr(module, "encode") and hasattr(module, "decode")):
             return None
         rows = y == c
-        xc = x[rows]
-        cond = conditions[c].to(xc.dtype).expand(len(xc), -1) if getattr(module, "conditional", False) else None
+        p = next(module.parameters(), None)  # on train.device; the metrics are computed on the host
+        device = p.device if p is not None else torch.device("cpu")
+        xc = x[rows].to(device)
+        cond = (conditions[c].to(device, xc.dtype).expand(len(xc), -1)
+                if getattr(module, "conditional", False) else None)
         mu, _ = module.encode(xc, cond)
-        recon[rows] = module.decode(mu, cond)
+        recon[rows] = module.decode(mu, cond).cpu()
     overall, per = M.reconstruction_error(x, recon)
     yy = y.numpy()
     return overall, {classes[c]: float(per[yy == c].mean()) for c in np.unique(yy)}
@@ -269,7 +272,14 @@ def evaluate(cfg) -> dict:
 
     ev = cfg.evaluate  # its ranges were checked by load_config
     ckpt = Path(ev.checkpoint)
+    from feda2v.store import GeneratorStore
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    device = resolve_device(cfg.train.device)  # checked before the checkpoint is read
+    configure_determinism(device)
     store, header, store_name = load_trained_store(ckpt)
+    if isinstance(store, GeneratorStore):  # (tests evaluate stand-in stores too)
+        store.to(device)  # sampling and reconstruction run there; checkpoints hold CPU tensors
     prepared = load_prepared(cfg.data.prepared_dir)
     want = header.get("data_manifest_hash")
     if want != prepared.manifest_hash:

@@ -1,7 +1,8 @@
 """Generator architectures: VAE, conditioned VAE, and a conditional GAN (generator + discriminator).
 
 Each model is a plain ``nn.Module`` of ``nn.Sequential`` MLPs, so parameter names are stable
-(``encoder.0.weight``, ``net.4.bias``): checkpoints and the legacy migration map them by name.
+(``encoder.0.weight``, ``net.4.bias``): checkpoints map them by name. (The published FedA2V
+architectures, for migrated runs, are in ``published.py``.)
 Besides the usual ``forward``, each model offers ``*_stacked`` methods that evaluate K models of
 the same architecture at once from stacked parameters (see ``functional.py``); the module they are
 called on only supplies the structure, never its own parameter values.

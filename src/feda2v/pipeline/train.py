@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import random
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from feda2v.config import to_plain
-from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, writing
+from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, remove_quietly, writing
 
 def run_params(cfg) -> dict:
     """The run's MLflow params: the resolved config, minus where it was resumed from."""
@@ -32,49 +33,55 @@ def provenance(cfg, tracker) -> dict:
 
 
 class LossLog:
-    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots)."""
+    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots).
+
+    Rows are kept in memory and each file is replaced atomically by ``commit()``, called right after
+    a checkpoint is saved: the reports on disk always describe a saved state, a failed run leaves
+    the previous reports whole, and a resumed run continues from rows it can verify.
+    """
+
+    FILES = {"losses.csv": ["round", "node", "key", "metric", "value"],
+             "round_losses.csv": ["round", "key", "metric", "value"]}
 
     def __init__(self, reports_dir: Path, keep_before_round: int):
         self.dir = ensure_dir(reports_dir)
-        self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round)
-        self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round)
-
-    def _open(self, name: str, header: list, keep_before_round: int):
-        path = self.dir / name
-        kept = verified_rows(path, header, keep_before_round) if keep_before_round > 1 else []
-        # The rows kept are rewritten atomically (a failure leaves the old file), then appended to.
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=header)
-        w.writeheader()
-        w.writerows(kept)
-        atomic_write_text(path, buf.getvalue())
-        with writing(path):
-            f = path.open("a", newline="")
-        return f, csv.DictWriter(f, fieldnames=header)
+        probe_writable(self.dir)  # fail before training, not after the first checkpoint
+        self.rows = {name: verified_rows(self.dir / name, header, keep_before_round) if keep_before_round > 1
+                     else [] for name, header in self.FILES.items()}
 
     def add(self, result) -> None:
-        with writing(self.dir, "write the loss reports in"):
-            self._add(result)
-
-    def _add(self, result) -> None:
-        _, w = self.detail
+        detail, rounds = self.rows["losses.csv"], self.rows["round_losses.csv"]
         for nr in result.nodes:
             for key, ms in nr.losses.items():
                 for m, v in ms.items():
-                    w.writerow({"round": result.round, "node": nr.node, "key": key, "metric": m,
-                                "value": f"{v:.9g}"})
-        _, w = self.rounds
+                    detail.append({"round": result.round, "node": nr.node, "key": key, "metric": m,
+                                   "value": f"{v:.9g}"})
         for name, v in result.metrics.items():
             if name.startswith("gen/"):
                 _, metric, key = name.split("/", 2)
-                w.writerow({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
-        for f, _ in (self.detail, self.rounds):
-            f.flush()
+                rounds.append({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
 
-    def close(self) -> None:
-        with writing(self.dir, "write the loss reports in"):
-            for f, _ in (self.detail, self.rounds):
-                f.close()
+    def commit(self) -> None:
+        for name, header in self.FILES.items():
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=header)  # \r\n rows, as csv writes them by default
+            w.writeheader()
+            w.writerows(self.rows[name])
+            atomic_write_text(self.dir / name, buf.getvalue())
+
+
+def probe_writable(directory: Path) -> None:
+    """Raise OutputError unless ``directory`` takes a small file (read-only, disk full)."""
+    import tempfile
+
+    with writing(directory):
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            remove_quietly(tmp)
 
 
 def verified_rows(path: Path, header: list, before_round: int) -> list[dict]:
@@ -188,6 +195,11 @@ def train(cfg) -> dict:
     from feda2v.profiling import StepProfiler
     from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
 
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    # An absent device is one line before anything is read or written; on CUDA the trainer sets
+    # the determinism switches (incl. CUBLAS_WORKSPACE_CONFIG) before the first kernel runs.
+    configure_determinism(resolve_device(cfg.train.device))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
@@ -214,6 +226,7 @@ def train(cfg) -> dict:
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
     summary: dict = {}
+    downstream = None
     status = "FAILED"
     t_train = time.perf_counter()
     try:
@@ -222,10 +235,13 @@ def train(cfg) -> dict:
                                      on_node=progress.node_done):
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
-                if result.downstream is not None:
-                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
+                downstream = result.downstream if result.downstream is not None else downstream
                 if checkpointer.due(result.round, rounds):
                     path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
+                    # reports follow the checkpoint: a failed save leaves the previous ones whole
+                    losses.commit()
+                    if downstream is not None:
+                        atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
                     tracker.log_artifact(str(path), "checkpoints")
                 progress.round_done(result)
                 summary = dict(result.metrics)
@@ -252,5 +268,4 @@ def train(cfg) -> dict:
         return summary
     finally:
         progress.close()
-        losses.close()
         tracker.end(status)

@@ -62,7 +62,7 @@ def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[st
 
 def _step_or_zero(store: GeneratorStore, key: str, role: str) -> Tensor:
     t = step_tensor(store._optims[key, role])
-    return torch.zeros((), dtype=torch.float32) if t is None else t.to(torch.float32)
+    return torch.zeros((), dtype=torch.float32, device=store.device) if t is None else t.to(torch.float32)
 
 
 def _update_items(store: GeneratorStore, keys: Sequence[str], role: str, grads: Sequence[Sequence[Tensor]]):
