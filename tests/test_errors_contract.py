@@ -319,7 +319,6 @@ CASES: list[Case] = [
     # --- train's write paths ------------------------------------------------------------------
     Case("reports-dir-is-a-file", "train", _file("train.reports_dir"), "a_file"),
     Case("reports-dir-under-a-file", "train", _under_file("train.reports_dir"), "a_file"),
-    Case("profiler-dir-is-a-file", "train", _file("profiler.dir"), "a_file"),
     Case("profiler-dir-is-a-file-enabled", "train", lambda s, m: ["profiler=enabled", *_file("profiler.dir")(s, m)],
          "a_file"),
     Case("checkpoint-dir-is-a-file", "train", _file("checkpoint.dir"), "a_file"),
