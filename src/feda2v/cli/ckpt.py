@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from feda2v.cli._app import fail
+from feda2v.cli._app import fail, tolerant_output
 from feda2v.errors import Feda2vError
 
 
@@ -100,6 +100,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tolerant_output()
     parser = _parser()
     # argparse stops filling a positional list at the first flag; words after it come back as
     # extras, so overrides and files may sit anywhere around the migrate flags.
