@@ -196,6 +196,6 @@ def test_device_benchmark_writes_its_figures():
     import bench_device
 
     devices = ["cpu", DEVICE] if ON_CUDA else ["cpu"]
-    res = bench_device.run(OUT, devices, quick=not ON_CUDA)
+    res = bench_device.run(quick=not ON_CUDA, out=OUT, devices=devices)
     record("bench_device", res["rows"])
     assert (OUT / "bench_device.png").stat().st_size > 0 and (OUT / "bench_device.md").exists()
