@@ -356,6 +356,10 @@ def test_published_layout_migrates_exactly(tmp_path, prep, name):
                 assert_same_function(store.module(key, role), module, store, key, prep)
     for key, role in case.fresh:
         assert any(f"{key}/{role}" in n and "fresh" in n for n in done.notes)
+    if header["config"]["generator"]["type"] == "gan":  # trains on with the published update rule
+        g = header["config"]["generator"]["gan"]
+        assert (g["schedule"], g["d_steps"], g["g_steps"], g["loss"], g["r1_gamma"]) == \
+            ("alternating", 1, 1, "nonsaturating", 0.0)
     # the optimizer factory (resets) gets the legacy generator optimizer's settings
     gen_opts = [opt for roles in case.expect.values() for role, (_, opt) in roles.items()
                 if role == "generator" and opt is not None]
