@@ -457,6 +457,9 @@ REFUSALS = {
         lambda: [_client("unified", None, "generator_state_dict", *(lambda g, o: (g.state_dict(), o))(
             *R.trained(R.MultiModalVAEGenerator(D_IN, H, Z, CLIP, T5, FUSION, SEQ))), use_conditioned_vae=True)],
         "has optimizer state for 'generator_state_dict.t5_projection.0.weight'", {"prepared": True}),
+    "one client file of a per_class run, with --prepared": (
+        lambda: client_per_class_vae_files().files[:1], "no generator for class 'one' of the prepared data",
+        {"prepared": True}),
     "conditioned VAE without conditions": (lambda: server_unified_cvae().files, "pass --prepared DIR", {}),
     "unknown tensors": (lambda: [_vae_server(adapter_state_dict={"w": torch.zeros(2)})],
                         "legacy key 'adapter_state_dict' holds tensors", {}),
