@@ -90,7 +90,10 @@ def bench(device: torch.device, granularity: str, keys: int, batch: int, repeats
 CASES = [("unified", 10), ("per_class", 10), ("per_class", 100), ("per_class", 500)]
 
 
-def run(out: Path, devices: list[str], quick: bool = False) -> dict:
+def run(quick: bool = False, out: Path | str = "reports/gpu_check", devices: list[str] | None = None) -> dict:
+    """The benchmarks/run.py convention (``run(quick) -> {"summary", ...}``), plus where to write."""
+    out = Path(out)
+    devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     cases = CASES[:3] if quick else CASES
@@ -98,7 +101,9 @@ def run(out: Path, devices: list[str], quick: bool = False) -> dict:
         device = torch.device(d)
         for gran, keys in cases:
             batch = max(256, 8 * keys)  # 8 samples per key for per_class
-            rows.append(bench(device, gran, keys, batch, repeats=3 if quick else 10))
+            # (the CPU at 100+ keys takes seconds a step: fewer repeats keep gpu_check under 5 minutes)
+            repeats = 3 if quick or (device.type == "cpu" and keys >= 100) else 10
+            rows.append(bench(device, gran, keys, batch, repeats=repeats))
     by = {(r["granularity"], r["keys"]): {} for r in rows}
     for r in rows:
         by[(r["granularity"], r["keys"])][r["device"].split(":")[0]] = r
@@ -114,7 +119,14 @@ def run(out: Path, devices: list[str], quick: bool = False) -> dict:
     (out / "bench_device.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "bench_device.md").write_text("\n".join(md) + "\n")
     _figure(out / "bench_device.png", by)
-    return {"rows": rows, "table": "\n".join(md)}
+    cuda_rows = [r for r in rows if r["device"].startswith("cuda")]
+    summary = "; ".join(
+        f"{r['granularity']} {r['keys']} classes: {r['device']} {r['step_ms']:.2f} ms/step, "
+        f"{r['share_of_gemm_bound']:.0%} of its GEMM bound"
+        + (f", {by[(r['granularity'], r['keys'])]['cpu']['step_ms'] / r['step_ms']:.1f}x the CPU"
+           if r["device"].startswith("cuda") and "cpu" in by[(r["granularity"], r["keys"])] else "")
+        for r in (cuda_rows or rows))
+    return {"summary": summary, "rows": rows, "table": "\n".join(md)}
 
 
 def _figure(path: Path, by: dict) -> None:
@@ -148,7 +160,7 @@ def main() -> None:
     ap.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(run(Path(args.out), args.devices.split(","), args.quick)["table"])
+    print(run(args.quick, Path(args.out), args.devices.split(","))["table"])
 
 
 if __name__ == "__main__":

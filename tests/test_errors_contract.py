@@ -555,3 +555,36 @@ def test_class_groups_override_works_as_documented(argv, want, tmp_path, capsys)
     code, out, err = run_cli("train", [*argv, "--cfg", "job"], tmp_path, capsys)
     assert code == 0, err
     assert yaml.safe_load(out)["generator"]["class_groups"] == want
+
+
+@pytest.mark.slow
+def test_mlflow_staging_on_a_full_tmpdir_is_one_line_when_required(project, tmp_path, capsys, monkeypatch):
+    """Artifacts are staged (hard link or copy) in TMPDIR before upload: TMPDIR full is a tracking
+    failure like any other: one line with tracking.required=true, and the run's files are kept."""
+    import tempfile
+
+    sandbox = tmp_path / "p"
+    shutil.copytree(project, sandbox)
+    uri = f"sqlite:///{sandbox / 'mlflow.db'}"
+    from feda2v.config import load_config
+    from feda2v.tracking import make_tracker
+
+    before = digest([sandbox])  # the MLflow store below records this run: it is meant to change
+    make_tracker(load_config({"tracking": {"uri": uri}}))  # the store exists (its INFO lines are not this case's)
+    capsys.readouterr()
+    mounts = Mounts()
+    try:
+        full = mounts.full(tmp_path / "tmpdir")
+        monkeypatch.setattr(tempfile, "tempdir", str(full))
+        code, out, err = run_cli("train", ["tracking=sqlite", "tracking.required=true",
+                                           f"tracking.uri={uri}",
+                                           "checkpoint.dir=ck_new", "train.reports_dir=rep_new"],
+                                    sandbox, capsys)
+        after = digest([sandbox])
+    finally:
+        mounts.close()
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and "staging artifact" in lines[0], err
+    assert "No space left on device" in lines[0]
+    assert not [p for p, h in before.items() if after.get(p) != h]
+    assert (sandbox / "ck_new" / "latest.ckpt").is_file()  # training's own output is kept

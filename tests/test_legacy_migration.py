@@ -356,6 +356,10 @@ def test_published_layout_migrates_exactly(tmp_path, prep, name):
                 assert_same_function(store.module(key, role), module, store, key, prep)
     for key, role in case.fresh:
         assert any(f"{key}/{role}" in n and "fresh" in n for n in done.notes)
+    if header["config"]["generator"]["type"] == "gan":  # trains on with the published update rule
+        g = header["config"]["generator"]["gan"]
+        assert (g["schedule"], g["d_steps"], g["g_steps"], g["loss"], g["r1_gamma"]) == \
+            ("alternating", 1, 1, "nonsaturating", 0.0)
     # the optimizer factory (resets) gets the legacy generator optimizer's settings
     gen_opts = [opt for roles in case.expect.values() for role, (_, opt) in roles.items()
                 if role == "generator" and opt is not None]
@@ -453,6 +457,9 @@ REFUSALS = {
         lambda: [_client("unified", None, "generator_state_dict", *(lambda g, o: (g.state_dict(), o))(
             *R.trained(R.MultiModalVAEGenerator(D_IN, H, Z, CLIP, T5, FUSION, SEQ))), use_conditioned_vae=True)],
         "has optimizer state for 'generator_state_dict.t5_projection.0.weight'", {"prepared": True}),
+    "one client file of a per_class run, with --prepared": (
+        lambda: client_per_class_vae_files().files[:1], "no generator for class 'one' of the prepared data",
+        {"prepared": True}),
     "conditioned VAE without conditions": (lambda: server_unified_cvae().files, "pass --prepared DIR", {}),
     "unknown tensors": (lambda: [_vae_server(adapter_state_dict={"w": torch.zeros(2)})],
                         "legacy key 'adapter_state_dict' holds tensors", {}),

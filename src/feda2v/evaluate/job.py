@@ -338,11 +338,12 @@ def evaluate(cfg) -> dict:
         "seed": int(ev.seed),
         "stream_seed": seed,
     }
-    metrics_path, detail_path = out / "metrics.json", out / "per_class.json"
-    summary, detail = split_metrics(metrics)
-    atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    atomic_write_text(detail_path, json.dumps(detail, indent=2, sort_keys=False) + "\n")
-    outputs["metrics"], outputs["per_class"] = metrics_path, detail_path
+    # metrics.json: the headline numbers, flat (DVC metrics: `dvc metrics show` fits 120 columns);
+    # evaluation.json: everything (overall, per class, downstream per node), a plain output.
+    metrics_path, full_path = out / "metrics.json", out / "evaluation.json"
+    atomic_write_text(metrics_path, json.dumps(dvc_metrics(metrics), indent=2) + "\n")
+    atomic_write_text(full_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    outputs["metrics"], outputs["evaluation"] = metrics_path, full_path
 
     report_path = out / "report.md"
     outputs["report"] = report_path
@@ -357,18 +358,13 @@ def evaluate(cfg) -> dict:
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
 
 
-def split_metrics(metrics: dict) -> tuple[dict, dict]:
-    """(metrics.json, per_class.json): the overall numbers (DVC metrics, a few columns in ``dvc
-    metrics show``/``dvc exp show``) and the per-class and per-node detail (a plain JSON output)."""
-    summary = {"overall": metrics["overall"]}
-    detail = {"per_class": metrics["per_class"]}
-    downstream = dict(metrics.get("downstream") or {})
-    if "per_node" in downstream:
-        detail["per_node"] = downstream.pop("per_node")
-    if downstream:
-        summary["downstream"] = downstream
-    summary["round"] = metrics["round"]
-    return summary, detail
+# The evaluation's DVC metrics (the rest is in evaluation.json); accuracies in full mode are the
+# training's (train_metrics.json).
+DVC_METRICS = ("tstr_acc", "trtr_acc", "frechet", "mmd", "precision", "recall")
+
+
+def dvc_metrics(metrics: dict) -> dict:
+    return {k: metrics["overall"][k] for k in DVC_METRICS if k in metrics["overall"]}
 
 
 def derive_eval_seed(cfg) -> int:
