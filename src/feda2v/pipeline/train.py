@@ -168,7 +168,8 @@ def train(cfg) -> dict:
     from feda2v.federation.engine import make_engine
     from feda2v.federation.server import Federation
     from feda2v.profiling import StepProfiler
-    from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
+    from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags, unique_run_name
+    from feda2v.tracking.tags import prepared_dataset
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -193,9 +194,11 @@ def train(cfg) -> dict:
 
     tracker = make_tracker(cfg)  # raises before training when tracking.required and unreachable
     name = default_run_name(cfg)
-    tracker.start(name, params=flatten(checkpoint_config(cfg)),
+    tracker.start(unique_run_name(cfg, resumed=bool(resumed_from)),
+                  params=flatten(checkpoint_config(cfg)),
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
+    tracker.log_dataset(**prepared_dataset(data, cfg.data.prepared_dir, cfg.data.name), context="training")
     reports = Path(cfg.train.reports_dir)
     ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
     losses = LossLog(reports, start_round)
@@ -219,7 +222,7 @@ def train(cfg) -> dict:
                                           {"mlflow_run_id": tracker.run_id,
                                            "engine": cfg.federation.engine})
                     path = manager.save(result.round, tensors, header)
-                    tracker.log_artifact(str(path), "checkpoints")
+                    tracker.log_checkpoint(path)  # now or at the end: tracking.upload_checkpoints
                 progress.round_done(result)
                 summary = dict(result.metrics)
         summary["rounds"] = rounds
