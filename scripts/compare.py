@@ -41,7 +41,8 @@ def main() -> int:
         for s in (f"seed={s}" for s in SEEDS.split(",")):  # the Dirichlet split follows the seed too
             run_dir = OUT / "runs" / name.split(" (")[-1].strip(")").replace(" ", "_") / s.replace("=", "")
             paths = [f"data.prepared_dir={run_dir}/prepared", f"checkpoint.dir={run_dir}/checkpoints",
-                     f"train.reports_dir={run_dir}/train", f"evaluate.checkpoint={run_dir}/checkpoints/latest.ckpt",
+                     f"train.reports_dir={run_dir}/train", f"train.metrics_path={run_dir}/train_metrics.json",
+                     f"train.timing_path={run_dir}/timing.json", f"evaluate.checkpoint={run_dir}/checkpoints/latest.ckpt",
                      f"evaluate.reports_dir={run_dir}/eval"]
             args = [*common, *over, s, *paths]
             sh(str(BIN / "feda2v-prepare"), *args)

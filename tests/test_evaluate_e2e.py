@@ -21,7 +21,9 @@ def _cfg(root: Path, **over) -> dict:
         "generator": {"hidden_dim": 32, "latent_dim": 8},
         "federation": {"rounds": 2, "batch_size": 128},
         "checkpoint": {"dir": str(root / "ckpt")},
-        "train": {"reports_dir": str(root / "reports" / "train"), "progress": "off"},
+        "train": {"reports_dir": str(root / "reports" / "train"), "progress": "off",
+                  "metrics_path": str(root / "reports" / "train_metrics.json"),
+                  "timing_path": str(root / "reports" / "timing" / "train.json")},
         "tracking": {"enabled": False},
         "evaluate": {"checkpoint": str(root / "ckpt" / "latest.ckpt"), "reports_dir": str(root / "reports"),
                      "samples_per_class": 40},
@@ -78,7 +80,9 @@ def test_evaluate_real_checkpoint(evaluated):
     assert ov["recon_mse"] > 0  # cvae default: an encoder exists
     assert len(m["per_class"]) == 10
     on_disk = json.loads((root / "reports" / "metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(m))
+    detail = json.loads((root / "reports" / "per_class.json").read_text())
+    assert on_disk["overall"] == json.loads(json.dumps(ov)) and "per_class" not in on_disk
+    assert detail["per_class"] == json.loads(json.dumps(m["per_class"]))
     for f in ("figures/loss_curves.png", "figures/tstr_vs_trtr.png", "figures/embedding_2d.png",
               "figures/per_node_accuracy.png", "plots/tstr_per_class.csv", "plots/embedding_2d.csv",
               "plots/loss_per_round.csv", "plots/per_node_accuracy.csv", "report.md"):

@@ -76,7 +76,7 @@ def test_flatten_uses_dotted_keys_and_yaml_spelling():
 
 
 def test_git_info_commit_and_dirty_flag(tmp_path):
-    assert git_info(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    assert git_info(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown", "git_dirty_files": ""}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run(git + ["init", "-q"], check=True)
     (tmp_path / "a.txt").write_text("1")
@@ -84,7 +84,7 @@ def test_git_info_commit_and_dirty_flag(tmp_path):
     subprocess.run(git + ["commit", "-qm", "x"], check=True)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout
     info = git_info(tmp_path)
-    assert info == {"git_commit": head.strip(), "git_dirty": "false"}
+    assert info == {"git_commit": head.strip(), "git_dirty": "false", "git_dirty_files": ""}
     (tmp_path / "untracked.db").write_text("outputs do not make a run dirty")
     assert git_info(tmp_path)["git_dirty"] == "false"
     (tmp_path / "a.txt").write_text("2")

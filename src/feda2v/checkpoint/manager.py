@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from feda2v.checkpoint.container import temp_name, write_checkpoint
-from feda2v.fsutil import fsync_dir
+from feda2v.fsutil import fsync_dir, remove_quietly
 from feda2v.errors import CheckpointError
 
 LATEST = "latest.ckpt"
@@ -53,6 +53,11 @@ class CheckpointManager:
         return sorted(found)
 
     def save(self, round_: int, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> Path:
+        return self.save_with_header(round_, tensors, header)[0]
+
+    def save_with_header(self, round_: int, tensors: Mapping[str, torch.Tensor],
+                         header: Mapping[str, Any]) -> tuple[Path, dict]:
+        """``save``, also returning the full header written (with its checksums)."""
         if type(round_) is not int or round_ < 0:
             raise CheckpointError(f"checkpoint round must be an integer >= 0, got {round_!r}")
         if "round" in header and header["round"] != round_:
@@ -63,10 +68,10 @@ class CheckpointManager:
             raise CheckpointError(f"cannot create checkpoint.dir {self.dir}: {e.strerror or e}") from None
         self._remove_orphan_temps()
         path = self.dir / round_filename(round_)
-        write_checkpoint(path, tensors, {**header, "round": round_})
+        full = write_checkpoint(path, tensors, {**header, "round": round_})
         self._point_latest(path)
         self._prune(keep=path)
-        return path
+        return path, full
 
     def _point_latest(self, target: Path) -> None:
         tmp = temp_name(self.latest_path, "link")
@@ -82,7 +87,7 @@ class CheckpointManager:
                     os.fsync(f.fileno())
             os.replace(tmp, self.latest_path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            remove_quietly(tmp)
             raise CheckpointError(f"cannot update {self.latest_path}: {e.strerror or e}") from None
         fsync_dir(self.dir)
 
@@ -90,7 +95,11 @@ class CheckpointManager:
         files = self.round_files()
         excess = [p for _, p in files[: max(0, len(files) - self.keep_last)] if p != keep]
         for p in excess:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot prune old checkpoint {p}: {e.strerror or e}; "
+                                      f"{self.latest_path} is complete") from None
         if excess:
             fsync_dir(self.dir)
 
@@ -99,7 +108,7 @@ class CheckpointManager:
         for p in self.dir.iterdir():
             m = _TEMP_RE.match(p.name)
             if m and not _pid_alive(int(m.group(1))):
-                p.unlink(missing_ok=True)
+                remove_quietly(p)  # garbage: a read-only directory may keep it
 
     def resolve(self, resume: str | os.PathLike) -> Path:
         """``"latest"`` -> ``<dir>/latest.ckpt``; a directory -> its ``latest.ckpt``; else the path."""

@@ -39,6 +39,7 @@ class DataConfig:
     max_samples: int = 0  # 0 = all; caps large sources (fashion_mnist) for quick runs
     prepared_dir: str = "data/prepared"
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -54,7 +55,9 @@ class OptimizerConfig:
 
 @dataclass
 class GeneratorConfig:
-    type: str = "cvae"  # vae | cvae | gan
+    type: str = "cvae"  # vae | cvae | gan (the kinds table: store/kinds.py)
+    arch: str = "default"  # architecture variant of the kind (store/kinds.py); fedgfe* = published (migrated runs)
+    fusion_dim: int = 512  # arch=fedgfe_multimodal only: the published multimodal VAE's condition projection
     granularity: str = "unified"  # unified | per_class | per_group
     class_groups: Dict[str, List[str]] = field(default_factory=dict)
     default_group: Optional[str] = None  # group for classes missing from class_groups
@@ -73,7 +76,10 @@ class FederationConfig:
     local_epochs: int = 5
     batch_size: int = 64
     fraction: float = 1.0  # share of nodes taking part in a round
-    reset_on_class_change: bool = False
+    # When a key is reset (re-initialised, fresh optimizer from the factory) as it meets classes:
+    # new_classes = classes it was never trained on (the published rule) | changed = a class set
+    # other than its previous visit's | never. true/false (the published flag) = new_classes/never.
+    reset_on_class_change: str = "new_classes"
     engine: str = "inprocess"  # inprocess | flower
     # full mode: node adapter/classifier and server distillation
     classifier_lr: float = 1e-3
@@ -94,10 +100,16 @@ class CheckpointConfig:
 class TrainConfig:
     resume: Optional[str] = None  # null | latest | <path>
     reports_dir: str = "reports/train"
+    metrics_path: str = "reports/train_metrics.json"  # DVC metrics: no timing, no run ids
+    timing_path: str = "reports/timing/train.json"  # wall-clock figures: untracked (git and DVC)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
     # one thread is fastest here, and more threads contend badly on a shared 2-core machine.
     threads: int = 1
+    # Where the store, the federation, the full-mode classifier, evaluation and sampling run:
+    # auto (cuda when available) | cpu | cuda | cuda:N. cpu by default: the same config then gives
+    # the same bytes on every machine (a GPU run differs from a CPU run in the last bits).
+    device: str = "cpu"
 
 
 @dataclass
@@ -135,6 +147,7 @@ class EvaluateConfig:
     samples_per_class: int = 200
     knn_k: int = 5
     seed: int = 0
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -156,12 +169,16 @@ CHOICES: Dict[str, tuple] = {
     "data.partition.scheme": ("iid", "dirichlet", "classes_per_node"),
     "data.condition": ("text", "onehot"),
     "generator.type": ("vae", "cvae", "gan"),
+    "generator.arch": ("default", "fedgfe", "fedgfe_multimodal"),
     "generator.granularity": ("unified", "per_class", "per_group"),
     "generator.optimizer.name": ("adamw", "adam"),
     "federation.mode": ("generator_only", "full"),
     "federation.sharing": ("shared", "local", "fedavg"),
     "federation.engine": ("inprocess", "flower"),
+    "federation.reset_on_class_change": ("new_classes", "changed", "never"),
     "train.progress": ("auto", "bar", "lines", "off"),
+    "data.progress": ("auto", "bar", "lines", "off"),
+    "evaluate.progress": ("auto", "bar", "lines", "off"),
     "tracking.upload_checkpoints": ("last", "keep_last", "all"),
 }
 

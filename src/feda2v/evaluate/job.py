@@ -18,11 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from feda2v.errors import CheckpointError, ConfigError, DataError, Feda2vError, TrackingError
+from feda2v.errors import CheckpointError, DataError, Feda2vError, TrackingError
 from feda2v.evaluate import metrics as M
+from feda2v.progress import Steps
 from feda2v.fsutil import atomic_write_text
 from feda2v.seeding import numpy_generator, torch_generator
 
+# Progress steps of one evaluation: compute_metrics' five, then plot data and figures.
+EVALUATE_STEPS = 7
 # Pairwise metrics are O(n²) in memory; overall sets larger than this are subsampled (seeded).
 MAX_PAIRWISE = 2000
 
@@ -32,7 +35,7 @@ MAX_PAIRWISE = 2000
 
 def load_trained_store(path: str | Path):
     """(store, header, store_name) from a federation checkpoint; CheckpointError if unusable."""
-    from feda2v.checkpoint import read_checkpoint
+    from feda2v.checkpoint import read_primary_store
     from feda2v.store import GeneratorStore
 
     path = Path(path)
@@ -40,22 +43,9 @@ def load_trained_store(path: str | Path):
         raise CheckpointError(
             f"checkpoint not found: {path}; run feda2v-train first or set evaluate.checkpoint=PATH"
         )
+    name, st, meta, header = read_primary_store(path)
     try:
-        tensors, header = read_checkpoint(path)
-    except Feda2vError:
-        raise
-    except Exception as e:  # any reader failure on a bad file is a user-level problem, said once
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    stores = header.get("stores") or {}
-    if not stores:
-        raise CheckpointError(f"checkpoint {path} holds no generator store; is it a training checkpoint?")
-    name = header.get("primary_store") or ("server" if "server" in stores else sorted(stores)[0])
-    if name not in stores:
-        raise CheckpointError(f"checkpoint {path}: primary store '{name}' missing from its stores")
-    prefix = f"store/{name}/"
-    st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        store = GeneratorStore.from_state(st, stores[name])
+        store = GeneratorStore.from_state(st, meta)
     except Feda2vError:
         raise
     except Exception as e:
@@ -122,9 +112,11 @@ def reconstruction_errors(store, x: torch.Tensor, y: torch.Tensor, classes: list
 
 
 def compute_metrics(
-    store, prepared, *, samples_per_class: int, knn_k: int, seed: int
+    store, prepared, *, samples_per_class: int, knn_k: int, seed: int, progress=None
 ) -> tuple[dict, dict]:
-    """(metrics, extras): metrics is JSON-able numbers only; extras holds arrays for plots."""
+    """(metrics, extras): metrics is JSON-able numbers only; extras holds arrays for plots.
+    ``progress`` (a feda2v.progress.Steps, optional) advances ``metric_steps(C)`` times."""
+    step = progress.step if progress is not None else (lambda what: None)
     classes = list(prepared.classes)
     C = len(classes)
     tr_x, tr_y, te_x, te_y = _real_sets(prepared)
@@ -133,6 +125,7 @@ def compute_metrics(
     sx, sy = sample_synthetic(store, C, samples_per_class, seed)
     if not torch.isfinite(sx).all():
         raise DataError("the generator produced NaN/inf samples; the checkpoint's generator diverged")
+    step("sampled the generator")
 
     sx_np, sy_np = M.as_array(sx), sy.numpy()
     te_np, tey_np = M.as_array(te_x), te_y.numpy()
@@ -157,13 +150,16 @@ def compute_metrics(
             pc["precision"], pc["recall"] = M.knn_precision_recall(a, b, knn_k)
 
     overall: dict[str, float] = {}
+    step("per-class distances")
     overall["frechet"] = M.frechet_distance(rx, sx_np)
     i_r = _subsample(len(rx), MAX_PAIRWISE, seed, "evaluate/pairwise/real")
     i_s = _subsample(len(sx_np), MAX_PAIRWISE, seed, "evaluate/pairwise/synthetic")
     overall["mmd"] = M.mmd_rbf(rx[i_r], sx_np[i_s])
     overall["precision"], overall["recall"] = M.knn_precision_recall(rx[i_r], sx_np[i_s], knn_k)
 
+    step("overall distances")
     tstr, trtr = M.tstr_trtr(sx_np, sy_np, tr_x, tr_y, te_np, tey_np, seed=seed)
+    step("TSTR and TRTR classifiers")
     overall["tstr_acc"], overall["trtr_acc"] = tstr.overall, trtr.overall
     overall["tstr_balanced_acc"], overall["trtr_balanced_acc"] = tstr.balanced, trtr.balanced
     overall["tstr_trtr_ratio"] = tstr.balanced / trtr.balanced if trtr.balanced > 0 else float("nan")
@@ -173,6 +169,7 @@ def compute_metrics(
             per_class[name]["trtr_acc"] = trtr.per_class[c]
 
     rec = reconstruction_errors(store, te_x.float(), te_y, classes, prepared.conditions)
+    step("reconstruction error")
     if rec is not None:
         overall["recon_mse"] = rec[0]
         for name, v in rec[1].items():
@@ -268,8 +265,9 @@ def _log_to_mlflow(cfg, run_id, flat: dict, files: list[Path], step: int, notes:
             tracker.log_artifact(str(f), artifact_path="evaluate")
         tracker.end("FINISHED")
         same = f", {len(flat) - logged} unchanged" if logged < len(flat) else ""
+        # (no model id here: report.md shows these notes and must not vary between identical runs)
         notes.append(f"MLflow: logged {logged} metrics{same} and {len(files)} files into run {run_id}"
-                     + (f" (model {model_id})" if model_id else ""))
+                     + (" and its store model" if model_id else ""))
     except Exception as e:  # tracking must not cost the user the evaluation itself
         if cfg.tracking.required:
             raise TrackingError(f"could not log the evaluation into MLflow run {run_id}: {e}") from e
@@ -281,15 +279,7 @@ def evaluate(cfg) -> dict:
     from feda2v.data import load_prepared
     from feda2v.evaluate import plots, report
 
-    ev = cfg.evaluate
-    if ev.samples_per_class < 2:
-        raise ConfigError(f"evaluate.samples_per_class must be >= 2, got {ev.samples_per_class}")
-    if ev.knn_k < 1:
-        raise ConfigError(f"evaluate.knn_k must be >= 1, got {ev.knn_k}")
-    if ev.knn_k >= ev.samples_per_class:
-        raise ConfigError(
-            f"evaluate.knn_k ({ev.knn_k}) must be below evaluate.samples_per_class ({ev.samples_per_class})"
-        )
+    ev = cfg.evaluate  # its ranges were checked by load_config
     ckpt = Path(ev.checkpoint)
     store, header, store_name = load_trained_store(ckpt)
     prepared = load_prepared(cfg.data.prepared_dir)
@@ -307,29 +297,37 @@ def evaluate(cfg) -> dict:
             f"{list(prepared.classes)[:3]}…; re-run feda2v-prepare with the training's data settings"
         )
 
+    if cfg.train.threads > 0:  # as in training: intra-op splits follow the thread count
+        torch.set_num_threads(cfg.train.threads)
     seed = int(derive_eval_seed(cfg))
-    metrics, extras = compute_metrics(
-        store, prepared, samples_per_class=int(ev.samples_per_class), knn_k=int(ev.knn_k), seed=seed
-    )
-    # Training's reports are read (and checked) before anything is written, so a bad file costs
-    # nothing already on disk.
-    train_reports = Path(cfg.train.reports_dir)
-    downstream = _read_downstream(train_reports)
-    losses_csv = train_reports / "losses.csv"
-    losses = plots.read_losses(losses_csv) if losses_csv.is_file() else None
-    if downstream is not None:
-        metrics["downstream"] = _downstream_metrics(downstream)
-    metrics["round"] = int(header.get("round", 0))
+    progress = Steps(ev.progress, EVALUATE_STEPS, "evaluate")
+    try:
+        metrics, extras = compute_metrics(
+            store, prepared, samples_per_class=int(ev.samples_per_class), knn_k=int(ev.knn_k), seed=seed,
+            progress=progress)
+        # Training's reports are read (and checked) before anything is written, so a bad file costs
+        # nothing already on disk.
+        train_reports = Path(cfg.train.reports_dir)
+        downstream = _read_downstream(train_reports)
+        losses_csv = train_reports / "losses.csv"
+        losses = plots.read_losses(losses_csv) if losses_csv.is_file() else None
+        if downstream is not None:
+            metrics["downstream"] = _downstream_metrics(downstream)
+        metrics["round"] = int(header.get("round", 0))
 
-    out = Path(ev.reports_dir)
-    outputs: dict[str, Path] = {}
-    notes: list[str] = []
-    if losses is None:
-        notes.append(f"{losses_csv} not found (written by feda2v-train); no loss curves")
-    elif not losses:
-        notes.append(f"{losses_csv} has no rows; no loss curves")
-    outputs.update(plots.write_plot_csvs(out / "plots", metrics, extras, losses))
-    outputs.update(plots.write_figures(out / "figures", metrics, extras, losses))
+        out = Path(ev.reports_dir)
+        outputs: dict[str, Path] = {}
+        notes: list[str] = []
+        if losses is None:
+            notes.append(f"{losses_csv} not found (written by feda2v-train); no loss curves")
+        elif not losses:
+            notes.append(f"{losses_csv} has no rows; no loss curves")
+        outputs.update(plots.write_plot_csvs(out / "plots", metrics, extras, losses))
+        progress.step("plot data")
+        outputs.update(plots.write_figures(out / "figures", metrics, extras, losses))
+        progress.step("figures")
+    finally:
+        progress.close()
     info = {
         "checkpoint": str(ckpt),
         "store": store_name,
@@ -342,9 +340,11 @@ def evaluate(cfg) -> dict:
         "seed": int(ev.seed),
         "stream_seed": seed,
     }
-    metrics_path = out / "metrics.json"
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
-    outputs["metrics"] = metrics_path
+    metrics_path, detail_path = out / "metrics.json", out / "per_class.json"
+    summary, detail = split_metrics(metrics)
+    atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(detail_path, json.dumps(detail, indent=2, sort_keys=False) + "\n")
+    outputs["metrics"], outputs["per_class"] = metrics_path, detail_path
 
     report_path = out / "report.md"
     outputs["report"] = report_path
@@ -356,9 +356,25 @@ def evaluate(cfg) -> dict:
     _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes,
                    # its own name: MLflow keeps one context per (dataset, run), training's
                    prepared_dataset(prepared, cfg.data.prepared_dir, f"{cfg.data.name}/test"))
-    # the copy on disk also says what happened with MLflow
-    atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    # The copy on disk also says what happened with MLflow, but not the run id: report.md is a DVC
+    # output, and two identical runs must write the same bytes (the returned notes keep the id).
+    shown = [n.replace(f"run {run_id}", "the checkpoint's MLflow run") for n in notes] if run_id else notes
+    atomic_write_text(report_path, report.render(metrics, info, outputs, out, shown))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
+
+
+def split_metrics(metrics: dict) -> tuple[dict, dict]:
+    """(metrics.json, per_class.json): the overall numbers (DVC metrics, a few columns in ``dvc
+    metrics show``/``dvc exp show``) and the per-class and per-node detail (a plain JSON output)."""
+    summary = {"overall": metrics["overall"]}
+    detail = {"per_class": metrics["per_class"]}
+    downstream = dict(metrics.get("downstream") or {})
+    if "per_node" in downstream:
+        detail["per_node"] = downstream.pop("per_node")
+    if downstream:
+        summary["downstream"] = downstream
+    summary["round"] = metrics["round"]
+    return summary, detail
 
 
 def derive_eval_seed(cfg) -> int:

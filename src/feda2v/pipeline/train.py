@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import platform
 import random
 import sys
@@ -12,112 +14,108 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feda2v.config import flatten_dotted, to_plain
-from feda2v.errors import CheckpointError
-from feda2v.fsutil import atomic_write_text, ensure_dir, writing
+from feda2v.config import to_plain
+from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, remove_quietly, writing
 
-# Config sections that may differ between a checkpoint and the run resuming it.
-RESUME_FREE = ("federation.rounds", "train", "tracking", "profiler", "checkpoint.every",
-               "checkpoint.keep_last", "checkpoint.dir", "evaluate", "federation.engine")
-
-
-def checkpoint_config(cfg) -> dict:
-    """The config recorded in checkpoints: resolved, minus where this run was resumed from (so a
-    resumed run and a straight run write identical files)."""
+def run_params(cfg) -> dict:
+    """The run's MLflow params: the resolved config, minus where it was resumed from."""
     plain = to_plain(cfg)
     plain["train"]["resume"] = None
     return plain
 
 
-def check_resumable(cfg, header: dict, manifest_hash: str, path: Path) -> None:
-    if header.get("data_manifest_hash") != manifest_hash:
-        raise CheckpointError(f"{path} was trained on other prepared data (manifest hash differs); "
-                              "re-run prepare with that checkpoint's data config or start without resume")
-    mine, theirs = flatten_dotted(checkpoint_config(cfg)), flatten_dotted(header.get("config") or {})
-    for name in sorted(set(mine) | set(theirs)):
-        if any(name == f or name.startswith(f + ".") for f in RESUME_FREE):
-            continue
-        if mine.get(name) != theirs.get(name):
-            raise CheckpointError(f"{path} belongs to another config: {name} is "
-                                  f"{theirs.get(name)!r} there, {mine.get(name)!r} here")
+def provenance(cfg, tracker) -> dict:
+    """Who wrote a checkpoint (kept in the sidecar beside it, never in its bytes)."""
+    from feda2v.numerics import host_cpu
 
-
-def library_versions() -> dict:
-    import safetensors
-
-    import feda2v
-
-    return {"feda2v": feda2v.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
-
-
-def build_header(cfg, meta: dict, data, rng_json: dict, provenance: dict) -> dict:
-    primary = meta["stores"][meta["primary_store"]]
-    # The engine (inprocess | flower) is how the rounds ran, not what state they produced: both
-    # engines train bit-identical state, so it lives in the volatile provenance, not the config.
-    conf = checkpoint_config(cfg)
-    conf["federation"].pop("engine", None)
-    return {
-        "config": conf,
-        "round": meta["round"],
-        "node_cursor": meta["node_cursor"],
-        "stores": meta["stores"],
-        "primary_store": meta["primary_store"],
-        "classifier": meta["classifier"],
-        "keys": primary["keys"],
-        "roles": primary["roles"],
-        "optimizers": {kr: {"step": o["step"], "lr": o["lr"], "weight_decay": o["weight_decay"]}
-                       for kr, o in primary["optimizers"].items()},
-        "data_manifest_hash": data.manifest_hash,
-        "library_versions": library_versions(),
-        "rng": rng_json,
-        "provenance": provenance,
-    }
+    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node(),
+            "host_cpu": host_cpu()}
 
 
 class LossLog:
-    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots)."""
+    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots).
+
+    Rows are kept in memory and each file is replaced atomically by ``commit()``, called right after
+    a checkpoint is saved: the reports on disk always describe a saved state, a failed run leaves
+    the previous reports whole, and a resumed run continues from rows it can verify.
+    """
+
+    FILES = {"losses.csv": ["round", "node", "key", "metric", "value"],
+             "round_losses.csv": ["round", "key", "metric", "value"]}
 
     def __init__(self, reports_dir: Path, keep_before_round: int):
         self.dir = ensure_dir(reports_dir)
-        self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round)
-        self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round)
-
-    def _open(self, name: str, header: list, keep_before_round: int):
-        path = self.dir / name
-        kept = []
-        if keep_before_round > 1 and path.exists():  # resume: keep the rounds already done
-            with path.open(newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["round"]) < keep_before_round]
-        with writing(path):
-            f = path.open("w", newline="")
-            w = csv.DictWriter(f, fieldnames=header)
-            w.writeheader()
-            w.writerows(kept)
-        return f, w
+        probe_writable(self.dir)  # fail before training, not after the first checkpoint
+        self.rows = {name: verified_rows(self.dir / name, header, keep_before_round) if keep_before_round > 1
+                     else [] for name, header in self.FILES.items()}
 
     def add(self, result) -> None:
-        with writing(self.dir, "write the loss reports in"):
-            self._add(result)
-
-    def _add(self, result) -> None:
-        _, w = self.detail
+        detail, rounds = self.rows["losses.csv"], self.rows["round_losses.csv"]
         for nr in result.nodes:
             for key, ms in nr.losses.items():
                 for m, v in ms.items():
-                    w.writerow({"round": result.round, "node": nr.node, "key": key, "metric": m,
-                                "value": f"{v:.9g}"})
-        _, w = self.rounds
+                    detail.append({"round": result.round, "node": nr.node, "key": key, "metric": m,
+                                   "value": f"{v:.9g}"})
         for name, v in result.metrics.items():
             if name.startswith("gen/"):
                 _, metric, key = name.split("/", 2)
-                w.writerow({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
-        for f, _ in (self.detail, self.rounds):
-            f.flush()
+                rounds.append({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
 
-    def close(self) -> None:
-        for f, _ in (self.detail, self.rounds):
-            f.close()
+    def commit(self) -> None:
+        for name, header in self.FILES.items():
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=header)  # \r\n rows, as csv writes them by default
+            w.writeheader()
+            w.writerows(self.rows[name])
+            atomic_write_text(self.dir / name, buf.getvalue())
+
+
+def probe_writable(directory: Path) -> None:
+    """Raise OutputError unless ``directory`` takes a small file (read-only, disk full)."""
+    import tempfile
+
+    with writing(directory):
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            remove_quietly(tmp)
+
+
+def verified_rows(path: Path, header: list, before_round: int) -> list[dict]:
+    """The rows of a loss report from rounds before ``before_round`` that read back whole. A crash
+    mid-write leaves a torn last row, and a damaged file can hold more: those rows are dropped
+    (with a note), never trusted, so resume never fails on its own reports."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise output_error(path, e, "read") from e
+    lines = raw.decode("utf-8", "replace").splitlines()
+    rows, dropped = [], 0
+    if not lines or lines[0].split(",") != header:
+        dropped = len(lines)
+        lines = []
+    for line in lines[1:]:
+        try:
+            fields = next(csv.reader([line]))
+            row = dict(zip(header, fields, strict=True))
+            rnd = int(row["round"])
+            float(row["value"])
+            if rnd < 1 or any(not row[k] for k in header):
+                raise ValueError
+        except (csv.Error, ValueError, StopIteration):
+            dropped += 1
+            continue
+        if rnd < before_round:
+            rows.append(row)
+    if dropped:
+        print(f"note: {path}: {dropped} damaged row(s) dropped; the rows of rounds before "
+              f"{before_round} that read back whole are kept", flush=True)
+    return rows
 
 
 class Progress:
@@ -154,6 +152,28 @@ class Progress:
             self.bar.close()
 
 
+# Wall-clock figures: MLflow and train.timing_path (untracked) only, never a DVC output, so two
+# identical runs write identical outputs (and dvc.lock).
+TIMING = ("round_seconds", "train_step_seconds", "engine_overhead_share", "train_wall_seconds")
+
+
+def split_summary(summary: dict) -> tuple[dict, dict]:
+    """(train_metrics.json, timing): the DVC metrics hold the last round's losses averaged over keys
+    (``gen/<metric>``; per key they are in reports/train/round_losses.csv, a plot), accuracies,
+    resets and rounds - a few columns in ``dvc metrics show`` whatever the granularity."""
+    metrics, timing, per_key = {}, {}, {}
+    for name, v in summary.items():
+        if name in TIMING:
+            timing[name] = v
+        elif name.startswith("gen/"):
+            per_key.setdefault(name.split("/")[1], []).append(v)
+        else:
+            metrics[name] = v
+    for metric, values in per_key.items():
+        metrics[f"gen/{metric}"] = sum(values) / len(values)
+    return metrics, timing
+
+
 def seed_globals(seed: int) -> None:
     """Global RNGs are not used for training decisions, but are seeded and checkpointed anyway."""
     random.seed(seed)
@@ -163,7 +183,7 @@ def seed_globals(seed: int) -> None:
 
 def train(cfg) -> dict:
     """Run (or resume) the federation; returns the final summary metrics."""
-    from feda2v.checkpoint import CheckpointManager, capture_rng, read_checkpoint, restore_rng
+    from feda2v.checkpoint import Checkpointer
     from feda2v.data import load_prepared
     from feda2v.federation.engine import make_engine
     from feda2v.federation.server import Federation
@@ -177,16 +197,12 @@ def train(cfg) -> dict:
     engine = make_engine(cfg.federation.engine)
     seed_globals(cfg.seed)
     federation = Federation(cfg, data)
-    manager = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+    checkpointer = Checkpointer(cfg, data.manifest_hash)
     start_round, resumed_from = 1, None
     if cfg.train.resume:
-        path = manager.resolve(cfg.train.resume)
-        tensors, header = read_checkpoint(path)
-        check_resumable(cfg, header, data.manifest_hash, path)
-        federation.load_state_dict(tensors, header)
-        restore_rng({k[4:]: v for k, v in tensors.items() if k.startswith("rng/")}, header.get("rng") or {})
-        start_round, resumed_from = int(header["round"]) + 1, str(path)
-        print(f"resuming from {path} after round {start_round - 1}", flush=True)
+        path, state = checkpointer.restore(cfg.train.resume, federation)
+        start_round, resumed_from = state.round + 1, str(path)
+        print(f"resuming from {path} after round {state.round}", flush=True)
     rounds = cfg.federation.rounds
     if start_round > rounds:
         print(f"nothing to do: the checkpoint already has {start_round - 1} rounds (federation.rounds={rounds})")
@@ -194,16 +210,15 @@ def train(cfg) -> dict:
 
     tracker = make_tracker(cfg)  # raises before training when tracking.required and unreachable
     name = default_run_name(cfg)
-    tracker.start(unique_run_name(cfg, resumed=bool(resumed_from)),
-                  params=flatten(checkpoint_config(cfg)),
+    tracker.start(unique_run_name(cfg, resumed=bool(resumed_from)), params=flatten(run_params(cfg)),
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     tracker.log_dataset(**prepared_dataset(data, cfg.data.prepared_dir, cfg.data.name), context="training")
     reports = Path(cfg.train.reports_dir)
-    ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
     summary: dict = {}
+    downstream = None
     status = "FAILED"
     t_train = time.perf_counter()
     try:
@@ -212,35 +227,37 @@ def train(cfg) -> dict:
                                      on_node=progress.node_done):
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
-                if result.downstream is not None:
-                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
-                if result.round % cfg.checkpoint.every == 0 or result.round == rounds:
-                    tensors, meta = federation.state_dict()
-                    rng_tensors, rng_json = capture_rng()
-                    tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
-                    header = build_header(cfg, meta, data, rng_json,
-                                          {"mlflow_run_id": tracker.run_id,
-                                           "engine": cfg.federation.engine})
-                    path = manager.save(result.round, tensors, header)
+                downstream = result.downstream if result.downstream is not None else downstream
+                if checkpointer.due(result.round, rounds):
+                    path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
+                    # reports follow the checkpoint: a failed save leaves the previous ones whole
+                    losses.commit()
+                    if downstream is not None:
+                        atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
                     tracker.log_checkpoint(path)  # now or at the end: tracking.upload_checkpoints
                 progress.round_done(result)
                 summary = dict(result.metrics)
         summary["rounds"] = rounds
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)
-        metrics_path = reports.parent / "train_metrics.json"
-        atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        metrics, timing = split_summary(summary)
+        metrics_path, timing_path = Path(cfg.train.metrics_path), Path(cfg.train.timing_path)
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(timing_path, json.dumps(timing, indent=2, sort_keys=True) + "\n")
+        tracker.log_metrics({"train_wall_seconds": timing["train_wall_seconds"]}, step=rounds)
         tracker.log_artifact(str(metrics_path))
+        tracker.log_artifact(str(timing_path))
         for p in sorted(reports.glob("*")):
             if p.is_file():
                 tracker.log_artifact(str(p), "reports/train")
         tracker.log_artifact(str(Path(cfg.data.prepared_dir) / "manifest.json"), "data")
         if profiler.enabled and profiler.out_dir.exists():
             tracker.log_artifact(str(profiler.out_dir), "profile")
-        tracker.log_store_model(str(manager.latest_path))
+        if checkpointer.sidecar.is_file():
+            tracker.log_artifact(str(checkpointer.sidecar), "checkpoints")
+        tracker.log_store_model(str(checkpointer.latest_path))
         status = "FINISHED"
         return summary
     finally:
         progress.close()
-        losses.close()
         tracker.end(status)
