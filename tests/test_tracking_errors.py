@@ -72,17 +72,33 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("name,why", [("", "empty"), ("   ", "empty"), ("x" * 501, "501 characters")])
+def _section(**tracking):
+    """A tracking section as the API takes it (no config validation in front)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({**dict(_cfg().tracking), **tracking})
+
+
+@pytest.mark.parametrize("name,why", [("x" * 501, "501 characters"), ("", "empty"),
+                                      ("  ", "empty")])
 def test_invalid_experiment_name_is_named_as_such(tmp_path, name, why):
-    cfg = _cfg(uri=f"sqlite:///{tmp_path}/m.db", experiment=name, required=True)
+    cfg = _section(uri=f"sqlite:///{tmp_path}/m.db", experiment=name, required=True)
     with pytest.raises(TrackingError) as e:
         make_tracker(cfg)
     msg = str(e.value)
     assert "not a valid MLflow experiment name" in msg and why in msg and "\n" not in msg
     assert "not reachable" not in msg
     with pytest.warns(TrackingUnavailableWarning, match="not a valid MLflow experiment name"):
-        t = make_tracker(_cfg(uri=f"sqlite:///{tmp_path}/m.db", experiment=name))
+        t = make_tracker(_section(uri=f"sqlite:///{tmp_path}/m.db", experiment=name))
     assert isinstance(t, NullTracker) and t.reason.startswith("invalid_name")
+    assert not (tmp_path / "m.db").exists()  # refused before the store was touched
+
+
+def test_empty_experiment_name_is_refused_with_the_config():
+    from feda2v.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tracking.experiment"):
+        _cfg(experiment="")
 
 
 def test_refused_permission_is_not_called_unreachable(refusing_server):
@@ -113,8 +129,8 @@ def test_deleted_experiment_says_how_to_restore(tmp_path):
 
 @pytest.mark.slow
 def test_cli_invalid_name_is_one_line_with_no_mlflow_info_before(tmp_path):
-    """The reported case: feda2v-train with an invalid name and tracking.required=true on a store
-    that does not exist yet (MLflow would log its table creation at INFO first)."""
+    """The reported case: feda2v-train with a name MLflow refuses (over 500 characters) and
+    tracking.required=true on a store that does not exist yet."""
     from feda2v.data import prepare
 
     prepared = tmp_path / "prepared"
@@ -125,13 +141,13 @@ def test_cli_invalid_name_is_one_line_with_no_mlflow_info_before(tmp_path):
     env.update({"FEDA2V_CONF": str(ROOT / "conf"), "HF_HUB_OFFLINE": "1"})
     out = subprocess.run(
         [cli("feda2v-train"), "data=digits", "data.nodes=2", "data.condition=onehot",
-         "data.partition.scheme=iid", f"data.prepared_dir={prepared}", "tracking.experiment=''", "tracking.required=true",
+         "data.partition.scheme=iid", f"data.prepared_dir={prepared}", f"tracking.experiment={'x' * 501}", "tracking.required=true",
          "train.progress=off"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("feda2v: error: tracking.experiment=''")
+    assert lines[0].startswith("feda2v: error: tracking.experiment='xxx")
     assert "not a valid MLflow experiment name" in lines[0]
     assert "INFO" not in out.stdout + out.stderr
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))  # failed before any training step
