@@ -120,9 +120,9 @@ class TrackingConfig:
     run_name: Optional[str] = None  # default: built from config
     required: bool = False  # true: an unreachable server fails before training
     # Which checkpoints a run uploads as artifacts: last (the final one), keep_last (those
-    # checkpoint.keep_last leaves on disk), all (every one written; ~40 MB a round per_class).
+    # checkpoint.keep_last leaves on disk), all (every one written).
     upload_checkpoints: str = "last"
-    # CPU, memory, disk and network as system/* metrics (every 10 s unless
+    # CPU, memory, disk and network as system/* metrics (every 2 s unless
     # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise).
     system_metrics: bool = True
 

@@ -57,6 +57,7 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 MAX_EXPERIMENT_NAME = 500  # MLflow's limit
 UPLOAD_POLICIES = ("last", "keep_last", "all")
 SYSTEM_METRICS_INTERVAL_S = 2.0  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+SYSTEM_METRICS_STOP_S = 5.0
 _PARAM_BATCH = 100  # MLflow's per-request limit for params (and tags)
 _METRIC_BATCH = 1000
 
@@ -431,9 +432,25 @@ class MlflowTracker(Tracker):
     def _start_system_metrics(self) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # Its warnings (a failed sample when the store goes away) would repeat what this
+        # tracker's one warning already says, over several lines.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
         self._system_monitor = SystemMetricsMonitor(
             self._run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=self.uri)
         self._system_monitor.start()
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the sampler even when tracking broke, waiting at most SYSTEM_METRICS_STOP_S: on a
+        dead server its last call may hang in MLflow's retries, and the run must not wait for it."""
+        monitor, self._system_monitor = self._system_monitor, None
+        if monitor is None:
+            return
+        stopper = threading.Thread(target=monitor.finish, name="feda2v-system-metrics-stop",
+                                   daemon=True)
+        t0 = time.perf_counter()
+        stopper.start()
+        stopper.join(SYSTEM_METRICS_STOP_S)
+        self.log_seconds += time.perf_counter() - t0
 
     def log_dataset(self, name: str, digest: str, source: str | Path, *, context: str,
                     schema: Mapping | None = None, profile: Mapping | None = None) -> None:
@@ -606,8 +623,7 @@ class MlflowTracker(Tracker):
             return
         self._ended = True
         self._upload_pending_checkpoints()
-        if self._system_monitor is not None:
-            self._call("stopping system metrics", self._system_monitor.finish)
+        self._stop_system_metrics()
         self.flush()
         if self._batcher is not None:
             self._batcher.close()
