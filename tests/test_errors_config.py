@@ -29,6 +29,7 @@ BAD = {
     "data.condition": "image",
     "data.max_samples": -1,
     "data.prepared_dir": "",
+    "data.progress": "fancy",
     "data.instruments.classes": 0,
     "data.instruments.clips_per_class": 0,
     "data.instruments.sample_rate": 100,
@@ -50,6 +51,11 @@ BAD = {
     "generator.optimizer.betas": [0.9],
     "generator.optimizer.eps": 0.0,
     "generator.optimizer.weight_decay": -0.01,
+    "generator.gan.schedule": "lockstep",
+    "generator.gan.d_steps": 0,
+    "generator.gan.g_steps": 0,
+    "generator.gan.loss": "wasserstein",
+    "generator.gan.r1_gamma": -1.0,
     "federation.mode": "partial",
     "federation.sharing": "gossip",
     "federation.rounds": 0,
@@ -69,6 +75,8 @@ BAD = {
     "train.resume": "",
     "train.reports_dir": "",
     "train.progress": "fancy",
+    "train.metrics_path": "",
+    "train.timing_path": "",
     "train.threads": -1,
     "train.device": "tpu",
     "tracking.enabled": "maybe",
@@ -90,6 +98,7 @@ BAD = {
     "evaluate.samples_per_class": 1,
     "evaluate.knn_k": 0,
     "evaluate.seed": -1,
+    "evaluate.progress": "fancy",
 }
 
 # More bad values for keys whose range has two ends or whose type lets odd values through.

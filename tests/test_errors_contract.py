@@ -319,7 +319,6 @@ CASES: list[Case] = [
     # --- train's write paths ------------------------------------------------------------------
     Case("reports-dir-is-a-file", "train", _file("train.reports_dir"), "a_file"),
     Case("reports-dir-under-a-file", "train", _under_file("train.reports_dir"), "a_file"),
-    Case("profiler-dir-is-a-file", "train", _file("profiler.dir"), "a_file"),
     Case("profiler-dir-is-a-file-enabled", "train", lambda s, m: ["profiler=enabled", *_file("profiler.dir")(s, m)],
          "a_file"),
     Case("checkpoint-dir-is-a-file", "train", _file("checkpoint.dir"), "a_file"),
@@ -462,3 +461,130 @@ def test_one_line_exit_2_nothing_lost(case: Case, project, tmp_path, capsys, mon
     assert case.needle in lines[0], lines[0]
     changed = [p for p, h in before.items() if after.get(p) != h]
     assert not changed, changed
+
+
+# ------------------------------------------------------------------- what must work, not fail
+
+
+@pytest.mark.parametrize("dirname", ["é", "\udcff"], ids=["non-ascii", "byte-xff"])
+def test_quoted_non_ascii_and_byte_paths_work(dirname, project, tmp_path, capsys):
+    """Quoted as Hydra expects (``key='...'``), a path with any character or byte works: resume
+    from it, evaluate it, write reports into it. ('\\udcff' is how Python hands over argv's 0xFF.)"""
+    sandbox = tmp_path / "p"
+    shutil.copytree(project, sandbox)
+    odd = Path(os.fsdecode(os.fsencode(str(sandbox / dirname))))
+    odd.mkdir()
+    shutil.copy2(_ckpt(sandbox), odd / "latest.ckpt")
+    code, out, err = run_cli("train", ["federation.rounds=3", f"train.resume='{odd / 'latest.ckpt'}'",
+                                       f"checkpoint.dir='{odd / 'ck'}'"], sandbox, capsys)
+    assert code == 0, err
+    assert "resuming from" in out and (odd / "ck" / "latest.ckpt").is_file()
+    code, out, err = run_cli("evaluate", [f"evaluate.checkpoint='{odd / 'ck' / 'latest.ckpt'}'",
+                                          f"evaluate.reports_dir='{odd / 'rep'}'"], sandbox, capsys)
+    assert code == 0, err
+    assert os.fsencode(str(odd)) in (odd / "rep" / "report.md").read_bytes()
+
+
+@pytest.mark.slow
+def test_byte_path_in_a_real_process_with_a_strict_stdout(project, tmp_path):
+    """The real argv bytes, and a UTF-8 stdout that refuses surrogates (PYTHONIOENCODING=utf-8)."""
+    sandbox = tmp_path / "p"
+    shutil.copytree(project, sandbox)
+    odd = os.fsencode(str(sandbox)) + b"/\xff"
+    os.mkdir(odd)
+    shutil.copy2(_ckpt(sandbox), os.fsdecode(odd + b"/latest.ckpt"))
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    argv = [os.fsencode(cli("feda2v-train")), *map(os.fsencode, BASE), b"federation.rounds=3",
+            b"train.resume='" + odd + b"/latest.ckpt'"]
+    r = subprocess.run(argv, cwd=sandbox, capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    bad = subprocess.run([*argv[:-1], b"train.resume=" + odd + b"/latest.ckpt"], cwd=sandbox,
+                         capture_output=True, env=env, timeout=300)
+    err = bad.stderr.decode()
+    assert bad.returncode == 2 and len(err.splitlines()) == 1 and "quote the value" in err, err
+
+
+def _rows(p: Path) -> list[str]:
+    return p.read_text().splitlines()
+
+
+def test_resume_over_a_torn_loss_report_rebuilds_it(project, tmp_path, capsys):
+    """A damaged row in reports/train/losses.csv (what a crash mid-write or a bad disk leaves) is
+    dropped with a note; resume continues and the report holds every row it could verify."""
+    straight = tmp_path / "straight"
+    shutil.copytree(project, straight)
+    code, _, err = run_cli("train", ["federation.rounds=3", "checkpoint.dir=ck3"], straight, capsys)
+    assert code == 0, err
+    want = _rows(straight / "reports" / "train" / "losses.csv")
+
+    sandbox = tmp_path / "p"
+    shutil.copytree(project, sandbox)
+    losses = sandbox / "reports" / "train" / "losses.csv"
+    lines = _rows(losses)
+    damaged_at = 3
+    torn = lines[damaged_at][: len(lines[damaged_at]) // 2]
+    lines[damaged_at] = torn
+    losses.write_text("\n".join(lines[:-1] + ["2,node_"]) + "\n")  # and a torn last row
+    code, out, err = run_cli("train", ["federation.rounds=3", "train.resume=latest"], sandbox, capsys)
+    assert code == 0, err
+    assert "2 damaged row(s) dropped" in out
+    got = _rows(losses)
+    assert got == [r for i, r in enumerate(want) if i not in (damaged_at, len(lines) - 1)]
+
+
+def test_a_failed_fresh_run_keeps_the_previous_reports(project, tmp_path, capsys):
+    """A new run whose first checkpoint cannot be written leaves the last run's reports whole."""
+    sandbox = tmp_path / "p"
+    shutil.copytree(project, sandbox)
+    before = digest([sandbox / "reports"])
+    code, _, err = run_cli("train", [f"checkpoint.dir={_write(sandbox / 'f', 'x')}"], sandbox, capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert digest([sandbox / "reports"]) == before
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["generator.class_groups={low:[digit_0,digit_1],high:[digit_2]}"],
+     {"low": ["digit_0", "digit_1"], "high": ["digit_2"]}),
+    (["generator_class_groups={low:[digit_0]}"], {"low": ["digit_0"]}),
+    (["generator.class_groups.low=[digit_0]"], {"low": ["digit_0"]}),
+    (["generator.class_groups.low=[digit_0]", "generator.class_groups={b:[digit_1]}"], {"b": ["digit_1"]}),
+], ids=["map", "alias", "one-group", "later-map-replaces"])
+def test_class_groups_override_works_as_documented(argv, want, tmp_path, capsys):
+    import yaml
+
+    code, out, err = run_cli("train", [*argv, "--cfg", "job"], tmp_path, capsys)
+    assert code == 0, err
+    assert yaml.safe_load(out)["generator"]["class_groups"] == want
+
+
+@pytest.mark.slow
+def test_mlflow_staging_on_a_full_tmpdir_is_one_line_when_required(project, tmp_path, capsys, monkeypatch):
+    """Artifacts are staged (hard link or copy) in TMPDIR before upload: TMPDIR full is a tracking
+    failure like any other: one line with tracking.required=true, and the run's files are kept."""
+    import tempfile
+
+    sandbox = tmp_path / "p"
+    shutil.copytree(project, sandbox)
+    uri = f"sqlite:///{sandbox / 'mlflow.db'}"
+    from feda2v.config import load_config
+    from feda2v.tracking import make_tracker
+
+    before = digest([sandbox])  # the MLflow store below records this run: it is meant to change
+    make_tracker(load_config({"tracking": {"uri": uri}}))  # the store exists (its INFO lines are not this case's)
+    capsys.readouterr()
+    mounts = Mounts()
+    try:
+        full = mounts.full(tmp_path / "tmpdir")
+        monkeypatch.setattr(tempfile, "tempdir", str(full))
+        code, out, err = run_cli("train", ["tracking=sqlite", "tracking.required=true",
+                                           f"tracking.uri={uri}",
+                                           "checkpoint.dir=ck_new", "train.reports_dir=rep_new"],
+                                    sandbox, capsys)
+        after = digest([sandbox])
+    finally:
+        mounts.close()
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and "staging artifact" in lines[0], err
+    assert "No space left on device" in lines[0]
+    assert not [p for p, h in before.items() if after.get(p) != h]
+    assert (sandbox / "ck_new" / "latest.ckpt").is_file()  # training's own output is kept

@@ -69,7 +69,7 @@ def test_flatten_uses_dotted_keys_and_yaml_spelling():
     assert flat == {"a.b.c": "1", "a.d": "true", "l": "[0.9, 0.999]", "e": "{}", "n": "null"}
     cfg = _cfg()
     flat = flatten(cfg)
-    assert flat["generator.optimizer.lr"] == str(cfg.generator.optimizer.lr)
+    assert flat["generator.optimizer.eps"] == str(cfg.generator.optimizer.eps)
     assert flat["tracking.uri"] == "sqlite:///mlflow.db"
     assert flat["seed"] == "3"
     assert all(isinstance(v, str) for v in flat.values())

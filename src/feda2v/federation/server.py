@@ -20,6 +20,7 @@ from feda2v.federation.node import accuracy, node_name, train_classifier, train_
 from feda2v.models.classifier import Classifier
 from feda2v.seeding import numpy_generator, torch_generator
 from feda2v.store import GeneratorStore, StoreSpec
+from feda2v.store.device import resolve_device
 
 
 # Per-round losses that do not depend on the key layout, so runs of any granularity and generator
@@ -73,20 +74,22 @@ class Federation:
             raise ConfigError("federation.mode=full needs sharing=shared or fedavg: "
                               "with sharing=local no server-side generator exists to distil from")
         self.cfg, self.data = cfg, data
+        self.device = resolve_device(cfg.train.device)  # node data stays on the host; visits move it
         self.classes = list(data.classes)
         self.spec = StoreSpec.from_config(cfg, classes=self.classes, feature_dim=data.feature_dim,
                                           condition_dim=data.condition_dim)
         names = [node_name(n.node_id) for n in data.nodes]
         self.stores: dict[str, GeneratorStore] = {}
         if fed.sharing in ("shared", "fedavg"):
-            self.stores["server"] = GeneratorStore(self.spec, data.conditions)
+            self.stores["server"] = GeneratorStore(self.spec, data.conditions, device=self.device)
         if fed.sharing in ("local", "fedavg"):
             for name in names:
-                self.stores[name] = GeneratorStore(self.spec, data.conditions)
+                self.stores[name] = GeneratorStore(self.spec, data.conditions, device=self.device)
         self.classifier = None
         if fed.mode == "full":
             self.classifier = Classifier(data.feature_dim, len(self.classes), fed.classifier_hidden)
             self.classifier.init_seeded(cfg.seed, "classifier")
+            self.classifier.to(self.device)
         self.round = 0  # rounds completed
 
     # -- routing -------------------------------------------------------------------------

@@ -155,22 +155,27 @@ class Progress:
 # Wall-clock figures: MLflow and train.timing_path (untracked) only, never a DVC output, so two
 # identical runs write identical outputs (and dvc.lock).
 TIMING = ("round_seconds", "train_step_seconds", "engine_overhead_share", "train_wall_seconds")
+MAIN_LOSSES = ("loss", "g_loss", "d_loss")
 
 
 def split_summary(summary: dict) -> tuple[dict, dict]:
-    """(train_metrics.json, timing): the DVC metrics hold the last round's losses averaged over keys
-    (``gen/<metric>``; per key they are in reports/train/round_losses.csv, a plot), accuracies,
-    resets and rounds - a few columns in ``dvc metrics show`` whatever the granularity."""
+    """(train_metrics.json, timing). The DVC metrics are few, so `dvc metrics show` fits 120
+    columns whatever the granularity: the last round's main losses averaged over keys
+    (``gen/loss``, or ``gen/g_loss`` and ``gen/d_loss``; every loss per key is in
+    reports/train/round_losses.csv, a plot, and in MLflow), full mode's accuracies, the resets."""
     metrics, timing, per_key = {}, {}, {}
     for name, v in summary.items():
         if name in TIMING:
             timing[name] = v
         elif name.startswith("gen/"):
-            per_key.setdefault(name.split("/")[1], []).append(v)
-        else:
+            metric = name.split("/")[1]
+            if metric in MAIN_LOSSES:
+                per_key.setdefault(metric, []).append(v)
+        elif name.startswith("acc/"):
             metrics[name] = v
     for metric, values in per_key.items():
         metrics[f"gen/{metric}"] = sum(values) / len(values)
+    metrics["resets"] = summary.get("resets_total", 0)
     return metrics, timing
 
 
@@ -191,6 +196,11 @@ def train(cfg) -> dict:
     from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags, unique_run_name
     from feda2v.tracking.tags import prepared_dataset
 
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    # An absent device is one line before anything is read or written; on CUDA the trainer sets
+    # the determinism switches (incl. CUBLAS_WORKSPACE_CONFIG) before the first kernel runs.
+    configure_determinism(resolve_device(cfg.train.device))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
