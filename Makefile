@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro lock plots exp test test-fast bench compare clean
+.PHONY: setup repro lock plots exp test test-fast bench compare compare-generators clean
 
 setup:
 	@scripts/setup.sh
@@ -40,6 +40,9 @@ bench: setup
 
 compare: setup
 	python scripts/compare.py
+
+compare-generators: setup
+	python scripts/compare_generators.py
 
 clean:
 	rm -rf data/prepared data/cache checkpoints reports/train reports/profile reports/timing reports/multirun reports/dvc_plots
