@@ -51,7 +51,7 @@ def main() -> int:
             accs.append(down["global_acc_distilled"])  # == global_acc_fedavg when distill=false
             if "federation.distill=true" in over:  # the generator's own quality, where it is used
                 sh(str(BIN / "feda2v-evaluate"), *args)
-                tstr.append(json.loads((run_dir / "eval" / "metrics.json").read_text())["overall"]["tstr_acc"])
+                tstr.append(json.loads((run_dir / "eval" / "evaluation.json").read_text())["overall"]["tstr_acc"])
         rows[name] = {"global_acc": accs, "tstr_acc": tstr}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -132,3 +132,16 @@ def test_checkpoint_tensors_are_cpu_and_read_onto_a_chosen_device(tmp_path):
                     assert v.device == p.device
     bt, _ = back.state_dict()
     assert all(torch.equal(tensors[n], bt[n]) for n in tensors)
+
+
+@pytest.mark.parametrize("type_", ["vae", "cvae", "gan"])
+def test_a_step_draws_no_default_rng(type_):
+    """All randomness comes from the explicit host generators passed in, so a device's default
+    generator never decides a result (and needs no capturing for exact resume)."""
+    s = GeneratorStore(spec(type=type_), torch.eye(3))
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
+    before = torch.get_rng_state()
+    s.train_batch(x, torch.arange(9) % 3, gen=torch.Generator().manual_seed(0), node="n", round=0)
+    s.sample(torch.arange(3), gen=torch.Generator().manual_seed(1))
+    s.reset("class/a", node="n", round=0)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -32,6 +32,9 @@ BASE = ["data=digits", "data.nodes=3", "data.condition=onehot", "data.max_sample
         "evaluate.samples_per_class=20", "evaluate.knn_k=3"]
 
 
+LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train"]
+
+
 def _main(cmd: str):
     if cmd == "prepare":
         from feda2v.cli.prepare import main
@@ -329,6 +332,14 @@ CASES: list[Case] = [
     Case("resume-read-only-checkpoints", "train",
          lambda s, m: ["federation.rounds=3", "train.resume=latest", *_read_only("checkpoint.dir", "checkpoints")(s, m)],
          "Read-only file system"),
+    # (these fail after training: the run's own checkpoints and reports go to new folders)
+    Case("profiler-on-full-disk", "train", lambda s, m: [
+        *LATE, "profiler=enabled", "profiler.wait=0", "profiler.warmup=1", "profiler.active=1",
+        f"profiler.dir={m.full(s / 'full')}"], "No space left on device"),
+    Case("metrics-path-under-a-file", "train", lambda s, m: [*LATE, *_under_file("train.metrics_path", "m.json")(s, m)],
+         "a_file"),
+    Case("timing-path-is-a-directory", "train", lambda s, m: [*LATE, f"train.timing_path={s / 'reports'}"],
+         "Is a directory"),
     # --- evaluate -------------------------------------------------------------------------------
     Case("evaluate-missing-checkpoint", "evaluate", ["evaluate.checkpoint=nowhere.ckpt"], "nowhere.ckpt"),
     Case("evaluate-checkpoint-is-a-dir", "evaluate", ["evaluate.checkpoint=reports"], "reports"),
@@ -347,6 +358,8 @@ CASES: list[Case] = [
     Case("evaluate-reports-read-only", "evaluate", lambda s, m: [
         f"train.reports_dir={s / 'reports' / 'train'}", *_read_only("evaluate.reports_dir", "reports")(s, m)],
          "Read-only file system"),
+    Case("evaluate-plots-dir-is-a-file", "evaluate", lambda s, m: (
+        shutil.rmtree(s / "reports" / "plots"), _write(s / "reports" / "plots", "x"), [])[2], "plots"),
     Case("evaluate-torn-losses", "evaluate",
          _losses("round,node,key,metric,value\n1,node_0,unified,loss,0.5\n1,node_1,unif"), "losses.csv"),
     Case("evaluate-losses-other-columns", "evaluate", _losses("a,b\n1,2\n"), "losses.csv"),
@@ -555,3 +568,36 @@ def test_class_groups_override_works_as_documented(argv, want, tmp_path, capsys)
     code, out, err = run_cli("train", [*argv, "--cfg", "job"], tmp_path, capsys)
     assert code == 0, err
     assert yaml.safe_load(out)["generator"]["class_groups"] == want
+
+
+@pytest.mark.slow
+def test_mlflow_staging_on_a_full_tmpdir_is_one_line_when_required(project, tmp_path, capsys, monkeypatch):
+    """Artifacts are staged (hard link or copy) in TMPDIR before upload: TMPDIR full is a tracking
+    failure like any other: one line with tracking.required=true, and the run's files are kept."""
+    import tempfile
+
+    sandbox = tmp_path / "p"
+    shutil.copytree(project, sandbox)
+    uri = f"sqlite:///{sandbox / 'mlflow.db'}"
+    from feda2v.config import load_config
+    from feda2v.tracking import make_tracker
+
+    before = digest([sandbox])  # the MLflow store below records this run: it is meant to change
+    make_tracker(load_config({"tracking": {"uri": uri}}))  # the store exists (its INFO lines are not this case's)
+    capsys.readouterr()
+    mounts = Mounts()
+    try:
+        full = mounts.full(tmp_path / "tmpdir")
+        monkeypatch.setattr(tempfile, "tempdir", str(full))
+        code, out, err = run_cli("train", ["tracking=sqlite", "tracking.required=true",
+                                           f"tracking.uri={uri}",
+                                           "checkpoint.dir=ck_new", "train.reports_dir=rep_new"],
+                                    sandbox, capsys)
+        after = digest([sandbox])
+    finally:
+        mounts.close()
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and "staging artifact" in lines[0], err
+    assert "No space left on device" in lines[0]
+    assert not [p for p, h in before.items() if after.get(p) != h]
+    assert (sandbox / "ck_new" / "latest.ckpt").is_file()  # training's own output is kept

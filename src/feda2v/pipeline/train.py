@@ -160,22 +160,27 @@ class Progress:
 # Wall-clock figures: MLflow and train.timing_path (untracked) only, never a DVC output, so two
 # identical runs write identical outputs (and dvc.lock).
 TIMING = ("round_seconds", "train_step_seconds", "engine_overhead_share", "train_wall_seconds")
+MAIN_LOSSES = ("loss", "g_loss", "d_loss")
 
 
 def split_summary(summary: dict) -> tuple[dict, dict]:
-    """(train_metrics.json, timing): the DVC metrics hold the last round's losses averaged over keys
-    (``gen/<metric>``; per key they are in reports/train/round_losses.csv, a plot), accuracies,
-    resets and rounds - a few columns in ``dvc metrics show`` whatever the granularity."""
+    """(train_metrics.json, timing). The DVC metrics are few, so `dvc metrics show` fits 120
+    columns whatever the granularity: the last round's main losses averaged over keys
+    (``gen/loss``, or ``gen/g_loss`` and ``gen/d_loss``; every loss per key is in
+    reports/train/round_losses.csv, a plot, and in MLflow), full mode's accuracies, the resets."""
     metrics, timing, per_key = {}, {}, {}
     for name, v in summary.items():
         if name in TIMING:
             timing[name] = v
         elif name.startswith("gen/"):
-            per_key.setdefault(name.split("/")[1], []).append(v)
-        else:
+            metric = name.split("/")[1]
+            if metric in MAIN_LOSSES:
+                per_key.setdefault(metric, []).append(v)
+        elif name.startswith("acc/"):
             metrics[name] = v
     for metric, values in per_key.items():
         metrics[f"gen/{metric}"] = sum(values) / len(values)
+    metrics["resets"] = summary.get("resets_total", 0)
     return metrics, timing
 
 
@@ -266,7 +271,8 @@ def _train(cfg, stop, last: dict) -> dict:
     from feda2v.federation.engine import make_engine
     from feda2v.federation.server import Federation
     from feda2v.profiling import StepProfiler
-    from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
+    from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags, unique_run_name
+    from feda2v.tracking.tags import prepared_dataset
 
     from feda2v.store.device import configure_determinism, resolve_device
 
@@ -297,9 +303,10 @@ def _train(cfg, stop, last: dict) -> dict:
 
     tracker = make_tracker(cfg)  # raises before training when tracking.required and unreachable
     name = default_run_name(cfg)
-    tracker.start(name, params=flatten(run_params(cfg)),
+    tracker.start(unique_run_name(cfg, resumed=bool(resumed_from)), params=flatten(run_params(cfg)),
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
+    tracker.log_dataset(**prepared_dataset(data, cfg.data.prepared_dir, cfg.data.name), context="training")
     status = "FAILED"
     progress = None
     summary: dict = {}
@@ -322,7 +329,7 @@ def _train(cfg, stop, last: dict) -> dict:
                         losses.commit()
                         if downstream is not None:
                             atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
-                    tracker.log_artifact(str(path), "checkpoints")
+                    tracker.log_checkpoint(path)  # now or at the end: tracking.upload_checkpoints
                 progress.round_done(result)
                 summary = dict(result.metrics)
         summary["rounds"] = rounds

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,7 @@ def derive_plan(run: LegacyRun, arch: Architecture, opts: Options) -> Plan:
     gran = _granularity(run, user)
     key_of, classes, class_groups = _keys_and_classes(run, gran, user, prepared)
     dims = arch.sizes
-    cfgd: dict = {k: v for k, v in user.items()}
+    cfgd: dict = copy.deepcopy(dict(user))  # the user's overrides stay as given (conflict checks read them)
     _set(cfgd, "generator.type", arch.type, user=user)
     _set(cfgd, "generator.arch", arch.arch, user=user)
     _set(cfgd, "generator.granularity", gran, user=user)
@@ -243,6 +244,8 @@ def derive_plan(run: LegacyRun, arch: Architecture, opts: Options) -> Plan:
     if class_groups is not None:
         cfgd.setdefault("generator", {})["class_groups"] = class_groups
     _set(cfgd, "federation.mode", "generator_only", user=user)
+    for dotted, value in arch.layouts[GENERATOR].implies:  # e.g. the published GAN update rule
+        _set(cfgd, dotted, value, user=user)
     # one store held by the server: the layout a migrated file has (client files included)
     _set(cfgd, "federation.sharing", "shared", user=user)
     if arch.arch == "fedgfe_multimodal" and run.get("diffusion_type") == "flux":
