@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro lock plots test test-fast bench compare compare-generators clean
+.PHONY: setup repro lock plots exp test test-fast bench compare compare-generators clean
 
 setup:
 	@scripts/setup.sh
@@ -22,6 +22,12 @@ lock: setup
 # The DVC plots as one page that needs no network (vega scripts inlined): reports/dvc_plots/index.html
 plots: setup
 	python scripts/plots_offline.py
+
+# `dvc exp show` for a 120-column terminal: only what differs between experiments, the headline
+# metrics, no dependency hashes or dates (plain `dvc exp show` has a column per param and dependency)
+exp: setup
+	dvc exp show --no-pager --only-changed --precision 4 \
+	    --drop 'Created|^data/|^checkpoints$$|^reports/|^src/|precision|recall|resets'
 
 test: setup
 	python -m pytest -q
