@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from common import make_batch, make_store, median_time
+from common import make_batch, make_store
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
           torch.ops.aten.baddbmm.default}
@@ -104,15 +104,14 @@ def _flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
-def _gemm_rate(fn, repeats: int) -> float:
-    """GFLOP/s of this machine's float32 GEMMs at the shapes ``fn`` executes, each replayed alone."""
+def _gemm_replay(fn):
+    """(replay, flops): the float32 GEMMs ``fn`` executes, at their shapes, each run alone."""
     rec = _RecordGemms()
     with rec:
         fn()
     operands = [(op, [torch.randn(s) for s in shapes]) for op, shapes in rec.calls]
     replay = lambda: [op(*args) for op, args in operands]  # noqa: E731
-    flops = _flops(replay)
-    return flops / median_time(replay, repeats) / 1e9
+    return replay, _flops(replay)
 
 
 def run(quick: bool = False) -> dict:
@@ -139,8 +138,9 @@ def _run(quick: bool) -> dict:
             store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
             plain_step = lambda: plain(x, c, z)  # noqa: E731
             executed, useful = _flops(store_step), _flops(plain_step)
-            t_store, t_plain = _side_by_side([store_step, plain_step], repeats)
-            rate = _gemm_rate(plain_step, repeats)
+            replay, gemm_flops = _gemm_replay(plain_step)
+            t_store, t_plain, t_gemm = _side_by_side([store_step, plain_step, replay], repeats)
+            rate = gemm_flops / t_gemm / 1e9
             table.append({"type": gtype, "batch": b, "store_ms": t_store * 1e3, "plain_ms": t_plain * 1e3,
                           "store_over_plain": t_store / t_plain, "useful_gflop": useful / 1e9,
                           "executed_gflop": executed / 1e9, "executed_over_useful": executed / useful,
