@@ -32,7 +32,8 @@ BASE = ["data=digits", "data.nodes=3", "data.condition=onehot", "data.max_sample
         "evaluate.samples_per_class=20", "evaluate.knn_k=3"]
 
 
-LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train"]
+LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train", "train.metrics_path=rep_new/m.json",
+        "train.timing_path=rep_new/t.json"]
 
 
 def _main(cmd: str):
@@ -322,7 +323,8 @@ CASES: list[Case] = [
     # --- train's write paths ------------------------------------------------------------------
     Case("reports-dir-is-a-file", "train", _file("train.reports_dir"), "a_file"),
     Case("reports-dir-under-a-file", "train", _under_file("train.reports_dir"), "a_file"),
-    Case("profiler-dir-is-a-file-enabled", "train", lambda s, m: ["profiler=enabled", *_file("profiler.dir")(s, m)],
+    Case("profiler-dir-is-a-file-enabled", "train",
+         lambda s, m: [*LATE, "profiler=enabled", *_file("profiler.dir")(s, m)],
          "a_file"),
     Case("checkpoint-dir-is-a-file", "train", _file("checkpoint.dir"), "a_file"),
     Case("reports-on-full-disk", "train", _full("train.reports_dir"), "No space left on device"),
@@ -526,7 +528,8 @@ def test_resume_over_a_torn_loss_report_rebuilds_it(project, tmp_path, capsys):
     dropped with a note; resume continues and the report holds every row it could verify."""
     straight = tmp_path / "straight"
     shutil.copytree(project, straight)
-    code, _, err = run_cli("train", ["federation.rounds=3", "checkpoint.dir=ck3"], straight, capsys)
+    code, _, err = run_cli("train", ["federation.rounds=3", "checkpoint.dir=ck3", "train.start_over=true"],
+                           straight, capsys)
     assert code == 0, err
     want = _rows(straight / "reports" / "train" / "losses.csv")
 
@@ -590,14 +593,12 @@ def test_mlflow_staging_on_a_full_tmpdir_is_one_line_when_required(project, tmp_
         full = mounts.full(tmp_path / "tmpdir")
         monkeypatch.setattr(tempfile, "tempdir", str(full))
         code, out, err = run_cli("train", ["tracking=sqlite", "tracking.required=true",
-                                           f"tracking.uri={uri}",
-                                           "checkpoint.dir=ck_new", "train.reports_dir=rep_new"],
-                                    sandbox, capsys)
+                                           f"tracking.uri={uri}", *LATE], sandbox, capsys)
         after = digest([sandbox])
     finally:
         mounts.close()
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and "staging artifact" in lines[0], err
-    assert "No space left on device" in lines[0]
+    assert "No space left on device" in lines[0], lines[0]
     assert not [p for p, h in before.items() if after.get(p) != h]
     assert (sandbox / "ck_new" / "latest.ckpt").is_file()  # training's own output is kept
