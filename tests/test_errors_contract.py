@@ -32,6 +32,10 @@ BASE = ["data=digits", "data.nodes=3", "data.condition=onehot", "data.max_sample
         "evaluate.samples_per_class=20", "evaluate.knn_k=3"]
 
 
+LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train", "train.metrics_path=rep_new/m.json",
+        "train.timing_path=rep_new/t.json"]
+
+
 def _main(cmd: str):
     if cmd == "prepare":
         from feda2v.cli.prepare import main
@@ -319,7 +323,8 @@ CASES: list[Case] = [
     # --- train's write paths ------------------------------------------------------------------
     Case("reports-dir-is-a-file", "train", _file("train.reports_dir"), "a_file"),
     Case("reports-dir-under-a-file", "train", _under_file("train.reports_dir"), "a_file"),
-    Case("profiler-dir-is-a-file-enabled", "train", lambda s, m: ["profiler=enabled", *_file("profiler.dir")(s, m)],
+    Case("profiler-dir-is-a-file-enabled", "train",
+         lambda s, m: [*LATE, "profiler=enabled", *_file("profiler.dir")(s, m)],
          "a_file"),
     Case("checkpoint-dir-is-a-file", "train", _file("checkpoint.dir"), "a_file"),
     Case("reports-on-full-disk", "train", _full("train.reports_dir"), "No space left on device"),
@@ -329,6 +334,14 @@ CASES: list[Case] = [
     Case("resume-read-only-checkpoints", "train",
          lambda s, m: ["federation.rounds=3", "train.resume=latest", *_read_only("checkpoint.dir", "checkpoints")(s, m)],
          "Read-only file system"),
+    # (these fail after training: the run's own checkpoints and reports go to new folders)
+    Case("profiler-on-full-disk", "train", lambda s, m: [
+        *LATE, "profiler=enabled", "profiler.wait=0", "profiler.warmup=1", "profiler.active=1",
+        f"profiler.dir={m.full(s / 'full')}"], "No space left on device"),
+    Case("metrics-path-under-a-file", "train", lambda s, m: [*LATE, *_under_file("train.metrics_path", "m.json")(s, m)],
+         "a_file"),
+    Case("timing-path-is-a-directory", "train", lambda s, m: [*LATE, f"train.timing_path={s / 'reports'}"],
+         "Is a directory"),
     # --- evaluate -------------------------------------------------------------------------------
     Case("evaluate-missing-checkpoint", "evaluate", ["evaluate.checkpoint=nowhere.ckpt"], "nowhere.ckpt"),
     Case("evaluate-checkpoint-is-a-dir", "evaluate", ["evaluate.checkpoint=reports"], "reports"),
@@ -347,6 +360,8 @@ CASES: list[Case] = [
     Case("evaluate-reports-read-only", "evaluate", lambda s, m: [
         f"train.reports_dir={s / 'reports' / 'train'}", *_read_only("evaluate.reports_dir", "reports")(s, m)],
          "Read-only file system"),
+    Case("evaluate-plots-dir-is-a-file", "evaluate", lambda s, m: (
+        shutil.rmtree(s / "reports" / "plots"), _write(s / "reports" / "plots", "x"), [])[2], "plots"),
     Case("evaluate-torn-losses", "evaluate",
          _losses("round,node,key,metric,value\n1,node_0,unified,loss,0.5\n1,node_1,unif"), "losses.csv"),
     Case("evaluate-losses-other-columns", "evaluate", _losses("a,b\n1,2\n"), "losses.csv"),
@@ -513,7 +528,8 @@ def test_resume_over_a_torn_loss_report_rebuilds_it(project, tmp_path, capsys):
     dropped with a note; resume continues and the report holds every row it could verify."""
     straight = tmp_path / "straight"
     shutil.copytree(project, straight)
-    code, _, err = run_cli("train", ["federation.rounds=3", "checkpoint.dir=ck3"], straight, capsys)
+    code, _, err = run_cli("train", ["federation.rounds=3", "checkpoint.dir=ck3", "train.start_over=true"],
+                           straight, capsys)
     assert code == 0, err
     want = _rows(straight / "reports" / "train" / "losses.csv")
 
@@ -577,14 +593,12 @@ def test_mlflow_staging_on_a_full_tmpdir_is_one_line_when_required(project, tmp_
         full = mounts.full(tmp_path / "tmpdir")
         monkeypatch.setattr(tempfile, "tempdir", str(full))
         code, out, err = run_cli("train", ["tracking=sqlite", "tracking.required=true",
-                                           f"tracking.uri={uri}",
-                                           "checkpoint.dir=ck_new", "train.reports_dir=rep_new"],
-                                    sandbox, capsys)
+                                           f"tracking.uri={uri}", *LATE], sandbox, capsys)
         after = digest([sandbox])
     finally:
         mounts.close()
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and "staging artifact" in lines[0], err
-    assert "No space left on device" in lines[0]
+    assert "No space left on device" in lines[0], lines[0]
     assert not [p for p, h in before.items() if after.get(p) != h]
     assert (sandbox / "ck_new" / "latest.ckpt").is_file()  # training's own output is kept

@@ -621,3 +621,24 @@ def test_cli_without_prepared_says_how_to_resume(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("feda2v: error: ") and err.count("\n") == 1 and "--bogus" in err
+
+
+def test_published_vae_initialises_like_published_also_on_reset():
+    """FedgfeVAE's init (construction and store resets) is the published one: Xavier-normal(gain 0.1)
+    weights, zero biases; the other published classes use torch's default bounds, as this project does."""
+    from feda2v.config import load_config
+    from feda2v.store import GeneratorStore, StoreSpec
+
+    cfg = load_config({"generator": {"type": "vae", "arch": "fedgfe", "hidden_dim": 256, "latent_dim": 8},
+                       "data": {"condition": "onehot"}})
+    store = GeneratorStore(StoreSpec.from_config(cfg, classes=CLASSES, feature_dim=512, condition_dim=10), torch.eye(10))
+    before = None
+    for state in ("built", "reset"):
+        m = store.module("unified")
+        w, b = m.encoder[0].weight.detach().clone(), m.encoder[0].bias.detach()
+        assert torch.count_nonzero(b) == 0
+        want = 0.1 * (2.0 / (512 + 256)) ** 0.5
+        assert abs(float(w.std()) / want - 1) < 0.02 and abs(float(w.mean())) < want / 10
+        assert before is None or not torch.equal(before, w)  # a reset redraws (seeded)
+        before = w
+        store.reset("unified", node="node0", round=1)

@@ -359,6 +359,9 @@ def evaluate(cfg) -> dict:
 
     report_path = out / "report.md"
     outputs["report"] = report_path
+    # What MLflow did (run id, reachable or not, restored-from-cache checkpoints without provenance)
+    # is not part of the evaluation: report.md, a DVC output, is written before it and never says;
+    # the returned notes do (the CLI prints them).
     atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     flat = flatten({k: v for k, v in metrics.items() if k != "round"})
     run_id = header.get("mlflow_run_id") or (header.get("provenance") or {}).get("mlflow_run_id")
@@ -367,10 +370,6 @@ def evaluate(cfg) -> dict:
     _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes,
                    # its own name: MLflow keeps one context per (dataset, run), training's
                    prepared_dataset(prepared, cfg.data.prepared_dir, f"{cfg.data.name}/test"))
-    # The copy on disk also says what happened with MLflow, but not the run id: report.md is a DVC
-    # output, and two identical runs must write the same bytes (the returned notes keep the id).
-    shown = [n.replace(f"run {run_id}", "the checkpoint's MLflow run") for n in notes] if run_id else notes
-    atomic_write_text(report_path, report.render(metrics, info, outputs, out, shown))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
 
 

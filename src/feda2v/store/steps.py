@@ -23,6 +23,7 @@ from feda2v.models.losses import (
     vae_kl_per_sample,
     vae_recon_per_sample,
 )
+from feda2v.models.functional import StackedParams
 from feda2v.store.grouping import Grouping
 from feda2v.store.optim import grouped_step, step_tensor
 
@@ -75,7 +76,7 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
              node: str, round_: int, *, gen: torch.Generator | None = None) -> dict[str, dict[str, float]]:
     with record_function("generator_step/forward"):
         template = store._modules[keys[0], GENERATOR]
-        params = store._stacked(keys, GENERATOR)
+        params = store._stacked(grp.active, GENERATOR)
         # gen: the batch's generator, for architectures with dropout (drawn after the noise)
         recon, mu, logvar = template.forward_stacked(params, xs, cs, eps, gen=gen)
         rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
@@ -126,21 +127,29 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
     n = xs.shape[1]
     with record_function("generator_step/forward"):
-        g_params = store._stacked(keys, GENERATOR, grad=keep_fake)
+        g_params = store._stacked(grp.active, GENERATOR, grad=keep_fake)
         if keep_fake:
             fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         else:
             with torch.no_grad():
                 fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
-        d_params = store._stacked(keys, DISCRIMINATOR)
-        real = xs.detach().requires_grad_(True) if gs.r1_gamma > 0 else xs
-        logits = d_tmpl.forward_stacked(d_params, torch.cat([real, fake.detach()], 1), torch.cat([cs, cs], 1), gen=gen)
-        real_logit, fake_logit = logits[:, :n], logits[:, n:]
+        d_params = StackedParams(store._stacked(grp.active, DISCRIMINATOR))
+        if gs.r1_gamma > 0:  # real and fake apart: R1's input-gradient pass then runs over the real half only
+            real = xs.detach().requires_grad_(True)
+            real_logit = d_tmpl.forward_stacked(d_params, real, cs, gen=gen)
+            fake_logit = d_tmpl.forward_stacked(d_params, fake.detach(), cs, gen=gen)
+        else:  # one D forward over both halves
+            logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake.detach()], 1), torch.cat([cs, cs], 1), gen=gen)
+            real_logit, fake_logit = logits[:, :n], logits[:, n:]
         per_sample = gan_d_loss_per_sample(real_logit, fake_logit, gs.loss)
         if gs.r1_gamma > 0:
             # R1 (Mescheder et al., 2018): penalise D's gradient on real data, which pulls D's
             # landscape flat around the data and makes the alternating game converge locally.
-            (grad_real,) = torch.autograd.grad((real_logit * grp.mask).sum(), real, create_graph=True)
+            d_params.input_grads_only = True  # this pass needs D's input gradient, not its weights'
+            try:
+                (grad_real,) = torch.autograd.grad((real_logit * grp.mask).sum(), real, create_graph=True)
+            finally:
+                d_params.input_grads_only = False
             per_sample = per_sample + (0.5 * gs.r1_gamma) * r1_per_sample(grad_real)
         d_loss = grp.masked_mean(per_sample)
     raise_non_finite(d_loss, keys, node, round_, "discriminator loss")
@@ -157,11 +166,11 @@ def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, z
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
     with record_function("generator_step/forward"):
         if kept is None:
-            g_params = store._stacked(keys, GENERATOR)
+            g_params = store._stacked(grp.active, GENERATOR)
             fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         else:
             fake, g_params = kept
-        d_params = store._stacked(keys, DISCRIMINATOR, grad=False)  # D constant: no D weight grads
+        d_params = store._stacked(grp.active, DISCRIMINATOR, grad=False)  # D constant: no D weight grads
         logit = d_tmpl.forward_stacked(d_params, fake, cs, gen=gen)
         g_loss = grp.masked_mean(gan_g_loss_per_sample(logit, store.spec.gan.loss))
     raise_non_finite(g_loss, keys, node, round_, "generator loss")
@@ -191,8 +200,8 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_, gen) -> dict[s
     gs = store.spec.gan
     with record_function("generator_step/forward"):
         g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
-        g_params = store._stacked(keys, GENERATOR)
-        d_params = store._stacked(keys, DISCRIMINATOR)
+        g_params = store._stacked(grp.active, GENERATOR)
+        d_params = store._stacked(grp.active, DISCRIMINATOR)
         fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         n = xs.shape[1]
         logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1), gen=gen)
