@@ -1,8 +1,7 @@
-"""The federation's state and one round of it: ownership modes, routing, aggregation, distillation.
+"""The federation's state and one round of it: routing, aggregation, distillation.
 
-Ownership (DESIGN.md): ``shared`` -> one store held by the server, lent to nodes in turn (relay);
-``local`` -> one store per node; ``fedavg`` -> each node trains its own copy (its optimizer state stays
-with the node), the server averages parameters per key, weighted by the samples each node trained on.
+Which stores exist, which one a node trains and what happens around a round's visits belong to the
+sharing mode (``federation/sharing.py``); this module only asks it.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch
 from feda2v.errors import ConfigError
 from feda2v.federation.aggregate import average_state
 from feda2v.federation.node import accuracy, node_name, train_classifier, train_generators
+from feda2v.federation.sharing import sharing_mode
 from feda2v.models.classifier import Classifier
 from feda2v.seeding import numpy_generator, torch_generator
 from feda2v.store import GeneratorStore, StoreSpec
@@ -37,20 +37,17 @@ class Federation:
 
     def __init__(self, cfg, data):
         fed = cfg.federation
-        if fed.mode == "full" and fed.sharing == "local":
-            raise ConfigError("federation.mode=full needs sharing=shared or fedavg: "
-                              "with sharing=local no server-side generator exists to distil from")
+        self.sharing = sharing_mode(fed.sharing)
+        if fed.mode == "full" and not self.sharing.has_server_store:
+            raise ConfigError(f"federation.mode=full needs sharing=shared or fedavg: with "
+                              f"sharing={self.sharing.name} no server-side generator exists to distil from")
         self.cfg, self.data = cfg, data
         self.classes = list(data.classes)
         self.spec = StoreSpec.from_config(cfg, classes=self.classes, feature_dim=data.feature_dim,
                                           condition_dim=data.condition_dim)
         names = [node_name(n.node_id) for n in data.nodes]
-        self.stores: dict[str, GeneratorStore] = {}
-        if fed.sharing in ("shared", "fedavg"):
-            self.stores["server"] = GeneratorStore(self.spec, data.conditions)
-        if fed.sharing in ("local", "fedavg"):
-            for name in names:
-                self.stores[name] = GeneratorStore(self.spec, data.conditions)
+        self.stores: dict[str, GeneratorStore] = {
+            name: GeneratorStore(self.spec, data.conditions) for name in self.sharing.store_names(names)}
         self.classifier = None
         if fed.mode == "full":
             self.classifier = Classifier(data.feature_dim, len(self.classes), fed.classifier_hidden)
@@ -60,11 +57,11 @@ class Federation:
     # -- routing -------------------------------------------------------------------------
     @property
     def primary_store(self) -> str:
-        """The store evaluate and the MLflow model use: the server's, or node 0's in local mode."""
-        return "server" if "server" in self.stores else next(iter(self.stores))
+        """The store evaluate and the MLflow model use (the sharing mode decides)."""
+        return self.sharing.primary_store(list(self.stores))
 
     def store_name_for(self, node: str) -> str:
-        return "server" if self.cfg.federation.sharing == "shared" else node
+        return self.sharing.store_name_for(node)
 
     def store_for(self, node: str) -> GeneratorStore:
         return self.stores[self.store_name_for(node)]
@@ -94,39 +91,21 @@ class Federation:
         """One round: route participants to stores, train them (``train_visits``, in-process by
         default), then aggregate, distil (full mode) and summarise."""
         t_start = time.perf_counter()
-        fed = self.cfg.federation
         result = RoundResult(round=round_)
         visits = [(nd, self.store_name_for(node_name(nd.node_id))) for nd in self.participants(round_)]
-        if fed.sharing == "fedavg":  # every participant starts from the global parameters
-            global_params = self.stores["server"].parameter_tensors()
-            for _, store_name in visits:
-                self.stores[store_name].load_parameter_tensors(global_params)
+        self.sharing.before_round(self.stores, visits)
         for res in (train_visits or self.train_visits)(round_, visits, on_step):
             result.nodes.append(res)
             result.train_seconds += res.train_seconds
             if on_node is not None:
                 on_node(res)
-        if fed.sharing == "fedavg":
-            self._fedavg_generators(result.nodes)
+        self.sharing.after_round(self.stores, result.nodes)
         if self.classifier is not None:
             result.downstream = self._full_mode_round(round_, [nd for nd, _ in visits])
         self.round = round_
         result.wall_seconds = time.perf_counter() - t_start
         result.metrics = self._round_metrics(result)
         return result
-
-    def _fedavg_generators(self, node_results) -> None:
-        server = self.stores["server"]
-        merged = server.parameter_tensors()
-        node_params = {r.node: self.stores[r.node].parameter_tensors() for r in node_results}
-        for key in server.keys:
-            trained = [(r.node, r.samples_per_key[key]) for r in node_results if r.samples_per_key.get(key)]
-            if not trained:
-                continue  # nobody trained this key: keep the global parameters
-            names = [n for n in merged if n.startswith(key + "/")]
-            states = [{n: node_params[node][n] for n in names} for node, _ in trained]
-            merged.update(average_state(states, [w for _, w in trained]))
-        server.load_parameter_tensors(merged)
 
     def _full_mode_round(self, round_: int, participants) -> dict:
         """FedAvg of node classifiers, then server fine-tuning on synthetic samples per class."""
