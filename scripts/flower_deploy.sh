@@ -93,7 +93,7 @@ packages = ["."]
 publisher = "feda2v"
 
 [tool.flwr.app.components]
-serverapp = "feda2v.federation.flower_app:server_app"
+serverapp = "feda2v.pipeline.flower_job:server_app"
 clientapp = "feda2v.federation.flower_app:client_app"
 
 [tool.flwr.app.config]

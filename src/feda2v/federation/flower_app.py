@@ -24,6 +24,8 @@ import time
 from typing import Callable, Optional
 
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from feda2v.checkpoint.container import checkpoint_bytes, read_checkpoint_bytes
 from feda2v.errors import ConfigError, DataError, Feda2vError
@@ -32,20 +34,6 @@ MSG_TRAIN = "train.generators"  # ClientApp @app.train("generators")
 MSG_QUERY = "query.partition"  # ClientApp @app.query("partition")
 WIRE_KIND = "feda2v-store-message"
 STYPE = "feda2v.checkpoint"  # Array stype: raw checkpoint-container bytes, not .npy
-
-
-def flwr_modules():
-    """Import Flower lazily: it is an optional extra (`pip install -e .[flower]`)."""
-    try:
-        from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-        from flwr.clientapp import ClientApp
-        from flwr.serverapp import Grid, ServerApp
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError(f"federation.engine=flower needs the Flower extra ({e.name} is not installed); "
-                          "install it with: pip install -e '.[flower]' (or use federation.engine=inprocess)") from None
-    return {"Array": Array, "ArrayRecord": ArrayRecord, "ConfigRecord": ConfigRecord, "Context": Context,
-            "Message": Message, "RecordDict": RecordDict, "ClientApp": ClientApp, "Grid": Grid,
-            "ServerApp": ServerApp}
 
 
 # -- wire format ----------------------------------------------------------------------------------
@@ -62,10 +50,10 @@ def decode_store(data: bytes, *, label: str) -> tuple[dict, dict]:
     return tensors, header
 
 
-def _pack(m, blob: bytes, fields: dict):
-    rd = m["RecordDict"]()
-    rd["state"] = m["ArrayRecord"]({"ckpt": m["Array"]("uint8", (len(blob),), STYPE, blob)})
-    rd["task"] = m["ConfigRecord"]({"json": json.dumps(fields, sort_keys=True)})
+def _pack(blob: bytes, fields: dict) -> RecordDict:
+    rd = RecordDict()
+    rd["state"] = ArrayRecord({"ckpt": Array("uint8", (len(blob),), STYPE, blob)})
+    rd["task"] = ConfigRecord({"json": json.dumps(fields, sort_keys=True)})
     return rd
 
 
@@ -123,10 +111,9 @@ def partition_id(context) -> int:
 
 
 def handle_query(msg, context):
-    m = flwr_modules()
-    rd = m["RecordDict"]()
-    rd["node"] = m["ConfigRecord"]({"partition-id": partition_id(context), "pid": os.getpid()})
-    return m["Message"](rd, reply_to=msg)
+    rd = RecordDict()
+    rd["node"] = ConfigRecord({"partition-id": partition_id(context), "pid": os.getpid()})
+    return Message(rd, reply_to=msg)
 
 
 def visit(blob: bytes, task: dict, partition: int) -> tuple[bytes, dict]:
@@ -151,18 +138,15 @@ def visit(blob: bytes, task: dict, partition: int) -> tuple[bytes, dict]:
 
 def handle_train(msg, context):
     """ClientApp @train("generators"): rebuild the lent store from the message, train, send back."""
-    m = flwr_modules()
     blob, task = _unpack(msg.content)
     out, result = visit(blob, task, partition_id(context))
-    return m["Message"](_pack(m, out, {"node_result": result}), reply_to=msg)
+    return Message(_pack(out, {"node_result": result}), reply_to=msg)
 
 
-def build_client_app():
-    m = flwr_modules()
-    app = m["ClientApp"]()
-    app.train("generators")(handle_train)
-    app.query("partition")(handle_query)
-    return app
+# The ClientApp component of `flwr run` (the ServerApp is pipeline/flower_job.py:server_app).
+client_app = ClientApp()
+client_app.train("generators")(handle_train)
+client_app.query("partition")(handle_query)
 
 
 def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
@@ -187,7 +171,6 @@ class GridRounds:
 
     def __init__(self, grid, federation, *, timeout_s: float = 600.0, poll_s: float = 0.01,
                  min_nodes: Optional[int] = None, connect_timeout_s: float = 120.0):
-        self.m = flwr_modules()
         self.grid, self.fed = grid, federation
         self.timeout_s, self.poll_s = timeout_s, poll_s
         self.routes = self._discover(min_nodes or len(federation.data.nodes), connect_timeout_s)
@@ -200,8 +183,7 @@ class GridRounds:
                 raise Feda2vError(f"only {len(ids)} Flower node(s) connected after {wait_s:.0f}s, "
                                   f"the federation needs {need}; start more SuperNodes")
             time.sleep(0.2)
-        msgs = [self.m["Message"](self.m["RecordDict"](), dst_node_id=nid, message_type=MSG_QUERY)
-                for nid in ids]
+        msgs = [Message(RecordDict(), dst_node_id=nid, message_type=MSG_QUERY) for nid in ids]
         routes: dict[int, int] = {}
         for reply in self._exchange(msgs):
             pid = int(reply.content["node"]["partition-id"])
@@ -240,8 +222,8 @@ class GridRounds:
 
         blob = encode_store(store, store_name=store_name, round_=round_, node=node_name(nd.node_id))
         task = make_task(self.fed, nd.node_id, round_, store_name)
-        return self.m["Message"](_pack(self.m, blob, task), dst_node_id=self.routes[nd.node_id],
-                                 message_type=MSG_TRAIN, group_id=str(round_))
+        return Message(_pack(blob, task), dst_node_id=self.routes[nd.node_id],
+                       message_type=MSG_TRAIN, group_id=str(round_))
 
     def _apply(self, reply, store, store_name: str):
         blob, task = _unpack(reply.content)
@@ -255,7 +237,7 @@ class GridRounds:
         """``Federation.run_round``'s node step over Flower; yields NodeResults in visit order.
         Shared relay is sequential (each node trains what the previous one returned); local/fedavg
         visits are independent, so they are sent together and answered in parallel."""
-        if self.fed.cfg.federation.sharing == "shared":
+        if self.fed.sharing.sequential:
             for nd, store_name in visits:
                 store = self.fed.stores[store_name]
                 (reply,) = self._exchange([self._visit_msg(store_name, store, nd, round_)])
@@ -268,51 +250,3 @@ class GridRounds:
     def run_round(self, round_: int, on_node: Optional[Callable[[object], None]] = None):
         """``Federation.run_round`` with node visits over Flower (bit-identical results)."""
         return self.fed.run_round(round_, on_node=on_node, train_visits=self.visits)
-
-
-# -- ServerApp for deployment (`flwr run`): the whole training job runs inside it ------------------
-_ACTIVE = threading.local()
-
-
-def active_grid():
-    """The Grid of the ServerApp this thread runs in (deployment), else None."""
-    return getattr(_ACTIVE, "grid", None)
-
-
-def deployment_main(grid, context) -> None:
-    """`flwr run` entry: run config ``config-json`` = path of a resolved feda2v config (JSON/YAML,
-    paths absolute), optional ``workdir``. Runs ``feda2v.pipeline.train.train`` with this Grid."""
-    from omegaconf import OmegaConf
-
-    from feda2v.config import load_config
-    from feda2v.pipeline.train import train
-
-    path = context.run_config.get("config-json")
-    if not path:
-        raise ConfigError("flwr run needs --run-config 'config-json=\"/abs/path/config.json\"'")
-    raw = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
-    raw.setdefault("federation", {})["engine"] = "flower"
-    cfg = load_config(raw)
-    workdir = context.run_config.get("workdir")
-    if workdir:
-        os.chdir(str(workdir))
-    _ACTIVE.grid = grid
-    try:
-        summary = train(cfg)
-        print(f"feda2v: flower deployment run finished: {json.dumps(summary, sort_keys=True, default=str)}", flush=True)
-    finally:
-        _ACTIVE.grid = None
-
-
-def build_server_app():
-    app = flwr_modules()["ServerApp"]()
-    app.main()(deployment_main)
-    return app
-
-
-# Module attributes for `flwr run` (pyproject [tool.flwr.app.components]); None without Flower.
-try:
-    client_app = build_client_app()
-    server_app = build_server_app()
-except ConfigError:  # pragma: no cover - Flower extra not installed
-    client_app = server_app = None

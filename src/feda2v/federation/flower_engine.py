@@ -7,7 +7,7 @@ Two ways to run:
   it hands the RoundResult to this generator and waits until the caller has checkpointed/logged,
   so the caller sees exactly the in-process engine's interface.
 - deployment (``flwr run`` against a SuperLink): the whole training job runs inside the ServerApp
-  (``flower_app.deployment_main``) and this engine uses that ServerApp's Grid directly.
+  (``pipeline/flower_job.py``), which builds this engine with its Grid (``FlowerEngine(grid=...)``).
 
 Supported: ``federation.mode=generator_only`` with ``sharing`` shared | local | fedavg, all
 bit-identical to the in-process engine (visits are applied in the in-process order). Not supported:
@@ -37,8 +37,9 @@ def check_supported(cfg) -> None:
 class FlowerEngine:
     name = "flower"
 
-    def __init__(self, *, num_cpus: Optional[int] = None, client_cpus: float = 1.0,
+    def __init__(self, *, grid=None, num_cpus: Optional[int] = None, client_cpus: float = 1.0,
                  poll_s: float = 0.005, timeout_s: float = 600.0):
+        self.grid = grid  # a deployment ServerApp's Grid; None = run Flower's simulation runtime
         self.num_cpus = num_cpus
         self.client_cpus = client_cpus
         self.poll_s, self.timeout_s = poll_s, timeout_s
@@ -58,10 +59,8 @@ class FlowerEngine:
         rng = capture_rng()
         from feda2v.federation import flower_app
 
-        flower_app.flwr_modules()  # clear ConfigError now if the extra is missing
-        grid = flower_app.active_grid()
-        if grid is not None:  # inside a deployment ServerApp: talk to the real SuperNodes
-            rounds = flower_app.GridRounds(grid, federation, poll_s=max(self.poll_s, 0.05),
+        if self.grid is not None:  # inside a deployment ServerApp: talk to the real SuperNodes
+            rounds = flower_app.GridRounds(self.grid, federation, poll_s=max(self.poll_s, 0.05),
                                            timeout_s=self.timeout_s)
             for r in range(start_round, end_round + 1):
                 result = rounds.run_round(r, on_node=on_node)
@@ -77,7 +76,8 @@ class FlowerEngine:
         from feda2v.checkpoint import restore_rng
         from feda2v.federation import flower_app
 
-        m = flower_app.flwr_modules()
+        from flwr.serverapp import ServerApp
+
         rng_tensors, rng_json = rng
         results: queue.Queue = queue.Queue()
         go: queue.Queue = queue.Queue()
@@ -94,7 +94,7 @@ class FlowerEngine:
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 results.put(("error", e))
 
-        server_app = m["ServerApp"]()
+        server_app = ServerApp()
         server_app.main()(server_main)
         n_nodes = len(federation.data.nodes)
         cpus = self.num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))

@@ -156,8 +156,9 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg) -> dict:
-    """Run (or resume) the federation; returns the final summary metrics."""
+def train(cfg, engine=None) -> dict:
+    """Run (or resume) the federation; returns the final summary metrics. ``engine``: one built by
+    the caller (the Flower deployment job injects one on its Grid); default from the config."""
     from feda2v.checkpoint import CheckpointManager, capture_rng, read_checkpoint, restore_rng
     from feda2v.data import load_prepared
     from feda2v.federation.engine import make_engine
@@ -168,7 +169,7 @@ def train(cfg) -> dict:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
-    engine = make_engine(cfg.federation.engine)
+    engine = engine or make_engine(cfg.federation.engine)
     seed_globals(cfg.seed)
     federation = Federation(cfg, data)
     manager = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
