@@ -90,10 +90,15 @@ def _check(cfg: DictConfig) -> None:
         "generator.hidden_dim": cfg.generator.hidden_dim,
         "generator.optimizer.lr": cfg.generator.optimizer.lr,
         "data.partition.classes_per_node": cfg.data.partition.classes_per_node,
+        "federation.flower.reply_timeout_s": cfg.federation.flower.reply_timeout_s,
+        "federation.flower.poll_s": cfg.federation.flower.poll_s,
+        "federation.flower.connect_timeout_s": cfg.federation.flower.connect_timeout_s,
     }
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
+    if cfg.federation.flower.retries < 0:
+        raise ConfigError(f"federation.flower.retries must be >= 0, got {cfg.federation.flower.retries}")
     if not cfg.data.partition.alpha > 0:
         raise ConfigError(f"data.partition.alpha must be > 0, got {cfg.data.partition.alpha}")
     if not 0 < cfg.federation.fraction <= 1:

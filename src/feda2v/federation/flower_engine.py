@@ -37,12 +37,11 @@ def check_supported(cfg) -> None:
 class FlowerEngine:
     name = "flower"
 
-    def __init__(self, *, grid=None, num_cpus: Optional[int] = None, client_cpus: float = 1.0,
-                 poll_s: float = 0.005, timeout_s: float = 600.0):
+    def __init__(self, *, grid=None, num_cpus: Optional[int] = None, client_cpus: float = 1.0):
+        """Timeouts, poll interval and the failure policy come from ``federation.flower``."""
         self.grid = grid  # a deployment ServerApp's Grid; None = run Flower's simulation runtime
         self.num_cpus = num_cpus
         self.client_cpus = client_cpus
-        self.poll_s, self.timeout_s = poll_s, timeout_s
         self.startup_seconds: Optional[float] = None  # simulation start -> first node reachable
 
     def run(self, federation, start_round: int, end_round: int,
@@ -60,8 +59,7 @@ class FlowerEngine:
         from feda2v.federation import flower_app
 
         if self.grid is not None:  # inside a deployment ServerApp: talk to the real SuperNodes
-            rounds = flower_app.GridRounds(self.grid, federation, poll_s=max(self.poll_s, 0.05),
-                                           timeout_s=self.timeout_s)
+            rounds = flower_app.GridRounds(self.grid, federation)
             for r in range(start_round, end_round + 1):
                 result = rounds.run_round(r, on_node=on_node)
                 restore_rng(*rng)  # heartbeat/retry threads draw from `random`
@@ -85,7 +83,7 @@ class FlowerEngine:
 
         def server_main(grid, context) -> None:
             try:
-                rounds = flower_app.GridRounds(grid, federation, poll_s=self.poll_s, timeout_s=self.timeout_s)
+                rounds = flower_app.GridRounds(grid, federation)
                 self.startup_seconds = time.perf_counter() - t0
                 for r in range(start_round, end_round + 1):
                     results.put(("round", rounds.run_round(r, on_node=on_node)))

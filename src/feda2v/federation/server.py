@@ -30,6 +30,7 @@ class RoundResult:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     downstream: Optional[dict] = None
+    missing: list = field(default_factory=list)  # participants whose visit was lost (Flower, skip policy)
 
 
 class Federation:
@@ -53,6 +54,7 @@ class Federation:
             self.classifier = Classifier(data.feature_dim, len(self.classes), fed.classifier_hidden)
             self.classifier.init_seeded(cfg.seed, "classifier")
         self.round = 0  # rounds completed
+        self.missing: dict[int, list[str]] = {}  # round -> participants lost in it (engine failure policy)
 
     # -- routing -------------------------------------------------------------------------
     @property
@@ -99,12 +101,18 @@ class Federation:
             result.train_seconds += res.train_seconds
             if on_node is not None:
                 on_node(res)
+        done = {r.node for r in result.nodes}
+        result.missing = [node_name(nd.node_id) for nd, _ in visits if node_name(nd.node_id) not in done]
         self.sharing.after_round(self.stores, result.nodes)
         if self.classifier is not None:
-            result.downstream = self._full_mode_round(round_, [nd for nd, _ in visits])
+            result.downstream = self._full_mode_round(
+                round_, [nd for nd, _ in visits if node_name(nd.node_id) in done])
+        if result.missing:
+            self.missing[round_] = list(result.missing)
         self.round = round_
         result.wall_seconds = time.perf_counter() - t_start
         result.metrics = self._round_metrics(result)
+        result.metrics["nodes_missing"] = float(len(result.missing))
         return result
 
     def _full_mode_round(self, round_: int, participants) -> dict:

@@ -17,7 +17,8 @@ from feda2v.errors import CheckpointError
 
 # Config sections that may differ between a checkpoint and the run resuming it.
 RESUME_FREE = ("federation.rounds", "train", "tracking", "profiler", "checkpoint.every",
-               "checkpoint.keep_last", "checkpoint.dir", "evaluate", "federation.engine")
+               "checkpoint.keep_last", "checkpoint.dir", "evaluate", "federation.engine",
+               "federation.flower")
 
 
 def checkpoint_config(cfg) -> dict:
@@ -56,6 +57,7 @@ def build_header(cfg, meta: dict, data, rng_json: dict, provenance: dict) -> dic
     # engines train bit-identical state, so it lives in the volatile provenance, not the config.
     conf = checkpoint_config(cfg)
     conf["federation"].pop("engine", None)
+    conf["federation"].pop("flower", None)  # Flower's timing and failure policy: operational too
     return {
         "config": conf,
         "round": meta["round"],
