@@ -250,7 +250,8 @@ class GridRounds:
         self.timeout_s = float(self.opts.reply_timeout_s)
         self.poll_s = float(self.opts.poll_s if poll_s is None else poll_s)
         self.routes: dict[int, int] = {}  # partition id -> Flower node id (random; a restart changes it)
-        self._queried: set[int] = set()  # node ids asked for their partition
+        self._queried: set[int] = set()  # node ids that told their partition
+        self._silent: set[int] = set()  # node ids that did not answer the partition query
         n = len(federation.data.nodes)
         self._refresh_routes(need=set(range(n)), wait_s=float(self.opts.connect_timeout_s), strict=True)
         missing = sorted(set(range(n)) - set(self.routes))
@@ -268,13 +269,17 @@ class GridRounds:
         while True:
             ids = set(self.grid.get_node_ids())
             self.routes = {p: nid for p, nid in self.routes.items() if nid in ids}
-            new = sorted(ids - self._queried)
+            # a node that did not answer before is asked again only when a partition is awaited
+            new = sorted(ids - self._queried - (set() if need else self._silent))
             if new:
                 msgs = [Message(RecordDict(), dst_node_id=nid, message_type=MSG_QUERY) for nid in new]
-                for nid, reply in zip(new, self._exchange(msgs, timeout_s=min(self.timeout_s, 30.0))):
-                    self._queried.add(nid)
+                ask_s = max(end - time.monotonic(), min(self.timeout_s, 10.0))
+                for nid, reply in zip(new, self._exchange(msgs, timeout_s=ask_s)):
                     if isinstance(reply, str):
-                        continue  # not answering: not routable now
+                        self._silent.add(nid)
+                        continue
+                    self._queried.add(nid)
+                    self._silent.discard(nid)
                     pid = int(reply.content["node"]["partition-id"])
                     if strict and pid in self.routes:
                         raise ConfigError(f"two Flower nodes claim partition-id {pid}; give each "
