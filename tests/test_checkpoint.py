@@ -76,7 +76,7 @@ def test_round_trip_tensors_and_header(tmp_path):
     got, h = read_checkpoint(tmp_path / "a.ckpt")
     assert_same(tensors, got)
     assert user_header(h) == header
-    assert h["format_version"] == FORMAT_VERSION == 1
+    assert h["format_version"] == FORMAT_VERSION == 2
     assert sorted(h["tensors"]) == sorted(tensors)
     assert verify_checkpoint(tmp_path / "a.ckpt") == h
     # loaded tensors own writable memory
@@ -112,7 +112,7 @@ def test_is_a_real_safetensors_file(tmp_path):
         meta = f.metadata()
     assert set(meta) == {"feda2v"}
     inner = json.loads(meta["feda2v"])
-    assert inner["round"] == 3 and inner["format_version"] == 1
+    assert inner["round"] == 3 and inner["format_version"] == FORMAT_VERSION
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0
@@ -240,7 +240,7 @@ def test_inspect_reports_federation_fields(tmp_path):
     p = tmp_path / "a.ckpt"
     write_checkpoint(p, tensors, header)
     info = inspect_checkpoint(p)
-    assert info["format_version"] == 1
+    assert info["format_version"] == FORMAT_VERSION
     assert info["round"] == 3
     assert info["keys"] == ["unified"]
     assert info["optimizers"] == {"unified/generator": {"step": 7, "lr": 0.001, "weight_decay": 0.01}}
@@ -283,28 +283,41 @@ def test_diff_identical_and_different(tmp_path):
     assert not any("sha256" in x for x in d)
 
 
-def test_expect_refuses_another_config(tmp_path):
-    t, h = sample_state()
-    p = tmp_path / "a.ckpt"
-    write_checkpoint(p, t, h)
-    read_checkpoint(p, expect={"config.generator.granularity": "unified"})
-    with pytest.raises(CheckpointError, match="generator.granularity=unified but this run uses per_class"):
-        read_checkpoint(p, expect={"config.generator.granularity": "per_class"})
-    with pytest.raises(CheckpointError, match="no 'config.data.name' field"):
-        verify_checkpoint(p, expect={"config.data.name": "digits"})
-
-
-def test_layout_expectations_from_config(tmp_path):
-    from feda2v.checkpoint import layout_expectations
+def test_resume_check_refuses_another_config_by_name(tmp_path):
+    """The one resume compatibility check (checkpoint/runstate.py): state keys must match, the
+    operational ones and federation.rounds may differ, and so may nothing else."""
+    from feda2v.checkpoint import RunState, check_resumable, state_config
     from feda2v.config import load_config
 
     cfg = load_config({"data": {"name": "digits"}, "generator": {"granularity": "per_class", "type": "gan"}})
-    exp = layout_expectations(cfg)
-    assert exp["config.generator.granularity"] == "per_class"
-    assert exp["config.generator.type"] == "gan"
-    assert exp["config.generator.class_groups"] == {}
-    t, h = sample_state()
-    h["config"] = {"data": {"name": "digits"}, "generator": {"granularity": "unified", "type": "gan"}}
-    write_checkpoint(tmp_path / "a.ckpt", t, h)
-    with pytest.raises(CheckpointError, match="granularity=unified but this run uses per_class"):
-        read_checkpoint(tmp_path / "a.ckpt", expect=exp)
+    mine = state_config(cfg)
+    assert "train" not in mine and "tracking" not in mine and "engine" not in mine["federation"]
+    other = load_config({"data": {"name": "digits"}, "generator": {"granularity": "unified", "type": "gan"},
+                         "train": {"threads": 7}, "checkpoint": {"dir": "elsewhere"},
+                         "federation": {"rounds": 99}})
+    same_state = load_config({"data": {"name": "digits"}, "generator": {"granularity": "per_class", "type": "gan"},
+                              "train": {"threads": 7}, "checkpoint": {"dir": "elsewhere"},
+                              "federation": {"rounds": 99}})
+
+    def state(c):
+        return RunState(config=state_config(c), round=1, stores={}, primary_store="server",
+                        data_manifest_hash="ab" * 32)
+
+    check_resumable(mine, state(same_state), "ab" * 32, tmp_path / "a.ckpt")
+    with pytest.raises(CheckpointError, match="generator.granularity is 'unified' there, 'per_class' here"):
+        check_resumable(mine, state(other), "ab" * 32, tmp_path / "a.ckpt")
+    with pytest.raises(CheckpointError, match="other prepared data"):
+        check_resumable(mine, state(same_state), "cd" * 32, tmp_path / "a.ckpt")
+    # a format-1 header recorded the operational keys too: they are skipped, not compared
+    v1 = RunState(config=run_params_like(cfg), round=1, stores={}, primary_store="server",
+                  data_manifest_hash="ab" * 32)
+    check_resumable(mine, v1, "ab" * 32, tmp_path / "a.ckpt")
+
+
+def run_params_like(cfg) -> dict:
+    from feda2v.config import to_plain
+
+    plain = to_plain(cfg)
+    plain["train"]["threads"] = 3
+    plain["checkpoint"]["dir"] = "/somewhere/else"
+    return plain

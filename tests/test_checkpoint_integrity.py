@@ -173,11 +173,15 @@ def test_specific_messages(tmp_path):
 
 
 def test_file_of_another_granularity_is_refused_by_name(tmp_path, capsys):
+    from feda2v.checkpoint import RunState, check_resumable
+
     p = real_checkpoint(tmp_path / "a.ckpt")
-    with pytest.raises(CheckpointError, match="generator.granularity=per_class but this run uses unified"):
-        read_checkpoint(p, expect={"config.generator.granularity": "unified"})
-    with pytest.raises(CheckpointError, match="generator.type=gan but this run uses vae"):
-        verify_checkpoint(p, expect={"config.generator.type": "vae"})
+    _, h = read_checkpoint(p)
+    state = RunState(config=h["config"], round=h["round"], stores={}, primary_store="server")
+    with pytest.raises(CheckpointError, match="generator.granularity is 'per_class' there, 'unified' here"):
+        check_resumable({"generator": {"granularity": "unified", "type": "gan"}}, state, None, p)
+    with pytest.raises(CheckpointError, match="generator.type is 'gan' there, 'vae' here"):
+        check_resumable({"generator": {"granularity": "per_class", "type": "vae"}}, state, None, p)
 
 
 # -------------------------------------------------------------------------------------------

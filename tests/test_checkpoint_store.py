@@ -31,7 +31,7 @@ def build_store(gtype: str, granularity: str, seed: int = 0):
 def federation_checkpoint(path, store, granularity, gtype):
     tensors, meta = store.state_dict()
     all_t = {f"store/server/{k}": v for k, v in tensors.items()}
-    header = {"round": 2, "node_cursor": 0, "stores": {"server": meta}, "keys": meta["keys"],
+    header = {"round": 2, "stores": {"server": meta}, "keys": meta["keys"],
               "roles": meta["roles"],
               "config": {"generator": {"granularity": granularity, "type": gtype}},
               "optimizers": {kr: {"step": o["step"], "lr": o["lr"], "weight_decay": o["weight_decay"]}
@@ -98,8 +98,11 @@ def test_extra_store_tensor_is_rejected_by_name(tmp_path, per_class_file):
 def test_file_of_another_granularity_is_refused(tmp_path, per_class_file):
     from feda2v.store import GeneratorStore, StoreSpec
 
-    with pytest.raises(CheckpointError, match="granularity=per_class but this run uses unified"):
-        read_checkpoint(per_class_file, expect={"config.generator.granularity": "unified"})
+    from feda2v.checkpoint import check_resumable, read_run_state
+
+    with pytest.raises(CheckpointError, match="generator.granularity is 'per_class' there, 'unified' here"):
+        check_resumable({"generator": {"granularity": "unified", "type": "cvae"}},
+                        read_run_state(per_class_file), None, per_class_file)
     # and the store itself refuses the state if a caller skips the header check
     t, h = read_checkpoint(per_class_file)
     inner = {k[len("store/server/"):]: v for k, v in t.items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from feda2v.checkpoint import write_checkpoint
+from feda2v.checkpoint import FORMAT_VERSION, write_checkpoint
 from feda2v.cli.ckpt import main as ckpt_main
 
 EXE = str(Path(sys.executable).parent / "feda2v-ckpt")
@@ -18,7 +18,7 @@ EXE = str(Path(sys.executable).parent / "feda2v-ckpt")
 def make(path: Path, value: float = 1.0, round_: int = 2) -> Path:
     tensors = {"store/server/unified/generator/param/w": torch.full((3, 2), value),
                "store/server/unified/generator/optim/w/step": torch.tensor(5.0)}
-    header = {"round": round_, "keys": ["unified"], "roles": ["generator"], "node_cursor": 0,
+    header = {"round": round_, "keys": ["unified"], "roles": ["generator"],
               "optimizers": {"unified/generator": {"step": 5, "lr": 0.001, "weight_decay": 0.01}}}
     write_checkpoint(path, tensors, header)
     return path
@@ -36,7 +36,7 @@ def test_console_script_end_to_end(tmp_path):
     r = run("inspect", a)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["format_version"] == 1 and info["round"] == 2 and info["keys"] == ["unified"]
+    assert info["format_version"] == FORMAT_VERSION and info["round"] == 2 and info["keys"] == ["unified"]
     assert info["optimizers"] == {"unified/generator": {"step": 5, "lr": 0.001, "weight_decay": 0.01}}
     assert len(info["sha256"]) == 64
     r = run("diff", a, c)

@@ -130,7 +130,9 @@ def test_failure_while_writing_keeps_existing_dir(tmp_path, monkeypatch):
         return real_rename(src, dst)
 
     monkeypatch.setattr(prepared_mod.os, "rename", rename_failing_at_swap)
-    with pytest.raises(OSError, match="simulated"):
+    from feda2v.errors import OutputError
+
+    with pytest.raises(OutputError, match="simulated"):  # one user-facing line, not a traceback
         prepare(cfg_for(tmp_path, partition={"scheme": "iid"}))
     monkeypatch.undo()
     assert calls[0][0] == "prepared" and calls[-1][1] == "prepared"  # moved aside, put back

@@ -185,7 +185,7 @@ def test_messages_carry_only_the_keys_the_visit_trains(prepared):
         assert len(blob) < whole * 0.6
 
 
-def test_skip_policy_finishes_rounds_without_the_lost_node(prepared, capsys):
+def test_skip_policy_finishes_rounds_without_the_lost_node(prepared, capsys, tmp_path):
     sections = {"federation": {"flower": {"on_node_failure": "skip"}}}
     ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
     grid = _grid()
@@ -198,6 +198,17 @@ def test_skip_policy_finishes_rounds_without_the_lost_node(prepared, capsys):
     assert [g.metrics["nodes_missing"] for g in got] == [1.0, 1.0]
     assert fed.missing == {1: ["node/001"], 2: ["node/001"]}
     assert "node node/001 (partition 1) did not reply" in capsys.readouterr().out
+    # the checkpoint records who was missing, through a real file, and a resume gets it back
+    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+
+    write_run_state(tmp_path / "r.ckpt", fed.state_dict())
+    state = read_run_state(tmp_path / "r.ckpt")
+    assert state.extra["missing_nodes"] == {"1": ["node/001"], "2": ["node/001"]}
+    again = _federation(prepared, **sections)
+    again.load_state_dict(state)
+    assert again.missing == fed.missing
+    assert ref.missing == fed.missing  # the in-process reference left the same visits out
+    assert "missing_nodes" not in _federation(prepared).state_dict().extra  # none lost: no field
 
 
 def test_skip_then_a_restarted_node_rejoins_by_partition(prepared):

@@ -1,7 +1,8 @@
 """The imports of src/feda2v: no circles, and no part importing a part above it (DESIGN.md's order).
 
 Every import statement counts, also those inside functions (a lazy import is still a dependency).
-Importing one's own ancestor package is not an edge: Python initialises it first anyway.
+Importing one's own ancestor package is not an edge: Python initialises it first anyway; neither is
+an import under ``if TYPE_CHECKING:`` (never executed).
 """
 import ast
 from pathlib import Path
@@ -36,15 +37,33 @@ def _imported(mod: str, path: Path, node: ast.AST, mods: dict) -> set[str]:
     return {n for n in names if n in mods}
 
 
+def _type_checking(node: ast.AST) -> bool:
+    t = node.test if isinstance(node, ast.If) else None
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST):
+    """Every import statement that can run (``if TYPE_CHECKING:`` bodies left out, their else kept)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif _type_checking(node):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+
+
 def import_graph() -> dict[str, set[str]]:
     mods = _modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for mod, path in mods.items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                for target in _imported(mod, path, node, mods):
-                    if target != mod and not mod.startswith(target + "."):
-                        graph[mod].add(target)
+        for node in _imports(ast.parse(path.read_text(), str(path))):
+            for target in _imported(mod, path, node, mods):
+                if target != mod and not mod.startswith(target + "."):
+                    graph[mod].add(target)
     return graph
 
 
@@ -104,6 +123,8 @@ def test_the_checker_sees_circles_and_upward_imports():
          "feda2v.pipeline.x": set()}
     assert circles(g) == [["feda2v.data.a", "feda2v.data.b", "feda2v.data.a"]]
     assert upward(g) == ["feda2v.data.b -> feda2v.pipeline.x"]
+    typing_only = ast.parse("if TYPE_CHECKING:\n    import feda2v.pipeline\nelse:\n    import feda2v.cli\n")
+    assert [n.names[0].name for n in _imports(typing_only)] == ["feda2v.cli"]
     mods = _modules()
     lazy = ast.parse("def f():\n    from feda2v.pipeline import train\n")
     assert _imported("feda2v.federation.engine", mods["feda2v.federation.engine"], lazy.body[0].body[0],

@@ -81,11 +81,14 @@ def test_predict_rejects_bad_requests(ckpt, tmp_path):
 
 
 def test_split_store_errors_name_the_problem():
-    with pytest.raises(DataError, match="no 'stores'"):
-        split_store({}, {})
-    with pytest.raises(DataError, match="no store 'server'"):
-        split_store({}, {"stores": {"node/000": {}}}, "server")
-    name, own, _ = split_store({"store/node/000/x": torch.zeros(1)}, {"stores": {"node/000": {}}})
+    from feda2v.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no generator store"):
+        split_store({}, {"round": 1})
+    x = {"store/node/000/x": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="no store 'server'"):
+        split_store(x, {"round": 1, "stores": {"node/000": {}}}, "server")
+    name, own, _ = split_store(x, {"round": 1, "stores": {"node/000": {}}})
     assert name == "node/000" and list(own) == ["x"]
 
 

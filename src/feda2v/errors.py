@@ -36,3 +36,7 @@ class NonFiniteLossError(Feda2vError):
 
 class TrackingError(Feda2vError):
     """The tracking server is required but cannot be reached."""
+
+
+class OutputError(Feda2vError):
+    """A report, metrics, plot or data file cannot be written (no space, read-only, a file in the way)."""

@@ -1,7 +1,9 @@
 """checkpoint part (see DESIGN.md "Checkpoints"): the one on-disk/on-wire format.
 
 One safetensors file per checkpoint with feda2v's JSON header in its metadata; atomic writes; a
-``latest.ckpt`` pointer; integrity checks on every load; legacy migration; inspect/verify/diff.
+``latest.ckpt`` pointer; integrity checks on every load; the run-state layout (runstate.py: what a
+federation checkpoint holds); provenance beside the file (provenance.py); legacy migration;
+inspect/verify/diff.
 Nothing here unpickles untrusted bytes.
 """
 from feda2v.checkpoint.container import (
@@ -14,6 +16,19 @@ from feda2v.checkpoint.container import (
 )
 from feda2v.checkpoint.manager import LATEST, CheckpointManager, round_filename
 from feda2v.checkpoint.rng import capture_rng, restore_rng
+from feda2v.checkpoint.runstate import (
+    RESUME_FREE,
+    Checkpointer,
+    RunState,
+    check_resumable,
+    library_versions,
+    pack_run_state,
+    read_primary_store,
+    read_run_state,
+    state_config,
+    unpack_run_state,
+    write_run_state,
+)
 from feda2v.checkpoint.tools import diff_checkpoints, inspect_checkpoint, provenance_note
 
 
@@ -24,42 +39,26 @@ def migrate_legacy(*args, **kwargs):
     return _migrate(*args, **kwargs)
 
 
-def layout_expectations(cfg) -> dict:
-    """Header fields a checkpoint must match to be resumed under ``cfg`` (for read_checkpoint's
-    ``expect=``): the ones that decide which tensors exist and what they mean."""
-    from omegaconf import OmegaConf
-
-    fields = (
-        "data.name",
-        "generator.type",
-        "generator.granularity",
-        "generator.class_groups",
-        "generator.default_group",
-        "generator.latent_dim",
-        "generator.hidden_dim",
-        "generator.optimizer.name",
-        "federation.mode",
-        "federation.sharing",
-    )
-    out = {}
-    for f in fields:
-        v = OmegaConf.select(cfg, f)
-        if OmegaConf.is_config(v):
-            v = OmegaConf.to_container(v, resolve=True)
-        out[f"config.{f}"] = v
-    return out
-
-
 __all__ = [
     "FORMAT_VERSION",
     "LATEST",
+    "RESUME_FREE",
     "CheckpointManager",
+    "Checkpointer",
+    "RunState",
+    "check_resumable",
+    "library_versions",
+    "pack_run_state",
+    "read_primary_store",
+    "read_run_state",
+    "state_config",
+    "unpack_run_state",
+    "write_run_state",
     "capture_rng",
     "checkpoint_bytes",
     "diff_checkpoints",
     "provenance_note",
     "inspect_checkpoint",
-    "layout_expectations",
     "migrate_legacy",
     "read_checkpoint",
     "read_checkpoint_bytes",

@@ -10,8 +10,11 @@ load:
 - the safetensors JSON must be byte-for-byte the canonical form this writer produces;
 - feda2v's header carries ``header_sha256`` (of the rest of the header) and ``sha256`` (of the
   payload) plus a tensor index that must match the safetensors entries exactly;
-- the payload is parsed by the ``safetensors`` library itself (format compatibility).
-Nothing here unpickles.
+- the bytes are recognised as a container by their own framing (length fits the file, header parses)
+  before anything else; only what is not a container is checked for pickle/zip signatures.
+Format compatibility with the ``safetensors`` library is a property of the writer (tests load every
+kind of file we write with ``safetensors.torch.load_file``), so a read parses the file once: one
+pass to hash the payload, then zero-copy views. Nothing here unpickles.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ import torch
 from feda2v.fsutil import fsync_dir
 from feda2v.errors import CheckpointError
 
-FORMAT_VERSION = 1
+# 2: the header holds only state (provenance moved to the sidecar, see provenance.py), stores in
+# an explicit order (store_order); version 1 files still read.
+FORMAT_VERSION = 2
 METADATA_KEY = "feda2v"
 # Fields this module owns in the header; a caller may not set them.
 RESERVED = ("format_version", "sha256", "header_sha256", "tensors")
@@ -136,13 +141,14 @@ def temp_name(path: Path, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")
 
 
-def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> None:
+def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> dict:
     """Write atomically: temp file in the same dir, write, flush, fsync, rename, fsync the dir.
+    Returns the full header written (with format_version, checksums and tensor index).
 
     A crash at any moment leaves either the old file at ``path`` or the complete new one.
     """
     path = Path(path)
-    prefix, chunks, _ = encode_checkpoint(tensors, header)
+    prefix, chunks, full = encode_checkpoint(tensors, header)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: directory {path.parent} does not exist")
     tmp = temp_name(path)
@@ -161,6 +167,7 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return full
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,8 +175,20 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
 
 
 def _looks_like_pickle(head: bytes) -> bool:
-    # torch.save writes a zip archive; plain pickles (protocol >= 2) start with PROTO 0x80.
+    # torch.save writes a zip archive; plain pickles (protocol >= 2) start with PROTO 0x80. Only
+    # asked of bytes that are not a container: a container's 8-byte length can start the same way.
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
+
+
+def _framed_length(data) -> int | None:
+    """The header length if ``data`` is framed as a container (the length fits the file and the
+    header starts a JSON object), else None."""
+    if len(data) < 10:
+        return None
+    (n,) = struct.unpack("<Q", data[:8])
+    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > len(data) or data[8] != 0x7B:  # "{"
+        return None
+    return n
 
 
 def _read_bytes(path: Path) -> bytearray:
@@ -192,22 +211,27 @@ def _read_bytes(path: Path) -> bytearray:
 def parse_header(path: Path, data: bytes) -> tuple[dict, dict, int]:
     """Check the framing and headers (not the payload hash); returns (st_header, header, data_start)."""
     bad = f"{path} is not a valid feda2v checkpoint"
-    if _looks_like_pickle(data[:4]):
-        raise CheckpointError(
-            f"{path} is a pickle/torch.save file, not a feda2v checkpoint; it was not opened because "
-            "unpickling can run arbitrary code; convert a published-system file with "
-            "'feda2v-ckpt migrate LEGACY OUT'"
-        )
-    if len(data) < 8:
-        raise CheckpointError(f"{bad}: file is truncated ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(data) or n < 2:
-        raise CheckpointError(f"{bad}: header length {n} does not fit the file ({len(data)} bytes); it is truncated or corrupt")
-    raw = data[8 : 8 + n]
-    try:
-        st_header = json.loads(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CheckpointError(f"{bad}: its header is not valid JSON (corrupt or truncated)") from None
+    n = _framed_length(data)
+    st_header = None
+    if n is not None:
+        raw = bytes(data[8 : 8 + n])
+        try:
+            st_header = json.loads(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            st_header = None
+    if st_header is None:  # not a container by its own framing: say what it is instead
+        if _looks_like_pickle(data[:4]):
+            raise CheckpointError(
+                f"{path} is a pickle/torch.save file, not a feda2v checkpoint; it was not opened because "
+                "unpickling can run arbitrary code; convert a published-system file with "
+                "'feda2v-ckpt migrate LEGACY OUT'"
+            )
+        if len(data) < 8:
+            raise CheckpointError(f"{bad}: file is truncated ({len(data)} bytes)")
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > MAX_HEADER_BYTES or 8 + n > len(data) or n < 2:
+            raise CheckpointError(f"{bad}: header length {n} does not fit the file ({len(data)} bytes); it is truncated or corrupt")
+        raise CheckpointError(f"{bad}: its header is not valid JSON (corrupt or truncated)")
     if not isinstance(st_header, dict):
         raise CheckpointError(f"{bad}: its header is not a JSON object")
     meta = st_header.get("__metadata__")
@@ -306,10 +330,9 @@ def _check_index(path: Path, st_header: dict, header: dict, payload_len: int) ->
 def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     data = _read_bytes(path)
-    st_header, header, start = parse_header(path, data)
+    _, header, start = parse_header(path, data)
     if hashlib.sha256(memoryview(data)[start:]).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{path} is corrupt: the tensor data does not match its sha256 checksum")
-    _library_check(path, header)
     # Tensors are views into the one (writable, owned) buffer just verified: no second copy, and
     # nothing read after the checksum can differ from what was checked.
     return _tensor_views(data, start, header["tensors"]), header
@@ -330,42 +353,26 @@ def _tensor_views(buf: bytearray, start: int, index: dict) -> dict[str, torch.Te
     return tensors
 
 
-def _library_check(path: Path, header: dict) -> None:
-    """The safetensors library itself must accept the container and see the same tensors."""
-    from safetensors import SafetensorError, safe_open
-
-    index = header["tensors"]
-    try:
-        with safe_open(path, framework="pt") as f:
-            names = set(f.keys())
-            seen = {n: (f.get_slice(n).get_dtype(), list(f.get_slice(n).get_shape())) for n in names}
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file: {' '.join(str(e).split())}") from None
-    if names != set(index) or METADATA_KEY not in meta:
-        raise CheckpointError(f"{path} changed while it was read or is not a valid container; try again")
-    for n, (dt, shape) in seen.items():
-        if dt != index[n]["dtype"] or shape != index[n]["shape"]:
-            raise CheckpointError(f"{path} is corrupt: the safetensors library reads tensor '{n}' as {dt} {shape}")
-
-
-def read_checkpoint(
-    path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None
-) -> tuple[dict[str, torch.Tensor], dict]:
+def read_checkpoint(path: str | os.PathLike, *, provenance: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Load and verify everything; returns ``(tensors, header)`` or raises CheckpointError.
 
-    ``expect`` maps dotted header paths (e.g. ``"config.generator.granularity"``) to the values the
-    caller needs, so a checkpoint of another config is refused by name before any state is touched.
+    With ``provenance`` (default), ``header["provenance"]`` is where the file came from when that
+    is known: the file's own field (format 1) or its entry in the sidecar beside it (format 2,
+    see provenance.py). ``provenance=False`` returns exactly what the file holds.
     """
     tensors, header = _load(path)
-    if expect:
-        check_expected(Path(path), header, expect)
+    if provenance and "provenance" not in header:
+        from feda2v.checkpoint.provenance import lookup
+
+        found = lookup(Path(path), header)
+        if found is not None:
+            header["provenance"] = found
     return tensors, header
 
 
-def verify_checkpoint(path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None) -> dict:
-    """Run every check ``read_checkpoint`` runs; returns the header."""
-    return read_checkpoint(path, expect=expect)[1]
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Run every check ``read_checkpoint`` runs; returns the header (exactly as in the file)."""
+    return _load(path)[1]
 
 
 _MISSING = object()
@@ -380,22 +387,6 @@ def header_get(header: Mapping[str, Any], dotted: str, default: Any = _MISSING) 
     return node
 
 
-def check_expected(path: Path, header: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
-    for dotted, want in expect.items():
-        got = header_get(header, dotted)
-        if got is _MISSING:
-            raise CheckpointError(f"checkpoint {path} has no '{dotted}' field; it is not a checkpoint of this kind of run")
-        if got != want:
-            raise CheckpointError(
-                f"checkpoint {path} was written with {dotted}={_show(got)} but this run uses "
-                f"{_show(want)}; resume with a matching config or use a fresh checkpoint.dir"
-            )
-
-
-def _show(v: Any) -> str:
-    return canonical_json(v) if not isinstance(v, str) else v
-
-
 # --------------------------------------------------------------------------------------------
 # in memory (the on-wire form: the very bytes write_checkpoint puts in a file)
 
@@ -408,7 +399,6 @@ def checkpoint_bytes(tensors: Mapping[str, torch.Tensor], header: Mapping[str, A
 
 def read_checkpoint_bytes(
     data: bytes | bytearray | memoryview, *, label: str = "checkpoint message",
-    expect: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """``read_checkpoint`` for bytes received over the wire: framing, canonical header, header and
     payload checksums, tensor index (every byte checked, nothing unpickled). Tensors are views into
@@ -417,7 +407,4 @@ def read_checkpoint_bytes(
     st_header, header, start = parse_header(label, buf)  # type: ignore[arg-type]
     if hashlib.sha256(memoryview(buf)[start:]).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{label} is corrupt: the tensor data does not match its sha256 checksum")
-    tensors = _tensor_views(buf, start, header["tensors"])
-    if expect:
-        check_expected(label, header, expect)  # type: ignore[arg-type]
-    return tensors, header
+    return _tensor_views(buf, start, header["tensors"]), header

@@ -53,6 +53,11 @@ class CheckpointManager:
         return sorted(found)
 
     def save(self, round_: int, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> Path:
+        return self.save_with_header(round_, tensors, header)[0]
+
+    def save_with_header(self, round_: int, tensors: Mapping[str, torch.Tensor],
+                         header: Mapping[str, Any]) -> tuple[Path, dict]:
+        """``save``, also returning the full header written (with its checksums)."""
         if type(round_) is not int or round_ < 0:
             raise CheckpointError(f"checkpoint round must be an integer >= 0, got {round_!r}")
         if "round" in header and header["round"] != round_:
@@ -63,10 +68,10 @@ class CheckpointManager:
             raise CheckpointError(f"cannot create checkpoint.dir {self.dir}: {e.strerror or e}") from None
         self._remove_orphan_temps()
         path = self.dir / round_filename(round_)
-        write_checkpoint(path, tensors, {**header, "round": round_})
+        full = write_checkpoint(path, tensors, {**header, "round": round_})
         self._point_latest(path)
         self._prune(keep=path)
-        return path
+        return path, full
 
     def _point_latest(self, target: Path) -> None:
         tmp = temp_name(self.latest_path, "link")

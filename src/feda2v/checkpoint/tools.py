@@ -12,8 +12,9 @@ from feda2v.config.validate import flatten_dotted
 
 # Derived from the tensors (the tensor comparison already reports them), never volatile data.
 _DERIVED = ("sha256", "header_sha256", "tensors")
-# Which run wrote the file (its MLflow run id), not what it holds: two runs that train the same state
-# write files that differ only here. diff reports it apart and ignores it unless strict.
+# Which run wrote the file (MLflow run id, engine, host), not what it holds. Format 2 keeps it in the
+# sidecar beside the file (provenance.py); format 1 files carry it in the header, where diff ignores
+# it unless strict.
 PROVENANCE = "provenance"
 
 
@@ -40,7 +41,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "path": str(path),
         "format_version": header["format_version"],
         "round": header.get("round"),
-        "node_cursor": header.get("node_cursor"),
         "keys": list(header.get("keys") or []),
         "roles": list(header.get("roles") or []),
         "stores": sorted(stores) if isinstance(stores, Mapping) else [],
@@ -48,7 +48,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "sha256": header["sha256"],
         "data_manifest_hash": header.get("data_manifest_hash"),
         "library_versions": header.get("library_versions"),
-        "created_by": header.get("created_by"),
+        "provenance": header.get(PROVENANCE),  # None when unknown (no sidecar entry)
+        "migrated": isinstance(header.get("migration"), Mapping),
         "tensor_count": len(tensors),
         "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "file_bytes": path.stat().st_size,
@@ -81,8 +82,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, strict: bool
     every header field is equal, ``provenance`` (the writing run's identity) aside; with ``strict``,
     ``[]`` iff the files are byte-identical."""
     a, b = Path(a), Path(b)
-    ta, ha = read_checkpoint(a)
-    tb, hb = read_checkpoint(b)
+    ta, ha = read_checkpoint(a, provenance=False)
+    tb, hb = read_checkpoint(b, provenance=False)
     out: list[str] = []
     for name in sorted(set(ta) | set(tb)):
         if name not in tb:
@@ -115,7 +116,8 @@ def _short(v: Any, limit: int = 80) -> str:
 
 
 def provenance_note(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
-    """A one-line note when two checkpoints were written by different runs (ignored by diff)."""
+    """A one-line note when two checkpoints were written by different runs (ignored by diff), as
+    far as their provenance is known."""
     pa, pb = read_checkpoint(a)[1].get(PROVENANCE), read_checkpoint(b)[1].get(PROVENANCE)
     if pa == pb:
         return None

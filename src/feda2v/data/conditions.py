@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from feda2v.errors import ConfigError, DataError
+from feda2v.fsutil import atomic_write_bytes
 
 TEXT_DIM = 384
 
@@ -81,10 +82,7 @@ def text_conditions(sentences: list[str], cache_dir: Path) -> tuple[np.ndarray, 
     emb = _encode(pkg, sentences)
     if emb.shape != (len(sentences), TEXT_DIM) or not np.isfinite(emb).all():
         raise DataError(f"the MiniLM text model returned embeddings of shape {emb.shape}; reinstall it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(save({"conditions": emb}))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({"conditions": emb}))
     return emb, info
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from feda2v.data import audio
 from feda2v.data.source import Source
 from feda2v.errors import ConfigError, DataError
+from feda2v.fsutil import atomic_write_bytes
 from feda2v.seeding import numpy_generator
 
 PRIMARY_LIBRARY = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
@@ -170,10 +170,7 @@ def _read_cache(path: Path, clips: int) -> np.ndarray | None:
 def _write_cache(path: Path, feats: np.ndarray) -> None:
     from safetensors.numpy import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(save({"features": np.ascontiguousarray(feats)}))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({"features": np.ascontiguousarray(feats)}))
 
 
 def class_features(library: Path, entry: tuple, clips: int, sample_rate: int, clip_seconds: float,

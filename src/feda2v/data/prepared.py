@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from feda2v.fsutil import fsync_dir
+from feda2v.fsutil import fsync_dir, writing
 from feda2v.data.conditions import make_conditions
 from feda2v.data.partition import make_partition, train_test_split
 from feda2v.data.sources import load_source
@@ -98,7 +98,8 @@ def prepare(cfg, report: dict | None = None) -> Path:
     cfg = _as_config(cfg)
     t0 = time.perf_counter()
     d = cfg.data
-    _restore_moved_aside(Path(d.prepared_dir))
+    with writing(d.prepared_dir, "restore the previous prepared data at"):
+        _restore_moved_aside(Path(d.prepared_dir))
     seed = int(cfg.seed)
     source = load_source(cfg)
     classes = source.classes
@@ -168,7 +169,8 @@ def prepare(cfg, report: dict | None = None) -> Path:
     }
     blobs[MANIFEST] = _manifest_bytes(manifest)
     target = Path(d.prepared_dir)
-    _write_dir_atomically(target, blobs)
+    with writing(target):  # disk full, read-only: one line; the previous data stays in place
+        _write_dir_atomically(target, blobs)
     if report is not None:
         report.update({"seconds": time.perf_counter() - t0, "manifest": manifest,
                        "cache": dict(source.info.get("cache", {}))})

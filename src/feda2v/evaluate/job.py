@@ -20,6 +20,7 @@ import torch
 
 from feda2v.errors import CheckpointError, ConfigError, DataError, Feda2vError, TrackingError
 from feda2v.evaluate import metrics as M
+from feda2v.fsutil import atomic_write_text
 from feda2v.seeding import numpy_generator, torch_generator
 
 # Pairwise metrics are O(n²) in memory; overall sets larger than this are subsampled (seeded).
@@ -31,7 +32,7 @@ MAX_PAIRWISE = 2000
 
 def load_trained_store(path: str | Path):
     """(store, header, store_name) from a federation checkpoint; CheckpointError if unusable."""
-    from feda2v.checkpoint import read_checkpoint
+    from feda2v.checkpoint import read_primary_store
     from feda2v.store import GeneratorStore
 
     path = Path(path)
@@ -39,22 +40,9 @@ def load_trained_store(path: str | Path):
         raise CheckpointError(
             f"checkpoint not found: {path}; run feda2v-train first or set evaluate.checkpoint=PATH"
         )
+    name, st, meta, header = read_primary_store(path)
     try:
-        tensors, header = read_checkpoint(path)
-    except Feda2vError:
-        raise
-    except Exception as e:  # any reader failure on a bad file is a user-level problem, said once
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    stores = header.get("stores") or {}
-    if not stores:
-        raise CheckpointError(f"checkpoint {path} holds no generator store; is it a training checkpoint?")
-    name = header.get("primary_store") or ("server" if "server" in stores else sorted(stores)[0])
-    if name not in stores:
-        raise CheckpointError(f"checkpoint {path}: primary store '{name}' missing from its stores")
-    prefix = f"store/{name}/"
-    st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        store = GeneratorStore.from_state(st, stores[name])
+        store = GeneratorStore.from_state(st, meta)
     except Feda2vError:
         raise
     except Exception as e:
@@ -190,13 +178,6 @@ def compute_metrics(
 
 
 # ------------------------------------------------------------------------------------ job
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _read_downstream(train_reports: Path) -> dict | None:
@@ -338,17 +319,17 @@ def evaluate(cfg) -> dict:
         "stream_seed": seed,
     }
     metrics_path = out / "metrics.json"
-    _atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
     outputs["metrics"] = metrics_path
 
     report_path = out / "report.md"
     outputs["report"] = report_path
-    _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     flat = flatten({k: v for k, v in metrics.items() if k != "round"})
     run_id = header.get("mlflow_run_id") or (header.get("provenance") or {}).get("mlflow_run_id")
     _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes)
     # the copy on disk also says what happened with MLflow
-    _atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
 
 

@@ -1,7 +1,7 @@
 """Plot data (CSV, for dvc.yaml ``plots:``) and PNG figures (matplotlib, Agg) of an evaluation.
 
-Each file is written to a temporary name and renamed, so an interrupted run never leaves half a file
-in place of a good one.
+Each file is written through ``fsutil.atomic_write_bytes``, so an interrupted run never leaves half a
+file in place of a good one.
 """
 from __future__ import annotations
 
@@ -14,19 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from feda2v.errors import DataError
+from feda2v.fsutil import atomic_write_bytes
 
 LOSS_COLUMNS = ("round", "node", "key", "metric", "value")
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
@@ -35,7 +28,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     w.writerow(header)
     for r in rows:
         w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in r])
-    return _write_bytes(path, buf.getvalue().encode())
+    return atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def project_2d(extras: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +149,7 @@ def _savefig(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return _write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _colors(n: int):

@@ -193,35 +193,15 @@ class Federation:
         return metrics
 
     # -- state ---------------------------------------------------------------------------
-    def state_dict(self) -> tuple[dict, dict]:
-        tensors: dict[str, torch.Tensor] = {}
-        metas: dict[str, dict] = {}
-        for name, store in self.stores.items():
-            st, meta = store.state_dict()
-            tensors.update({f"store/{name}/{k}": v for k, v in st.items()})
-            metas[name] = meta
-        if self.classifier is not None:
-            tensors.update({f"classifier/{k}": v for k, v in self.classifier.state_dict().items()})
-        meta = {"round": self.round, "node_cursor": 0, "stores": metas,
-                "primary_store": self.primary_store,
-                "classifier": dict(self.classifier.kwargs) if self.classifier is not None else None}
-        return tensors, meta
+    def state_dict(self):
+        """Every piece of training state as a RunState (the layout is checkpoint/runstate's)."""
+        from feda2v.checkpoint.runstate import capture_federation, state_config
 
-    def load_state_dict(self, tensors: dict, meta: dict) -> None:
-        from feda2v.errors import CheckpointError
+        return capture_federation(self, config=state_config(self.cfg),
+                                  data_manifest_hash=getattr(self.data, "manifest_hash", None), with_rng=False)
 
-        have, want = set(meta["stores"]), set(self.stores)
-        if have != want:
-            raise CheckpointError(f"checkpoint holds stores {sorted(have)} but this config needs "
-                                  f"{sorted(want)} (federation.sharing or data.nodes differ)")
-        for name, store in self.stores.items():
-            prefix = f"store/{name}/"
-            store.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                  meta["stores"][name])
-        if self.classifier is not None:
-            sd = {k[len("classifier/"):]: v for k, v in tensors.items() if k.startswith("classifier/")}
-            try:
-                self.classifier.load_state_dict(sd, strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(f"classifier state does not fit: {str(e).splitlines()[0]}") from None
-        self.round = int(meta["round"])
+    def load_state_dict(self, state) -> None:
+        """Load a RunState in place (CheckpointError if it does not fit this federation)."""
+        from feda2v.checkpoint.runstate import load_federation
+
+        load_federation(self, state, restore_globals=False)

@@ -13,11 +13,12 @@ The profiler only observes: it draws no random numbers and touches no tensors of
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from feda2v.fsutil import atomic_write_text, ensure_dir, writing
 
 RANGES = ("generator_step", "generator_step/forward", "generator_step/backward",
           "generator_step/optimizer")
@@ -68,7 +69,7 @@ class StepProfiler:
 
                 raise ConfigError(f"profiler.{k} must be {'>= 1' if k == 'active' else '>= 0'}, "
                                   f"got {getattr(c, k)}")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.out_dir)
         self.activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
             self.activities.append(ProfilerActivity.CUDA)
@@ -78,7 +79,8 @@ class StepProfiler:
 
         def on_ready(p):
             before = set(self.out_dir.glob("*.pt.trace.json*"))
-            tb_handler(p)
+            with writing(self.out_dir, "write a profiler trace in"):
+                tb_handler(p)
             self.traces += sorted(set(self.out_dir.glob("*.pt.trace.json*")) - before)
             self._collect(p)
 
@@ -179,7 +181,4 @@ class StepProfiler:
             lines += ["", f"Open with `tensorboard --logdir {c.dir}` (PyTorch Profiler tab) or "
                       "load a `.pt.trace.json` in https://ui.perfetto.dev."]
         path = self.out_dir / "summary.md"
-        tmp = path.with_name(f".summary.md.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, "\n".join(lines) + "\n")

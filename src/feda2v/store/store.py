@@ -17,20 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from feda2v.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from feda2v.errors import CheckpointError, ConfigError, DataError
 from feda2v.models import build_model, init_parameters
-from feda2v.models.losses import (
-    bce_logits_per_sample,
-    beta_schedule,
-    vae_kl_per_sample,
-    vae_recon_per_sample,
-)
 from feda2v.seeding import derive_seed
 from feda2v.store.grouping import Grouping
-from feda2v.store.optim import configure_param_groups, grouped_step, make_optimizer, step_tensor
+from feda2v.store.optim import configure_param_groups, make_optimizer, step_tensor
 from feda2v.store.spec import StoreSpec
-
-GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+from feda2v.store.steps import DISCRIMINATOR, GENERATOR, gan_step, vae_step
 _OPTIM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 _META_FIELDS = ("spec", "keys", "roles", "arch", "optimizers", "trained_classes", "events", "reset_counts")
 
@@ -259,34 +252,6 @@ class GeneratorStore:
         # Drawn on the generator's device in batch order, so noise follows samples, not layout.
         return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device)
 
-    def _raise_non_finite(self, values: Tensor, keys: Sequence[str], node: str, round_: int, what: str) -> None:
-        finite = torch.isfinite(values)
-        if finite.dim() > 1:
-            finite = finite.all(dim=1)
-        if not bool(finite.all()):
-            bad = int(torch.nonzero(~finite)[0, 0])
-            raise NonFiniteLossError(keys[bad], node, round_, what)
-
-    def _grads(self, loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[str], node: str, round_: int,
-               retain_graph: bool = False) -> list[list[Tensor]]:
-        """Gradients w.r.t. the stacked [K, ...] tensors (one per name, not one per leaf), checked
-        finite, then split per key (views): grads[k] follows that key's parameter order."""
-        names = list(stacked)
-        gs = torch.autograd.grad(loss, [stacked[n] for n in names], retain_graph=retain_graph)
-        # A bias gradient is the sum of its layer's output gradients, so it is non-finite iff one of
-        # them is; the weight gradients are those same output gradients times finite inputs. Checking
-        # the (tiny) bias gradients therefore catches a non-finite backward without a pass over
-        # every weight gradient (which would cost as much as the optimizer's read of them).
-        bias = [g.flatten(1).sum(1) for n, g in zip(names, gs) if n.endswith(".bias")]
-        if bias:
-            per_key = torch.stack(bias, dim=1)
-            if not bool(torch.isfinite(per_key).all()):
-                self._raise_non_finite(per_key, keys, node, round_, "gradient")
-        # Weight grads arrive transposed (from x @ W^T); torch's fused CPU Adam reads memory linearly
-        # and silently mixes elements of a non-contiguous grad, so lay them out like the params.
-        split = [g.contiguous().unbind(0) for g in gs]
-        return [[split[j][i] for j in range(len(names))] for i in range(len(keys))]
-
     def train_batch(self, x: Tensor, y: Tensor, *, gen: torch.Generator, node: str, round: int
                     ) -> dict[str, dict[str, float]]:
         """One optimizer step for every key with samples in (x, y), all keys in one computation."""
@@ -299,59 +264,8 @@ class GeneratorStore:
             noise = self._noise(y.numel(), gen)
             xs, cs, zs = grp.pad(x), grp.pad(self._conditions[y]), grp.pad(noise)
             if self.spec.type == "gan":
-                return self._train_gan(grp, keys, xs, cs, zs, node, round)
-            return self._train_vae(grp, keys, xs, cs, zs, node, round)
-
-    def _train_vae(self, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, eps: Tensor,
-                   node: str, round_: int) -> dict[str, dict[str, float]]:
-        with record_function("generator_step/forward"):
-            template = self._modules[keys[0], GENERATOR]
-            params = self._stacked(keys, GENERATOR)
-            recon, mu, logvar = template.forward_stacked(params, xs, cs, eps)
-            rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
-            kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
-            steps = torch.stack([self._step_or_zero(k, GENERATOR) for k in keys]).to(rec.device)
-            beta = beta_schedule(steps, self.spec.beta_max, self.spec.beta_warmup_steps)
-            loss = rec + beta * kl
-        self._raise_non_finite(loss, keys, node, round_, "loss")
-        with record_function("generator_step/backward"):
-            grads = self._grads(loss.sum(), params, keys, node, round_)
-        with record_function("generator_step/optimizer"):
-            grouped_step(self._update_items(keys, GENERATOR, grads))
-        stats = torch.stack([loss, rec, kl, beta], dim=1).detach().tolist()
-        return {k: {"loss": s[0], "recon": s[1], "kl": s[2], "beta": s[3]} for k, s in zip(keys, stats)}
-
-    def _train_gan(self, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, zs: Tensor,
-                   node: str, round_: int) -> dict[str, dict[str, float]]:
-        # Simultaneous update: both roles' losses and gradients are computed (and checked) before
-        # either role's optimizer steps, so a non-finite loss changes nothing.
-        with record_function("generator_step/forward"):
-            g_tmpl, d_tmpl = self._modules[keys[0], GENERATOR], self._modules[keys[0], DISCRIMINATOR]
-            g_params = self._stacked(keys, GENERATOR)
-            d_params = self._stacked(keys, DISCRIMINATOR)
-            fake = g_tmpl.forward_stacked(g_params, zs, cs)
-            n = xs.shape[1]
-            logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1))
-            real_logit, fake_logit = logits[:, :n], logits[:, n:]
-            d_loss = grp.masked_mean(bce_logits_per_sample(real_logit, 1.0) + bce_logits_per_sample(fake_logit, 0.0))
-            g_loss = grp.masked_mean(bce_logits_per_sample(fake_logit, 1.0))  # non-saturating
-        self._raise_non_finite(torch.stack([g_loss, d_loss], 1), keys, node, round_, "loss")
-        with record_function("generator_step/backward"):
-            # D's gradient holds the fake samples fixed (= detached); G's holds D fixed.
-            d_grads = self._grads(d_loss.sum(), d_params, keys, node, round_, retain_graph=True)
-            g_grads = self._grads(g_loss.sum(), g_params, keys, node, round_)
-        with record_function("generator_step/optimizer"):
-            grouped_step(self._update_items(keys, DISCRIMINATOR, d_grads))
-            grouped_step(self._update_items(keys, GENERATOR, g_grads))
-        stats = torch.stack([g_loss, d_loss], dim=1).detach().tolist()
-        return {k: {"g_loss": s[0], "d_loss": s[1]} for k, s in zip(keys, stats)}
-
-    def _step_or_zero(self, key: str, role: str) -> Tensor:
-        t = step_tensor(self._optims[key, role])
-        return torch.zeros((), dtype=torch.float32) if t is None else t.to(torch.float32)
-
-    def _update_items(self, keys: Sequence[str], role: str, grads: Sequence[Sequence[Tensor]]):
-        return [(self._optims[k, role], [p for _, p in self._params[k, role]], g) for k, g in zip(keys, grads)]
+                return gan_step(self, grp, keys, xs, cs, zs, node, round)
+            return vae_step(self, grp, keys, xs, cs, zs, node, round)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """MLflow implementation of the tracking interface.
 
-Design points (see docs/tracking_and_profiling.md):
+Design points (README "Experiment tracking (MLflow)" has the user side):
 - Default store: a SQLite file (``sqlite:///mlflow.db``, relative to the cwd, made absolute here so
   a later chdir cannot split a run). Experiments get an explicit artifact root beside the DB
   (``<db dir>/mlartifacts/<experiment>``) so MLflow never falls back to ``./mlruns``.

@@ -23,27 +23,22 @@ import pandas as pd
 
 from feda2v.errors import DataError
 
-STORE_PREFIX = "store/"
 # Logged as a model from code (no cloudpickle): the file builds a StoreModel at load time.
 _CODE = str(Path(__file__).with_name("store_model_code.py"))
 
 
 def split_store(tensors: dict, header: dict, store: str | None = None) -> tuple[str, dict, dict]:
     """(store name, its tensors without the ``store/<name>/`` prefix, its meta) from a
-    federation checkpoint. Default: the header's ``primary_store``, else ``server``, else the
-    first store in the header."""
-    stores = header.get("stores") or {}
-    if not stores:
-        raise DataError("checkpoint has no 'stores' in its header; is it a federation checkpoint?")
-    name = store or header.get("primary_store") or (
-        "server" if "server" in stores else next(iter(stores)))
-    if name not in stores:
-        raise DataError(f"checkpoint has no store '{name}'; it has: {', '.join(stores)}")
-    prefix = f"{STORE_PREFIX}{name}/"
-    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not own:
-        raise DataError(f"checkpoint has no tensors under '{prefix}'")
-    return name, own, stores[name]
+    federation checkpoint's ``(tensors, header)``: the primary store, or ``store``."""
+    from feda2v.checkpoint import unpack_run_state
+    from feda2v.errors import CheckpointError
+
+    state = unpack_run_state(tensors, header, source="the store model's checkpoint")
+    name = store or state.primary_store
+    if name not in state.stores:
+        raise CheckpointError(f"checkpoint has no store '{name}'; it has: {', '.join(state.stores)}")
+    own, meta = state.stores[name]
+    return name, own, meta
 
 
 def _classes_of(meta: dict) -> list[str]:
