@@ -1,6 +1,7 @@
 """Flower engine vs in-process engine on the same config, side by side: per-round wall time, the
-cost of one node visit (message hop), the simulation's start-up/shutdown, and whether both engines
-end in the identical state (they must)."""
+cost of one node visit (message hop), the simulation's start-up/shutdown, whether both engines end
+in the identical state (they must), and the bytes one visit's message carries (the slice of the keys
+the node trains) for unified and per_class stores."""
 from __future__ import annotations
 
 import statistics
@@ -22,8 +23,44 @@ def _config(prepared: Path, rounds: int, sharing: str, max_samples: int):
     })
 
 
+def _store_state(fed) -> dict:
+    return {f"{name}/{k}": v for name, store in fed.stores.items() for k, v in store.state_dict()[0].items()}
+
+
+def _visit_bytes(fed) -> dict:
+    """Bytes of round 1's visit messages: the slice each node is sent, against the whole store."""
+    from feda2v.federation.flower_app import encode_store, visit_keys
+    from feda2v.federation.node import node_name
+
+    sent = []
+    for nd in fed.participants(1):
+        store = fed.store_for(node_name(nd.node_id))
+        keys = visit_keys(store, fed.classes, fed.data.manifest["counts"]["train"][nd.node_id])
+        sent.append(len(encode_store(store, store_name="x", round_=1, node="x", keys=keys)))
+    whole = len(encode_store(fed.store_for(node_name(fed.participants(1)[0].node_id)), store_name="x",
+                             round_=1, node="x"))
+    return {"visit_message_bytes_median": statistics.median(sent), "whole_store_bytes": whole}
+
+
+def message_bytes() -> list[dict]:
+    """Per-visit message size of a 20-class GAN store (the issue's case) when a node holds 4
+    classes: unified (1 key: the whole store) and per_class (4 of 20 keys travel)."""
+    from common import make_store
+    from feda2v.federation.flower_app import encode_store, visit_keys
+
+    rows = []
+    for granularity in ("unified", "per_class"):
+        store = make_store("gan", granularity, classes=20)
+        counts = [50 if i < 4 else 0 for i in range(20)]
+        keys = visit_keys(store, [f"c{i}" for i in range(20)], counts)
+        rows.append({"granularity": granularity, "type": "gan", "classes": 20, "node_classes": 4,
+                     "keys_sent": len(keys), "keys_total": len(store.keys),
+                     "visit_message_bytes": len(encode_store(store, store_name="x", round_=1, node="x", keys=keys)),
+                     "whole_store_bytes": len(encode_store(store, store_name="x", round_=1, node="x"))})
+    return rows
+
+
 def _drive(engine, cfg, data) -> dict:
-    from feda2v.federation.flower_app import encode_store
     from feda2v.federation.server import Federation
 
     fed = Federation(cfg, data)
@@ -41,11 +78,7 @@ def _drive(engine, cfg, data) -> dict:
         hops += len(res.nodes)
         t_prev = time.perf_counter()
     total = time.perf_counter() - t_start
-    state, _ = fed.state_dict()
-    from feda2v.federation.node import node_name
-
-    visited = fed.store_for(node_name(fed.participants(1)[0].node_id))  # what one visit carries
-    payload = len(encode_store(visited, store_name="x", round_=0, node="x"))
+    state = _store_state(fed)
     steady = walls[1:] or walls
     return {
         "round_s_first": walls[0],
@@ -57,7 +90,7 @@ def _drive(engine, cfg, data) -> dict:
         "total_s": total,
         "shutdown_s": total - sum(gaps),  # after the last round (Ray shutdown)
         "hops": hops,
-        "store_message_bytes": payload,
+        **_visit_bytes(fed),
         "_state": state,
     }
 
@@ -95,7 +128,11 @@ def run(quick: bool = False) -> dict:
                f"identical final state: {all(r['identical_state'] for r in table)}; in-process is "
                f"{fl['round_s_median_after_first'] / ip['round_s_median_after_first']:.0f}x faster per round "
                f"(target >= 20x)")
-    return {"summary": summary, "table": table}
+    sizes = message_bytes()
+    summary += "; visit message, 20-class GAN, node with 4 classes: " + ", ".join(
+        f"{r['granularity']} {r['visit_message_bytes'] / 1e6:.2f} MB of {r['whole_store_bytes'] / 1e6:.2f} MB"
+        for r in sizes)
+    return {"summary": summary, "table": table, "message_bytes": sizes}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 
 from flwr.serverapp import ServerApp
 
-from feda2v.errors import ConfigError
+from feda2v.errors import ConfigError, Feda2vError
 
 
 def deployment_main(grid, context) -> None:
@@ -32,7 +32,11 @@ def deployment_main(grid, context) -> None:
     workdir = context.run_config.get("workdir")
     if workdir:
         os.chdir(str(workdir))
-    summary = train(cfg, engine=FlowerEngine(grid=grid))
+    try:
+        summary = train(cfg, engine=FlowerEngine(grid=grid))
+    except Feda2vError as e:  # the one line the deploy script and `flwr log` show; Flower marks the run failed
+        print(f"feda2v: error: {e}", flush=True)
+        raise
     print(f"feda2v: flower deployment run finished: {json.dumps(summary, sort_keys=True, default=str)}",
           flush=True)
 
