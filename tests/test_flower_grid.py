@@ -96,12 +96,11 @@ class FakeGrid:
             if self.nodes[nid] in self.data_dirs:
                 config["data-dir"] = str(self.data_dirs[self.nodes[nid]])
             ctx = SimpleNamespace(node_config=config)
-            if m.metadata.message_type == flower_app.MSG_QUERY:
-                reply = flower_app.handle_query(m, ctx)
-            else:
-                reply = flower_app.handle_train(m, ctx)
-                if self.tamper:
-                    reply = self.tamper(reply, m)
+            handler = {flower_app.MSG_QUERY: flower_app.handle_query, flower_app.MSG_TRAIN: flower_app.handle_train,
+                       flower_app.MSG_CLASSIFIER: flower_app.handle_classifier}[m.metadata.message_type]
+            reply = handler(m, ctx)
+            if self.tamper and m.metadata.message_type == flower_app.MSG_TRAIN:
+                reply = self.tamper(reply, m)
             self.replies[mid] = reply
         return ids
 
@@ -162,6 +161,21 @@ def test_grid_rounds_are_bit_identical_to_in_process(prepared, sharing):
         assert {k: v for k, v in g.metrics.items() if "seconds" not in k and "share" not in k} == \
                {k: v for k, v in w.metrics.items() if "seconds" not in k and "share" not in k}
         assert g.missing == [] and g.metrics["nodes_missing"] == 0.0
+
+
+@pytest.mark.parametrize("sharing", ["shared", "fedavg"])
+def test_full_mode_classifiers_train_on_the_nodes_bit_identically(prepared, sharing):
+    sections = {"federation": {"sharing": sharing, "mode": "full"}}
+    ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
+    want = _inprocess(ref)
+    grid = _grid()
+    got = _run(fed, grid)
+    assert_same_state(ref, fed)
+    assert all(torch.equal(a, b) for a, b in zip(ref.classifier.state_dict().values(),
+                                                 fed.classifier.state_dict().values()))
+    assert [g.downstream for g in got] == [w.downstream for w in want]
+    kinds = [kind for _, kind, _ in grid.sent]
+    assert kinds.count(flower_app.MSG_CLASSIFIER) == 2 * NODES  # the classifier steps ran on the nodes
 
 
 def test_messages_carry_only_the_keys_the_visit_trains(prepared):

@@ -40,7 +40,9 @@ log = logging.getLogger("feda2v.flower")
 
 MSG_TRAIN = "train.generators"  # ClientApp @app.train("generators")
 MSG_QUERY = "query.partition"  # ClientApp @app.query("partition")
+MSG_CLASSIFIER = "train.classifier"  # ClientApp @app.train("classifier") (full mode)
 WIRE_KIND = "feda2v-store-message"
+CLASSIFIER_KIND = "feda2v-classifier-message"
 STYPE = "feda2v.checkpoint"  # Array stype: raw checkpoint-container bytes, not .npy
 
 
@@ -213,9 +215,45 @@ def handle_train(msg, context):
     return Message(_pack(out, {"node_result": result}), reply_to=msg)
 
 
+def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+    """Full mode, a node's part: train the classifier it is sent on its own partition (the very
+    ``train_classifier`` call and seed of the in-process engine); reply its state and weight."""
+    from feda2v.federation.node import node_name, train_classifier
+    from feda2v.models.classifier import Classifier
+    from feda2v.seeding import torch_generator
+
+    if partition != task["node_id"]:
+        raise Feda2vError(f"message for node {task['node_id']} delivered to partition {partition}")
+    if task.get("threads", 0) > 0:
+        torch.set_num_threads(int(task["threads"]))
+    site = _node_data(data_dir or task["prepared_dir"], task["manifest_hash"], partition)
+    tensors, header = read_checkpoint_bytes(blob, label=f"classifier message for node {partition}")
+    if header.get("kind") != CLASSIFIER_KIND:
+        raise Feda2vError(f"classifier message for node {partition} has kind {header.get('kind')!r}")
+    model = Classifier(**header["kwargs"])
+    model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    nd = site.node
+    train_classifier(model, nd.train_x, nd.train_y, lr=task["lr"], epochs=task["epochs"],
+                     batch_size=task["batch_size"],
+                     gen=torch_generator(task["seed"], "classifier", task["round"], partition))
+    out = checkpoint_bytes({k: v.detach().clone() for k, v in model.state_dict().items()},
+                           {"kind": CLASSIFIER_KIND, "kwargs": header["kwargs"], "round": task["round"],
+                            "node": node_name(partition)})
+    return out, {"node": node_name(partition), "weight": float(len(nd.train_y))}
+
+
+def handle_classifier(msg, context):
+    """ClientApp @train("classifier"): full mode's node classifier step."""
+    blob, task = _unpack(msg.content)
+    data_dir = context.node_config.get("data-dir")
+    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None)
+    return Message(_pack(out, {"classifier_result": result}), reply_to=msg)
+
+
 # The ClientApp component of `flwr run` (the ServerApp is pipeline/flower_job.py:server_app).
 client_app = ClientApp()
 client_app.train("generators")(handle_train)
+client_app.train("classifier")(handle_classifier)
 client_app.query("partition")(handle_query)
 
 
@@ -326,17 +364,34 @@ class GridRounds:
         store = self.fed.stores[store_name]
         counts = self.fed.data.manifest["counts"]["train"][nd.node_id]
         keys = visit_keys(store, self.fed.classes, counts)
-        return {"nd": nd, "name": node_name(nd.node_id), "store_name": store_name, "store": store,
-                "keys": keys, "samples": expected_samples(store, self.fed.classes, counts), "round": round_}
+        return {"kind": "store", "nd": nd, "name": node_name(nd.node_id), "store_name": store_name,
+                "store": store, "keys": keys, "samples": expected_samples(store, self.fed.classes, counts),
+                "round": round_}
+
+    def _classifier_plan(self, nd, round_: int, start: dict):
+        from feda2v.federation.node import node_name
+
+        return {"kind": "classifier", "nd": nd, "name": node_name(nd.node_id), "round": round_, "start": start,
+                "weight": float(sum(self.fed.data.manifest["counts"]["train"][nd.node_id]))}
 
     def _message(self, plan):
         nid = self.routes.get(plan["nd"].node_id)
         if nid is None:
             return None
-        blob = encode_store(plan["store"], store_name=plan["store_name"], round_=plan["round"],
-                            node=plan["name"], keys=plan["keys"])
-        task = make_task(self.fed, plan["nd"].node_id, plan["round"], plan["store_name"])
-        return Message(_pack(blob, task), dst_node_id=nid, message_type=MSG_TRAIN, group_id=str(plan["round"]))
+        if plan["kind"] == "classifier":
+            fed = self.fed.cfg.federation
+            blob = checkpoint_bytes(plan["start"], {"kind": CLASSIFIER_KIND, "round": plan["round"],
+                                                    "node": plan["name"],
+                                                    "kwargs": dict(self.fed.classifier.kwargs)})
+            task = dict(make_task(self.fed, plan["nd"].node_id, plan["round"], ""), lr=float(fed.classifier_lr),
+                        epochs=int(fed.local_epochs))
+            kind = MSG_CLASSIFIER
+        else:
+            blob = encode_store(plan["store"], store_name=plan["store_name"], round_=plan["round"],
+                                node=plan["name"], keys=plan["keys"])
+            task = make_task(self.fed, plan["nd"].node_id, plan["round"], plan["store_name"])
+            kind = MSG_TRAIN
+        return Message(_pack(blob, task), dst_node_id=nid, message_type=kind, group_id=str(plan["round"]))
 
     def _send(self, plans: list) -> list:
         """One exchange for ``plans``: per plan its reply, or NodeLost."""
@@ -352,13 +407,37 @@ class GridRounds:
                 out.append(r)
         return out
 
+    @staticmethod
+    def _refuser(plan):
+        def refuse(what: str) -> Feda2vError:
+            return Feda2vError(f"node {plan['name']} (partition {plan['nd'].node_id}) sent an invalid reply: "
+                               f"{what}; refused (is that SuperNode running this feda2v version on its own partition?)")
+        return refuse
+
+    def _apply_classifier(self, reply, plan):
+        """Validate a classifier reply: the node, the start state's names and shapes, its weight."""
+        refuse = self._refuser(plan)
+        try:
+            blob, task = _unpack(reply.content)
+            tensors, header = read_checkpoint_bytes(blob, label=f"classifier reply of node {plan['name']}")
+            result = task["classifier_result"]
+        except (Feda2vError, KeyError, TypeError, ValueError) as e:
+            raise refuse(str(e)) from None
+        if (header.get("kind"), header.get("node"), result.get("node")) != (CLASSIFIER_KIND, plan["name"], plan["name"]):
+            raise refuse(f"it answers for {result.get('node')!r} ({header.get('kind')!r}), expected {plan['name']!r}")
+        shapes = {k: tuple(v.shape) for k, v in plan["start"].items()}
+        if {k: tuple(v.shape) for k, v in tensors.items()} != shapes:
+            raise refuse("its classifier state has other tensors or shapes than it was sent")
+        if float(result.get("weight", -1)) != plan["weight"]:
+            raise refuse(f"weight {result.get('weight')} differs from its partition's {plan['weight']:.0f} samples")
+        return plan["name"], {k: v.clone() for k, v in tensors.items()}, plan["weight"]
+
     def _apply(self, reply, plan):
         """Validate a reply against what was sent, then merge it into the store."""
+        if plan["kind"] == "classifier":
+            return self._apply_classifier(reply, plan)
         name, keys = plan["name"], plan["keys"]
-
-        def refuse(what: str) -> Feda2vError:
-            return Feda2vError(f"node {name} (partition {plan['nd'].node_id}) sent an invalid reply: {what}; "
-                               "refused (is that SuperNode running this feda2v version on its own partition?)")
+        refuse = self._refuser(plan)
 
         try:
             blob, task = _unpack(reply.content)
@@ -437,6 +516,16 @@ class GridRounds:
             if res is not None:
                 yield res
 
+    def classifiers(self, round_: int, participants: list, start: dict):
+        """``Federation.run_round``'s full-mode node classifier step over Flower (sent together,
+        merged in participant order); yields (node name, state, weight) per node that answered."""
+        plans = [self._classifier_plan(nd, round_, start) for nd in participants
+                 if sum(self.fed.data.manifest["counts"]["train"][nd.node_id]) > 0]
+        for res in self._visit_all(plans):
+            if res is not None:
+                yield res
+
     def run_round(self, round_: int, on_node: Optional[Callable[[object], None]] = None):
         """``Federation.run_round`` with node visits over Flower (bit-identical results)."""
-        return self.fed.run_round(round_, on_node=on_node, train_visits=self.visits)
+        return self.fed.run_round(round_, on_node=on_node, train_visits=self.visits,
+                                  train_classifiers=self.classifiers)

@@ -9,9 +9,9 @@ Two ways to run:
 - deployment (``flwr run`` against a SuperLink): the whole training job runs inside the ServerApp
   (``pipeline/flower_job.py``), which builds this engine with its Grid (``FlowerEngine(grid=...)``).
 
-Supported: ``federation.mode=generator_only`` with ``sharing`` shared | local | fedavg, all
-bit-identical to the in-process engine (visits are applied in the in-process order). Not supported:
-``mode=full`` (its classifier step reads node data at the server; run it with engine=inprocess).
+Supported: ``federation.mode`` generator_only and full (node classifiers train on their nodes, are
+averaged on the server, which distils on synthetic samples), with ``sharing`` shared | local |
+fedavg, all bit-identical to the in-process engine (visits are applied in the in-process order).
 Profiler steps: generator steps run on the Flower nodes, so ``on_step`` is never called here.
 """
 from __future__ import annotations
@@ -22,16 +22,8 @@ import queue
 import threading
 from typing import Callable, Iterator, Optional
 
-from feda2v.errors import ConfigError
 
 log = logging.getLogger("feda2v.flower")
-
-
-def check_supported(cfg) -> None:
-    if cfg.federation.mode != "generator_only":
-        raise ConfigError(f"federation.engine=flower supports federation.mode=generator_only only "
-                          f"(got {cfg.federation.mode}): the full-mode classifier step reads node data at "
-                          "the server; use federation.engine=inprocess for mode=full")
 
 
 class FlowerEngine:
@@ -48,7 +40,6 @@ class FlowerEngine:
             on_step: Optional[Callable[[], None]] = None,
             on_node: Optional[Callable[[object], None]] = None) -> Iterator:
         """Yield each round's RoundResult; the caller checkpoints/logs between rounds."""
-        check_supported(federation.cfg)
         from feda2v.checkpoint import capture_rng, restore_rng
 
         # Importing and running Flower/Ray draws from this process's global RNGs (rich seeds an id

@@ -87,11 +87,28 @@ class Federation:
                 local_epochs=fed.local_epochs, batch_size=fed.batch_size,
                 reset_on_change=fed.reset_on_class_change, on_step=on_step)
 
+    def train_classifiers(self, round_: int, participants: list, start: dict):
+        """Full mode, in-process: each participant with training data trains the classifier from
+        ``start``; yields (node name, state, weight = its training samples), in participant order.
+        Engines that run the nodes elsewhere (Flower) pass their own function to ``run_round``."""
+        fed = self.cfg.federation
+        for nd in participants:
+            if len(nd.train_y) == 0:
+                continue
+            self.classifier.load_state_dict(start)
+            train_classifier(self.classifier, nd.train_x, nd.train_y, lr=fed.classifier_lr,
+                             epochs=fed.local_epochs, batch_size=fed.batch_size,
+                             gen=torch_generator(self.cfg.seed, "classifier", round_, nd.node_id))
+            yield (node_name(nd.node_id), {k: v.clone() for k, v in self.classifier.state_dict().items()},
+                   float(len(nd.train_y)))
+
     def run_round(self, round_: int, on_step: Optional[Callable[[], None]] = None,
                   on_node: Optional[Callable[[object], None]] = None,
-                  train_visits: Optional[Callable] = None) -> RoundResult:
+                  train_visits: Optional[Callable] = None,
+                  train_classifiers: Optional[Callable] = None) -> RoundResult:
         """One round: route participants to stores, train them (``train_visits``, in-process by
-        default), then aggregate, distil (full mode) and summarise."""
+        default), then aggregate, distil (full mode: node classifiers by ``train_classifiers``) and
+        summarise."""
         t_start = time.perf_counter()
         result = RoundResult(round=round_)
         visits = [(nd, self.store_name_for(node_name(nd.node_id))) for nd in self.participants(round_)]
@@ -105,8 +122,10 @@ class Federation:
         result.missing = [node_name(nd.node_id) for nd, _ in visits if node_name(nd.node_id) not in done]
         self.sharing.after_round(self.stores, result.nodes)
         if self.classifier is not None:
-            result.downstream = self._full_mode_round(
-                round_, [nd for nd, _ in visits if node_name(nd.node_id) in done])
+            result.downstream, lost = self._full_mode_round(
+                round_, [nd for nd, _ in visits if node_name(nd.node_id) in done],
+                train_classifiers or self.train_classifiers)
+            result.missing += [n for n in lost if n not in result.missing]
         if result.missing:
             self.missing[round_] = list(result.missing)
         self.round = round_
@@ -115,20 +134,16 @@ class Federation:
         result.metrics["nodes_missing"] = float(len(result.missing))
         return result
 
-    def _full_mode_round(self, round_: int, participants) -> dict:
-        """FedAvg of node classifiers, then server fine-tuning on synthetic samples per class."""
+    def _full_mode_round(self, round_: int, participants, train_classifiers) -> tuple[dict, list]:
+        """FedAvg of node classifiers, then server fine-tuning on synthetic samples per class.
+        Returns the downstream report and the participants whose classifier visit was lost."""
         fed = self.cfg.federation
         start = {k: v.clone() for k, v in self.classifier.state_dict().items()}
-        states, weights = [], []
-        for nd in participants:
-            if len(nd.train_y) == 0:
-                continue
-            self.classifier.load_state_dict(start)
-            train_classifier(self.classifier, nd.train_x, nd.train_y, lr=fed.classifier_lr,
-                             epochs=fed.local_epochs, batch_size=fed.batch_size,
-                             gen=torch_generator(self.cfg.seed, "classifier", round_, nd.node_id))
-            states.append({k: v.clone() for k, v in self.classifier.state_dict().items()})
-            weights.append(float(len(nd.train_y)))
+        trained = list(train_classifiers(round_, participants, start))
+        states, weights = [st for _, st, _ in trained], [w for _, _, w in trained]
+        answered = {n for n, _, _ in trained}
+        lost = [node_name(nd.node_id) for nd in participants
+                if len(nd.train_y) and node_name(nd.node_id) not in answered]
         self.classifier.load_state_dict(average_state(states, weights) if states else start)
         test_x, test_y = self._global_test()
         before = accuracy(self.classifier, test_x, test_y)
@@ -147,7 +162,7 @@ class Federation:
             "synthetic_samples": synthetic,
             "per_node": {n: {"fedavg": per_node_before[n], "distilled": per_node_after[n]}
                          for n in per_node_before},
-        }
+        }, lost
 
     def _synthetic_set(self, round_: int):
         store = self.stores[self.primary_store]
