@@ -61,7 +61,7 @@ def test_published_flag_names_are_aliases():
     assert cfg.federation.sharing == "local"
     assert cfg.generator.granularity == "per_group"
     assert cfg.generator.type == "gan"
-    assert cfg.federation.reset_on_class_change is True
+    assert cfg.federation.reset_on_class_change == "new_classes"  # the published flag: its rule
     assert dict(cfg.generator.class_groups) == {"strings": ["violin"], "rest": ["piano"]}
     assert load_config({"generator_only_mode": False}).federation.mode == "full"
 

@@ -1,349 +1,565 @@
-"""Migration of the published system's checkpoint dicts (layouts of lucapalazzo/fedgfe)."""
+"""Migration of every layout the published FedA2V server and client write (lucapalazzo/fedgfe).
+
+Each case builds the legacy file(s) with ``torch.save`` from replicas of the published modules
+(tests/legacy_replicas.py), migrates, and checks: parameters and optimizer state bit-identical,
+the migrated store computing the published function (eval mode, same inputs and noise: outputs
+equal), and the store training on (one grouped step continues the legacy optimizer state).
+"""
 from __future__ import annotations
 
-import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from feda2v.checkpoint import inspect_checkpoint, migrate_legacy, read_checkpoint
-from feda2v.checkpoint.legacy import map_parameters
-from feda2v.cli.ckpt import main as ckpt_main
+import legacy_replicas as R
+from feda2v.checkpoint import read_checkpoint
+from feda2v.checkpoint.legacy import migrate_legacy
 from feda2v.errors import CheckpointError
 
-
-# Modules with the published generators' layer layout (parameter names are what matters).
-class LegacyVAE(nn.Module):
-    def __init__(self, d=12, h=10, z=3):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Dropout(0.2), nn.Linear(h, h), nn.ReLU(),
-                                     nn.Dropout(0.2), nn.Linear(h, 2 * z))
-        self.decoder = nn.Sequential(nn.Linear(z, h), nn.ReLU(), nn.Dropout(0.2), nn.Linear(h, h), nn.ReLU(),
-                                     nn.Dropout(0.2), nn.Linear(h, d))
+D_IN, SEQ, CLIP, T5 = 32, 2, 5, 6  # features 64 = 2 x 32 (digits), conditions 10 = 2 x 5 (one-hot)
+H, Z, ZG, FUSION = 10, 3, 4, 7
+LOW, HIGH = ["zero", "one", "two", "three", "four"], ["five", "six", "seven", "eight", "nine"]
+CLASSES = LOW + HIGH
+GROUPS_OVERRIDE = "generator.class_groups={low:[zero,one,two,three,four],high:[five,six,seven,eight,nine]}"
 
 
-class LegacyCVAE(nn.Module):
-    def __init__(self, d=12, c=6, h=10, z=3):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(d + c, h), nn.LeakyReLU(0.2), nn.Linear(h, h), nn.LeakyReLU(0.2))
-        self.fc_mu = nn.Linear(h, z)
-        self.fc_logvar = nn.Linear(h, z)
-        self.decoder = nn.Sequential(nn.Linear(z + c, h), nn.LeakyReLU(0.2), nn.Linear(h, h), nn.LeakyReLU(0.2),
-                                     nn.Linear(h, d), nn.Tanh())
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    from feda2v.config import load_config
+    from feda2v.data import load_prepared, prepare
+
+    d = tmp_path_factory.mktemp("prep") / "prepared"
+    prepare(load_config({"data": {"name": "digits", "condition": "onehot", "prepared_dir": str(d), "nodes": 2,
+                                  "partition": {"scheme": "iid"}}}))
+    return load_prepared(d), str(d)
 
 
-class LegacyGANG(nn.Module):
-    def __init__(self, z=4, h=10, d=12):
-        super().__init__()
-        self.model = nn.Sequential(nn.Linear(z, h), nn.ReLU(True), nn.Linear(h, h), nn.ReLU(True), nn.Linear(h, d))
+def vae(seed=0, opt=True, **kw):
+    g, o = R.trained(R.VAEGenerator(D_IN, H, Z, SEQ), seed=seed, steps=seed % 3 + 1, **kw)
+    return g, (o if opt else None)
 
 
-class LegacyGAND(nn.Module):
-    def __init__(self, d=12, h=10):
-        super().__init__()
-        self.model = nn.Sequential(nn.Linear(d, h), nn.LeakyReLU(0.2), nn.Dropout(0.2), nn.Linear(h, h),
-                                   nn.LeakyReLU(0.2), nn.Dropout(0.2), nn.Linear(h, 1))
+def cvae(seed=0, opt=True):
+    g, o = R.trained(R.ConditionedVAEGenerator(D_IN, H, Z, CLIP, SEQ), seed=seed, steps=2)
+    return g, (o if opt else None)
 
 
-def trained(module: nn.Module, steps: int = 2, seed: int = 0, **opt):
-    torch.manual_seed(seed)
-    for p in module.parameters():
-        nn.init.normal_(p, std=0.3)
-    o = torch.optim.AdamW(module.parameters(), lr=opt.get("lr", 2e-3), weight_decay=opt.get("weight_decay", 0.05),
-                          betas=(0.5, 0.99), amsgrad=opt.get("amsgrad", False))
-    for _ in range(steps):
-        o.zero_grad()
-        sum((p ** 2).sum() * (i + 1) for i, p in enumerate(module.parameters())).backward()
-        o.step()
-    return module, o
+def multimodal(seed=0, opt=True):
+    clip_only = lambda n: not n.startswith(("t5_projection", "fusion"))  # noqa: E731 - an SD (CLIP-only) run
+    g, o = R.trained(R.MultiModalVAEGenerator(D_IN, H, Z, CLIP, T5, FUSION, SEQ), seed=seed, steps=2, used=clip_only)
+    return g, (o if opt else None)
 
 
-CLASSES = ["piano", "violin", "flute"]
+def gan_g(seed=0, opt=True):
+    g, o = R.trained(R.GANGenerator(ZG, H, 2 * D_IN), seed=seed, steps=3)
+    return g, (o if opt else None)
 
 
-def server_unified_vae():
-    g, o = trained(LegacyVAE())
-    return {"checkpoint_type": "server", "is_global": True, "round": 4, "timestamp": "2025-01-01T00:00:00",
-            "generator_type": "vae", "federated_classes": CLASSES, "num_clients": 2,
-            "client_metadata": [{"client_id": 0, "dataset": "vgg", "selected_classes": ["piano"]}],
-            "generator_state_dict": g.state_dict(), "optimizer_state_dict": o.state_dict()}, g, o
+def gan_d(seed=0):
+    return R.trained(R.GANDiscriminator(2 * D_IN, H), seed=seed + 100, steps=3, lr=5e-4)
 
 
-def save(tmp_path, obj, name="legacy.pt"):
-    p = tmp_path / name
-    torch.save(obj, p)
-    return p
+SERVER = {"checkpoint_type": "server", "is_global": True, "round": 4, "timestamp": "2025-01-01T00:00:00",
+          "diffusion_type": "sd", "federated_classes": CLASSES, "num_clients": 2}
+CLIENT = {"client_id": 1, "node_id": 1, "round": 5, "diffusion_type": "sd", "dataset_name": "digits",
+          "selected_classes": CLASSES, "sequence_length": SEQ, "visual_dim": CLIP}
 
 
-def strip(tensors, prefix="store/server/"):
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+def opt_sd(o):
+    return None if o is None else o.state_dict()
 
 
-def test_server_unified_vae(tmp_path):
+@dataclass
+class Case:
+    files: list  # [dict to torch.save]
+    expect: dict  # store key -> {role: (module, optimizer | None)}
+    overrides: list = field(default_factory=list)
+    flags: dict = field(default_factory=dict)
+    prepared: bool = False
+    fresh: tuple = ()  # (key, role) started fresh on purpose
+
+
+def server_unified_vae(opt=True):
+    g, o = vae(opt=opt)
+    return Case([{**SERVER, "generator_type": "vae", "generator_state_dict": g.state_dict(),
+                  "optimizer_state_dict": opt_sd(o)}], {"unified": {"generator": (g, o)}})
+
+
+def server_unified_cvae():
+    g, o = cvae()
+    return Case([{**SERVER, "generator_type": "vae", "use_conditioned_vae": True,
+                  "generator_state_dict": g.state_dict(), "optimizer_state_dict": o.state_dict()}],
+                {"unified": {"generator": (g, o)}}, prepared=True)
+
+
+def server_unified_gan():
+    (g, og), (d, od) = gan_g(), gan_d()
+    return Case([{**SERVER, "generator_type": "gan", "generator_clip_state_dict": g.state_dict(),
+                  "generator_t5_state_dict": None, "discriminator_clip_state_dict": d.state_dict(),
+                  "discriminator_t5_state_dict": None, "generator_optimizer_state_dict": og.state_dict(),
+                  "discriminator_optimizer_state_dict": od.state_dict()}],
+                {"unified": {"generator": (g, og), "discriminator": (d, od)}})
+
+
+def _server_multi(modules: dict, optims: dict | None, **extra):
+    return {**SERVER, "generator_type": "vae", "prompt_generators": {k: m.state_dict() for k, m in modules.items()},
+            "generator_optimizers": optims, "generator_keys": list(modules), "num_generators": len(modules),
+            "use_conditioned_vae": False, "sequence_length": SEQ, **extra}
+
+
+def server_per_class_vae(opt=True):
+    mods = {c: vae(seed=i, opt=opt) for i, c in enumerate(CLASSES)}
+    optims = {c: o.state_dict() for c, (_, o) in mods.items()} if opt else None
+    return Case([_server_multi({c: g for c, (g, _) in mods.items()}, optims)],
+                {f"class/{c}": {"generator": m} for c, m in mods.items()})
+
+
+def server_per_class_cvae():
+    mods = {c: cvae(seed=i, opt=False) for i, c in enumerate(CLASSES)}
+    return Case([_server_multi({c: g for c, (g, _) in mods.items()}, None, use_conditioned_vae=True)],
+                {f"class/{c}": {"generator": m} for c, m in mods.items()}, prepared=True)
+
+
+def server_per_group_vae():
+    mods = {"low": vae(seed=1), "high": vae(seed=2)}
+    return Case([_server_multi({k: g for k, (g, _) in mods.items()}, {k: o.state_dict() for k, (_, o) in mods.items()})],
+                {f"group/{k}": {"generator": m} for k, m in mods.items()},
+                overrides=["generator.granularity=per_group", GROUPS_OVERRIDE])
+
+
+def server_per_group_shared():
+    # the server's real per_group re-save: each group's one generator object registered under
+    # every class of the group; the optimizers keyed by group
+    mods = {"low": vae(seed=1), "high": vae(seed=2)}
+    by_class = {c: mods["low"][0] for c in LOW} | {c: mods["high"][0] for c in HIGH}
+    return Case([_server_multi(by_class, {k: o.state_dict() for k, (_, o) in mods.items()})],
+                {f"group/{k}": {"generator": m} for k, m in mods.items()}, overrides=[GROUPS_OVERRIDE])
+
+
+def server_unified_shared():
+    # a unified generator loaded by the server is registered under every class, re-saved per class
+    g, o = vae(seed=3)
+    return Case([_server_multi({c: g for c in CLASSES}, {"unified": o.state_dict()})], {"unified": {"generator": (g, o)}})
+
+
+def server_unified_key():
+    # prompt_generators keyed 'unified' (the server's generator_key default), migrated as unified
+    g, o = vae(seed=4)
+    return Case([_server_multi({"unified": g}, {"unified": o.state_dict()})], {"unified": {"generator": (g, o)}},
+                overrides=["generator.granularity=unified"])
+
+
+def _client(gran, key, sd_field, sd, o=None, **extra):
+    d = {**CLIENT, "generator_type": "gan" if sd_field == "generator_clip_state_dict" else "vae",
+         "generator_granularity": gran, "generator_key": key,
+         "class_name": key if gran == "per_class" else None, "group_name": key if gran == "per_group" else None,
+         "generator_classes": [key] if gran == "per_class" else extra.pop("classes", None), sd_field: sd, **extra}
+    if o is not None:
+        d["optimizer_state_dict"] = o.state_dict()
+    return d
+
+
+def client_unified_vae(opt=False):
+    g, o = vae(opt=opt)
+    return Case([_client("unified", None, "generator_state_dict", g.state_dict(), o)], {"unified": {"generator": (g, o)}})
+
+
+def client_unified_cvae():
+    g, o = cvae(opt=False)
+    return Case([_client("unified", None, "generator_state_dict", g.state_dict(), use_conditioned_vae=True)],
+                {"unified": {"generator": (g, o)}}, prepared=True)
+
+
+def client_per_class_vae_files():
+    mods = {c: vae(seed=i, opt=False) for i, c in enumerate(CLASSES)}
+    return Case([_client("per_class", c, "generator_state_dict", g.state_dict()) for c, (g, _) in mods.items()],
+                {f"class/{c}": {"generator": m} for c, m in mods.items()})
+
+
+def client_per_group_multimodal_files(opt=True):
+    mods = {"low": multimodal(seed=1, opt=opt), "high": multimodal(seed=2, opt=opt)}
+    files = [_client("per_group", k, "generator_state_dict", g.state_dict(), o, use_conditioned_vae=True,
+                     classes=LOW if k == "low" else HIGH) for k, (g, o) in mods.items()]
+    return Case(files, {f"group/{k}": {"generator": m} for k, m in mods.items()}, prepared=True)
+
+
+def client_per_class_gan_files():
+    mods = {c: gan_g(seed=i, opt=False) for i, c in enumerate(CLASSES)}
+    return Case([_client("per_class", c, "generator_clip_state_dict", g.state_dict()) for c, (g, _) in mods.items()],
+                {f"class/{c}": {"generator": m} for c, m in mods.items()}, flags={"fresh_discriminator": True},
+                fresh=tuple((f"class/{c}", "discriminator") for c in CLASSES))
+
+
+def client_unified_gan():
+    g, _ = gan_g(opt=False)
+    return Case([_client("unified", None, "generator_clip_state_dict", g.state_dict())],
+                {"unified": {"generator": (g, None)}}, flags={"fresh_discriminator": True},
+                fresh=(("unified", "discriminator"),))
+
+
+CASES = {
+    "server-unified-vae": server_unified_vae,
+    "server-unified-vae-no-optimizer": lambda: server_unified_vae(opt=False),
+    "server-unified-cvae": server_unified_cvae,
+    "server-unified-gan": server_unified_gan,
+    "server-per_class-vae": server_per_class_vae,
+    "server-per_class-vae-no-optimizer": lambda: server_per_class_vae(opt=False),
+    "server-per_class-cvae": server_per_class_cvae,
+    "server-per_group-vae": server_per_group_vae,
+    "server-per_group-shared": server_per_group_shared,
+    "server-unified-shared-under-classes": server_unified_shared,
+    "server-unified-key": server_unified_key,
+    "client-unified-vae": client_unified_vae,
+    "client-unified-vae-optimizer": lambda: client_unified_vae(opt=True),
+    "client-unified-cvae": client_unified_cvae,
+    "client-per_class-vae-files": client_per_class_vae_files,
+    "client-per_group-multimodal-files": client_per_group_multimodal_files,
+    "client-per_group-multimodal-files-no-optimizer": lambda: client_per_group_multimodal_files(opt=False),
+    "client-per_class-gan-files": client_per_class_gan_files,
+    "client-unified-gan": client_unified_gan,
+}
+
+
+def save_case(tmp_path: Path, case: Case) -> list[Path]:
+    paths = []
+    for i, obj in enumerate(case.files):
+        p = tmp_path / f"legacy{i}.pt"
+        torch.save(obj, p)
+        paths.append(p)
+    return paths
+
+
+def run_case(tmp_path, case: Case, prep):
+    paths = save_case(tmp_path, case)
+    out = tmp_path / "migrated.ckpt"
+    done = migrate_legacy(paths, out, overrides=case.overrides, prepared_dir=prep[1] if case.prepared else None,
+                          **case.flags)
+    return out, done
+
+
+def store_of(out):
     from feda2v.store import GeneratorStore
 
-    obj, g, o = server_unified_vae()
-    out = tmp_path / "m.ckpt"
-    header = migrate_legacy(save(tmp_path, obj), out)
-    tensors, h = read_checkpoint(out)
-    assert h["keys"] == ["unified"] and h["roles"] == ["generator"] and h["round"] == 4
-    assert h["optimizers"] == {"unified/generator": {"step": 2, "lr": 2e-3, "weight_decay": 0.05}}
-    assert h["config"]["generator"]["type"] == "vae"
-    assert h["config"]["generator"]["optimizer"]["betas"] == [0.5, 0.99]
-    assert h["migration"]["legacy_metadata"]["timestamp"] == "2025-01-01T00:00:00"
-    sd = g.state_dict()
-    pre = "store/server/unified/generator/"
-    for legacy_name, name in [("encoder.0", "encoder.0"), ("encoder.3", "encoder.2"), ("encoder.6", "encoder.4"),
-                              ("decoder.0", "decoder.0"), ("decoder.3", "decoder.2"), ("decoder.6", "decoder.4")]:
-        for w in ("weight", "bias"):
-            assert torch.equal(tensors[f"{pre}param/{name}.{w}"], sd[f"{legacy_name}.{w}"])
-    params = list(g.parameters())
-    st = o.state_dict()["state"]
-    legacy_names = list(sd)
-    for i, p in enumerate(params):
-        name = {"encoder.3": "encoder.2", "encoder.6": "encoder.4", "decoder.3": "decoder.2",
-                "decoder.6": "decoder.4"}.get(legacy_names[i].rsplit(".", 1)[0], legacy_names[i].rsplit(".", 1)[0])
-        name += "." + legacy_names[i].rsplit(".", 1)[1]
-        assert torch.equal(tensors[f"{pre}optim/{name}/exp_avg"], st[i]["exp_avg"])
-        assert torch.equal(tensors[f"{pre}optim/{name}/exp_avg_sq"], st[i]["exp_avg_sq"])
-        assert tensors[f"{pre}optim/{name}/step"].item() == 2
-    # the migrated store loads and its optimizer carries the legacy moments and hyper-parameters
-    store = GeneratorStore.from_state(strip(tensors), h["stores"]["server"])
-    assert store.step_count("unified") == 2
-    opt = store.optimizer("unified")
-    assert opt.param_groups[0]["lr"] == 2e-3 and opt.param_groups[0]["weight_decay"] == 0.05
-    enc2 = dict(store.module("unified").named_parameters())["encoder.2.weight"]
-    assert torch.equal(opt.state[enc2]["exp_avg"], st[legacy_names.index("encoder.3.weight")]["exp_avg"])
-    info = inspect_checkpoint(out)
-    assert info["optimizers"]["unified/generator"]["step"] == 2
-    assert header["sha256"] if "sha256" in header else True
+    tensors, header = read_checkpoint(out)
+    pre = "store/server/"
+    st = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+    return GeneratorStore.from_state(st, header["stores"]["server"]), st, header
 
 
-def test_migration_is_deterministic(tmp_path):
-    obj, _, _ = server_unified_vae()
-    p = save(tmp_path, obj)
-    migrate_legacy(p, tmp_path / "a.ckpt")
-    migrate_legacy(p, tmp_path / "b.ckpt")
+def _inputs(module, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, SEQ, D_IN, generator=g)
+    return x
+
+
+def assert_same_function(key_module, legacy, store, key, prep):
+    """Eval mode, same inputs and noise: the migrated module's outputs equal the published module's."""
+    legacy.eval()
+    key_module.eval()
+    classes = store.classes_of_key(key)
+    ci = store.spec.classes.index(classes[0])
+    n = 6
+    with torch.no_grad():
+        if isinstance(legacy, R.GANGenerator):
+            z = torch.randn(n, ZG, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(key_module(z, store.conditions[[ci] * n]), legacy(z))
+            # sampling through the store (the grouped path) draws z from its generator the same way
+            got = store.sample(torch.tensor([ci] * n), gen=torch.Generator().manual_seed(5))
+            z = torch.randn(n, ZG, generator=torch.Generator().manual_seed(5))
+            assert torch.equal(got, legacy(z))
+            return
+        if isinstance(legacy, R.GANDiscriminator):
+            x = torch.randn(n, 2 * D_IN, generator=torch.Generator().manual_seed(2))
+            assert torch.equal(key_module(x, store.conditions[[ci] * n]), legacy(x).squeeze(-1))
+            return
+        x = _inputs(key_module)
+        cond_rows = store.conditions[[ci] * n]
+        torch.manual_seed(11)
+        if isinstance(legacy, R.VAEGenerator):
+            recon, mu, logvar = legacy(x)
+        elif isinstance(legacy, R.ConditionedVAEGenerator):
+            recon, mu, logvar = legacy(x, store.conditions[ci].view(SEQ, CLIP))
+        else:
+            recon, mu, logvar = legacy(x, store.conditions[ci].view(SEQ, CLIP))
+        torch.manual_seed(11)
+        eps = torch.randn(n, Z)
+        r2, mu2, lv2 = key_module(x.view(n, -1), cond_rows, eps=eps)
+        assert torch.equal(mu2, mu) and torch.equal(lv2, logvar)
+        assert torch.equal(r2, recon.view(n, -1))
+        # the store's sampler decodes prior noise with the published decoder
+        got = store.sample(torch.tensor([ci] * n), gen=torch.Generator().manual_seed(5))
+        z = torch.randn(n, Z, generator=torch.Generator().manual_seed(5))
+        if isinstance(legacy, R.VAEGenerator):
+            want = legacy.decode(z)
+        else:
+            want = legacy.decode(z, store.conditions[ci].view(SEQ, CLIP))
+        assert torch.equal(got, want.reshape(n, -1))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_published_layout_migrates_exactly(tmp_path, prep, name):
+    case = CASES[name]()
+    out, done = run_case(tmp_path, case, prep)
+    store, st, header = store_of(out)
+    assert sorted(store.keys) == sorted(case.expect)
+    assert header["config"]["generator"]["arch"] in ("fedgfe", "fedgfe_multimodal")
+    assert header["round"] == case.files[0]["round"]
+    for key, roles in case.expect.items():
+        for role, (module, opt) in roles.items():
+            kr = f"{key}/{role}"
+            legacy_sd = module.state_dict()
+            own = dict(store.module(key, role).named_parameters())
+            for name_, p in own.items():  # every parameter bit-identical
+                assert torch.equal(st[f"{kr}/param/{name_}"], legacy_sd[name_]), name_
+                assert torch.equal(p.detach(), legacy_sd[name_])
+            kept = [n for n in legacy_sd if not n.startswith(("t5_projection", "fusion"))]
+            assert sorted(own) == sorted(kept)
+            meta = header["stores"]["server"]["optimizers"][kr]
+            if opt is None:
+                assert meta["step"] == 0 and not any(k.startswith(f"{kr}/optim/") for k in st)
+            else:
+                osd = opt.state_dict()
+                group = osd["param_groups"][0]
+                assert (meta["lr"], meta["weight_decay"], meta["eps"]) == (group["lr"], group["weight_decay"], group["eps"])
+                assert meta["betas"] == list(group["betas"])
+                torch_opt = store.optimizer(key, role)
+                assert torch_opt.param_groups[0]["lr"] == group["lr"]
+                assert torch_opt.param_groups[0]["weight_decay"] == group["weight_decay"]
+                names = list(legacy_sd)
+                for i, s in osd["state"].items():
+                    n = names[i]
+                    for f in ("exp_avg", "exp_avg_sq"):
+                        assert torch.equal(st[f"{kr}/optim/{n}/{f}"], s[f]), (n, f)
+                        assert torch.equal(torch_opt.state[own[n]][f], s[f])
+                    assert st[f"{kr}/optim/{n}/step"].item() == s["step"].item() == meta["step"]
+            if role == "generator" or isinstance(module, R.GANDiscriminator):
+                assert_same_function(store.module(key, role), module, store, key, prep)
+    for key, role in case.fresh:
+        assert any(f"{key}/{role}" in n and "fresh" in n for n in done.notes)
+    # it trains on: one grouped step per key continues each key's legacy optimizer state
+    before = {kr: o["step"] for kr, o in header["stores"]["server"]["optimizers"].items()}
+    y = torch.arange(len(store.spec.classes)).repeat(2)
+    x = torch.rand(len(y), store.spec.feature_dim, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    stats = store.train_batch(x, y, gen=torch.Generator().manual_seed(4), node="node0", round=header["round"] + 1)
+    assert set(stats) == set(store.keys)
+    for key in store.keys:
+        for role in store.roles:
+            assert store.step_count(key, role) == before[f"{key}/{role}"] + 1
+    for v in stats.values():
+        assert all(torch.isfinite(torch.tensor(list(v.values()))))
+
+
+def test_migration_is_deterministic(tmp_path, prep):
+    case = server_per_group_shared()
+    paths = save_case(tmp_path, case)
+    migrate_legacy(paths, tmp_path / "a.ckpt", overrides=case.overrides)
+    migrate_legacy(paths, tmp_path / "b.ckpt", overrides=case.overrides)
     assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "b.ckpt").read_bytes()
 
 
-def test_server_multi_per_class_and_per_group(tmp_path):
-    gens, opts = {}, {}
-    for i, c in enumerate(CLASSES):
-        g, o = trained(LegacyVAE(), steps=i + 1, seed=i)
-        gens[c], opts[c] = g.state_dict(), o.state_dict()
-    obj = {"checkpoint_type": "server", "round": 2, "generator_type": "vae", "federated_classes": CLASSES,
-           "prompt_generators": gens, "generator_optimizers": opts, "generator_keys": CLASSES,
-           "use_conditioned_vae": False, "num_generators": 3}
-    out = tmp_path / "pc.ckpt"
-    migrate_legacy(save(tmp_path, obj), out)
-    t, h = read_checkpoint(out)
-    assert h["keys"] == [f"class/{c}" for c in CLASSES]
-    assert h["config"]["generator"]["granularity"] == "per_class"
-    assert [h["optimizers"][f"class/{c}/generator"]["step"] for c in CLASSES] == [1, 2, 3]
-    assert torch.equal(t["store/server/class/violin/generator/param/encoder.4.weight"], gens["violin"]["encoder.6.weight"])
-
-    # the same keys as groups: the file cannot say so, the user must
-    groups = {"keys": ["piano"], "strings": ["violin"], "winds": ["flute"]}
-    obj2 = dict(obj, prompt_generators={g: gens[cs[0]] for g, cs in groups.items()},
-                generator_optimizers={g: opts[cs[0]] for g, cs in groups.items()}, generator_keys=list(groups))
-    p2 = save(tmp_path, obj2, "groups.pt")
-    with pytest.raises(CheckpointError, match="pass generator.granularity=per_class or per_group"):
-        migrate_legacy(p2, tmp_path / "g.ckpt")
-    with pytest.raises(CheckpointError, match="does not record its class groups"):
-        migrate_legacy(p2, tmp_path / "g.ckpt", overrides=["generator.granularity=per_group"])
-    migrate_legacy(p2, tmp_path / "g.ckpt", overrides=[
-        "generator.granularity=per_group", "generator.class_groups={keys:[piano],strings:[violin],winds:[flute]}"])
-    _, hg = read_checkpoint(tmp_path / "g.ckpt")
-    assert hg["keys"] == ["group/keys", "group/strings", "group/winds"]
+def test_file_order_does_not_matter_for_merged_files(tmp_path, prep):
+    case = client_per_class_vae_files()
+    paths = save_case(tmp_path, case)
+    migrate_legacy(paths, tmp_path / "a.ckpt")
+    migrate_legacy(list(reversed(paths)), tmp_path / "b.ckpt")
+    assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "b.ckpt").read_bytes()
+    _, h = read_checkpoint(tmp_path / "a.ckpt")
+    assert h["keys"] == [f"class/{c}" for c in sorted(CLASSES)]
 
 
-def test_unified_gan_with_discriminator(tmp_path):
-    g, og = trained(LegacyGANG(), steps=3)
-    d, od = trained(LegacyGAND(), steps=3, lr=5e-4)
-    obj = {"checkpoint_type": "server", "round": 1, "generator_type": "gan", "federated_classes": CLASSES,
-           "generator_clip_state_dict": g.state_dict(), "generator_t5_state_dict": None,
-           "discriminator_clip_state_dict": d.state_dict(), "discriminator_t5_state_dict": None,
-           "generator_optimizer_state_dict": og.state_dict(), "discriminator_optimizer_state_dict": od.state_dict()}
-    out = tmp_path / "gan.ckpt"
-    migrate_legacy(save(tmp_path, obj), out)
-    t, h = read_checkpoint(out)
-    assert h["roles"] == ["generator", "discriminator"]
-    assert h["optimizers"]["unified/discriminator"] == {"step": 3, "lr": 5e-4, "weight_decay": 0.05}
-    w = t["store/server/unified/generator/param/net.0.weight"]
-    assert torch.equal(w[:, :4], g.state_dict()["model.0.weight"])
-    assert torch.count_nonzero(w[:, 4:]) == 0  # condition inputs start with zero weight
-    m = t["store/server/unified/generator/optim/net.0.weight/exp_avg"]
-    assert torch.equal(m[:, :4], og.state_dict()["state"][0]["exp_avg"]) and torch.count_nonzero(m[:, 4:]) == 0
-    assert torch.equal(t["store/server/unified/discriminator/param/net.2.weight"], d.state_dict()["model.3.weight"])
-    assert any("unconditional" in n for n in h["migration"]["notes"])
+# ------------------------------------------------------------------------------------------
+# refusals: one line, naming the key, nothing written
 
 
-def test_client_files(tmp_path):
-    g, o = trained(LegacyVAE())
-    base = {"client_id": 3, "node_id": 3, "round": 5, "generator_type": "vae", "dataset_name": "vgg",
-            "selected_classes": CLASSES, "generator_state_dict": g.state_dict()}
-    # per_group client file with optimizer state
-    obj = dict(base, generator_granularity="per_group", generator_key="strings", group_name="strings",
-               class_name=None, generator_classes=["violin", "cello"], optimizer_state_dict=o.state_dict())
-    migrate_legacy(save(tmp_path, obj, "c1.pt"), tmp_path / "c1.ckpt")
-    _, h = read_checkpoint(tmp_path / "c1.ckpt")
-    assert h["keys"] == ["group/strings"] and h["round"] == 5
-    assert h["stores"]["server"]["spec"]["classes"] == ["violin", "cello"]
-    assert h["optimizers"]["group/strings/generator"]["step"] == 2
-    # per_class client file without optimizer state: migrates with a fresh optimizer, said so
-    obj = dict(base, generator_granularity="per_class", generator_key="piano", class_name="piano",
-               group_name=None, generator_classes=["piano"])
-    migrate_legacy(save(tmp_path, obj, "c2.pt"), tmp_path / "c2.ckpt")
-    t, h = read_checkpoint(tmp_path / "c2.ckpt")
-    assert h["keys"] == ["class/piano"]
-    assert h["optimizers"]["class/piano/generator"]["step"] == 0
-    assert not any("/optim/" in k for k in t)
-    assert any("no optimizer state" in n for n in h["migration"]["notes"])
-
-
-def test_conditioned_vae_mapping_and_missing_conditions(tmp_path):
-    g, o = trained(LegacyCVAE())
-    sd = g.state_dict()
-    mapped = map_parameters(sd, "ConditionedVAEGenerator", 0, "generator_state_dict")
-    assert torch.equal(mapped["encoder.4.weight"], torch.cat([sd["fc_mu.weight"], sd["fc_logvar.weight"]]))
-    assert torch.equal(mapped["encoder.4.bias"], torch.cat([sd["fc_mu.bias"], sd["fc_logvar.bias"]]))
-    assert torch.equal(mapped["decoder.4.weight"], sd["decoder.4.weight"])
-    obj = {"checkpoint_type": "server", "round": 1, "federated_classes": CLASSES,
-           "generator_state_dict": sd, "optimizer_state_dict": o.state_dict()}
-    with pytest.raises(CheckpointError, match="pass --prepared DIR whose conditions match \\(condition_dim 6\\)"):
-        migrate_legacy(save(tmp_path, obj), tmp_path / "c.ckpt")
-    assert not (tmp_path / "c.ckpt").exists()
-
-
-def _vae_obj(**extra):
-    obj, g, o = server_unified_vae()
-    obj.update(extra)
-    return obj, g, o
-
-
-@pytest.mark.parametrize(
-    "make, match",
-    [
-        (lambda: _vae_obj(adapter_state_dict={"w": torch.zeros(2)})[0], "legacy key 'adapter_state_dict' holds tensors"),
-        (lambda: _vae_obj(generator_t5_state_dict={"w": torch.zeros(2)})[0], "'generator_t5_state_dict' holds a T5"),
-        (lambda: {**_vae_obj()[0], "generator_state_dict": {**_vae_obj()[1].state_dict(), "upsampler.0.weight": torch.zeros(2, 2, 3)}},
-         "'generator_state_dict.upsampler.0.weight' has no counterpart"),
-        (lambda: {**_vae_obj()[0], "generator_state_dict": {k: v for k, v in _vae_obj()[1].state_dict().items() if k != "decoder.6.bias"}},
-         "unknown layer layout"),
-        (lambda: {**_vae_obj()[0], "optimizer_state_dict": trained(LegacyGANG())[1].state_dict()},
-         "covers 6 parameters but 'generator_state_dict' has 12"),
-        (lambda: {**_vae_obj()[0], "optimizer_state_dict": trained(LegacyVAE(), amsgrad=True)[1].state_dict()}, "amsgrad"),
-        (lambda: {**_vae_obj()[0], "generator_type": "gan"}, "'generator_type' says 'gan'"),
-        (lambda: {k: v for k, v in _vae_obj()[0].items() if k not in ("federated_classes", "client_metadata")},
-         "lists no classes"),
-        (lambda: {"round": 1, "optimizer_state_dict": _vae_obj()[2].state_dict()}, "no generator to attach it to"),
-        (lambda: {"round": 1}, "has no generator state"),
-        (lambda: [1, 2, 3], "holds a list"),
-        (lambda: _vae_obj(generator_optimizer_state_dict=_vae_obj()[2].state_dict())[0],
-         "'generator_optimizer_state_dict' does not belong"),
-        (lambda: {"round": 1, "prompt_generators": {"a": _vae_obj()[1].state_dict()},
-                  "optimizer_state_dict": _vae_obj()[2].state_dict(), "generator_granularity": "per_class"},
-         "'optimizer_state_dict' does not belong"),
-        (lambda: {**_vae_obj()[0], "timestamp": 1 + 2j}, "'timestamp' is a complex"),
-    ],
-)
-def test_unmappable_input_is_a_clear_error(tmp_path, make, match):
-    p = save(tmp_path, make())
+def _refuse(tmp_path, objs, match, **kw):
+    paths = []
+    for i, obj in enumerate(objs):
+        p = tmp_path / f"bad{i}.pt"
+        torch.save(obj, p)
+        paths.append(p)
     out = tmp_path / "out.ckpt"
     with pytest.raises(CheckpointError, match=match) as e:
-        migrate_legacy(p, out)
+        migrate_legacy(paths, out, **kw)
     assert "\n" not in str(e.value)
     assert not out.exists()  # never a partial result
 
 
-def test_shape_lie_in_optimizer_state(tmp_path):
-    obj, g, o = server_unified_vae()
-    osd = o.state_dict()
-    osd["state"][0]["exp_avg"] = torch.zeros(3, 3)
-    obj["optimizer_state_dict"] = osd
-    with pytest.raises(CheckpointError, match="optimizer_state_dict.state.0' moments do not match"):
-        migrate_legacy(save(tmp_path, obj), tmp_path / "o.ckpt")
+def _vae_server(**extra):
+    return {**server_unified_vae().files[0], **extra}
+
+
+REFUSALS = {
+    "prompt_generators + granularity=unified (separate generators)": (
+        lambda: server_per_class_vae().files, "'unified/generator' would have no legacy source",
+        {"overrides": ["generator.granularity=unified"]}),
+    "shared per_group without group names": (
+        lambda: [{k: v for k, v in server_per_group_shared().files[0].items()}], "pass generator.class_groups",
+        {}),
+    "shared generator split per class": (
+        lambda: server_per_group_shared().files, "would split the generator shared by keys 'zero'",
+        {"overrides": ["generator.granularity=per_class"]}),
+    "GAN without discriminator, no flag": (
+        lambda: client_unified_gan().files, "'unified/discriminator'.*--fresh-discriminator", {}),
+    "float64 without --to-float32": (
+        lambda: [_vae_server(generator_state_dict={k: v.double() for k, v in vae()[0].state_dict().items()},
+                             optimizer_state_dict=None)],
+        r"'generator_state_dict\..*' is torch.float64.*largest rounding error.*--to-float32", {}),
+    "two files for one key": (
+        lambda: [client_per_class_vae_files().files[0]] * 2, "'bad0.pt' and 'bad1.pt' both hold generator key 'zero'",
+        {}),
+    "files of different runs": (
+        lambda: [client_per_class_vae_files().files[0], {**client_per_class_vae_files().files[1], "round": 9}],
+        "'bad0.pt' and 'bad1.pt' are from different runs or rounds \\(round 5 vs 9\\)", {}),
+    "a unified file among several": (
+        lambda: [client_per_class_vae_files().files[0], client_unified_vae().files[0]],
+        "'bad1.pt' holds a unified generator", {}),
+    "a server file among several": (
+        lambda: [server_unified_vae().files[0], client_unified_vae().files[0]], "'bad0.pt' is a server checkpoint", {}),
+    "T5 GAN": (lambda: [{**server_unified_gan().files[0], "generator_t5_state_dict": gan_g()[0].state_dict()}],
+               "'generator_t5_state_dict' holds a T5", {}),
+    "multimodal of a FLUX run": (
+        lambda: [{**f, "diffusion_type": "flux"} for f in client_per_group_multimodal_files().files],
+        "'diffusion_type' is 'flux'", {"prepared": True}),
+    "multimodal with a trained T5 branch": (
+        lambda: [_client("unified", None, "generator_state_dict", *(lambda g, o: (g.state_dict(), o))(
+            *R.trained(R.MultiModalVAEGenerator(D_IN, H, Z, CLIP, T5, FUSION, SEQ))), use_conditioned_vae=True)],
+        "has optimizer state for 'generator_state_dict.t5_projection.0.weight'", {"prepared": True}),
+    "conditioned VAE without conditions": (lambda: server_unified_cvae().files, "pass --prepared DIR", {}),
+    "unknown tensors": (lambda: [_vae_server(adapter_state_dict={"w": torch.zeros(2)})],
+                        "legacy key 'adapter_state_dict' holds tensors", {}),
+    "learned upsampler": (
+        lambda: [_vae_server(generator_state_dict={**vae()[0].state_dict(), "upsampler.0.weight": torch.zeros(2, 2, 3)},
+                             optimizer_state_dict=None)],
+        "'generator_state_dict.upsampler.0.weight' has no counterpart", {}),
+    "amsgrad": (lambda: [_vae_server(optimizer_state_dict=vae(amsgrad=True)[1].state_dict())], "amsgrad", {}),
+    "optimizer of another module": (lambda: [_vae_server(optimizer_state_dict=gan_g()[1].state_dict())],
+                                    "covers 6 parameters but 'generator_state_dict' has 12", {}),
+    "generator_type lies": (lambda: [_vae_server(generator_type="gan")], "'generator_type' says 'gan'", {}),
+    "optimizer beside prompt_generators": (
+        lambda: [{**server_per_class_vae().files[0], "optimizer_state_dict": vae()[1].state_dict()}],
+        "'optimizer_state_dict' does not belong", {}),
+    "two optimizers for one shared generator": (
+        lambda: [_server_multi(dict.fromkeys(CLASSES[:2], vae()[0]), {c: vae()[1].state_dict() for c in CLASSES[:2]})],
+        "'generator_optimizers.zero' and 'generator_optimizers.one' are two optimizers of one shared generator", {}),
+    "stray optimizer key": (
+        lambda: [_server_multi({c: vae(seed=i)[0] for i, c in enumerate(CLASSES)}, {"winds": vae()[1].state_dict()})],
+        "'generator_optimizers.winds' has no generator", {}),
+    "no generator": (lambda: [{"round": 1}], "has no generator state", {}),
+    "not a dict": (lambda: [[1, 2, 3]], "holds a list", {}),
+    "non-JSON metadata": (lambda: [_vae_server(timestamp=1 + 2j)], "'timestamp' is a complex", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_refusal_is_one_line_naming_the_key(tmp_path, prep, name):
+    make, match, kw = REFUSALS[name]
+    kw = dict(kw)
+    if kw.pop("prepared", False):
+        kw["prepared_dir"] = prep[1]
+    _refuse(tmp_path, make(), match, **kw)
+
+
+def test_float64_converted_on_request_reports_rounding(tmp_path, prep):
+    g, o = R.trained(R.VAEGenerator(D_IN, H, Z, SEQ), dtype=torch.float64)
+    p = tmp_path / "f64.pt"
+    torch.save({**SERVER, "generator_type": "vae", "generator_state_dict": g.state_dict(),
+                "optimizer_state_dict": o.state_dict()}, p)
+    done = migrate_legacy(p, tmp_path / "o.ckpt", to_float32=True)
+    note = next(n for n in done.notes if "float32" in n)
+    worst = max(float((t.float().double() - t).abs().max()) for t in g.state_dict().values())
+    assert "torch.float64" in note and "largest rounding error" in note and worst > 0
+    t, _ = read_checkpoint(tmp_path / "o.ckpt")
+    assert torch.equal(t["store/server/unified/generator/param/encoder.0.weight"], g.state_dict()["encoder.0.weight"].float())
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+@pytest.mark.parametrize("where", ["metadata", "state_dict", "optimizer", "prompt_generators", "client"])
+def test_pickle_payload_never_runs(tmp_path, where):
+    marker = tmp_path / "ran"
+    bad = _Payload(marker)
+    if where == "metadata":
+        obj = _vae_server(client_metadata=[bad])
+    elif where == "state_dict":
+        obj = _vae_server(generator_state_dict={**vae()[0].state_dict(), "x": bad})
+    elif where == "optimizer":
+        osd = vae()[1].state_dict()
+        osd["param_groups"][0]["lr"] = bad
+        obj = _vae_server(optimizer_state_dict=osd)
+    elif where == "prompt_generators":
+        obj = {**server_per_class_vae().files[0], "generator_optimizers": {"zero": bad}}
+    else:
+        obj = {**client_per_class_vae_files().files[0], "generator_classes": bad}
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        torch.save(obj, f, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="needs unpickling of arbitrary objects") as e:
+        migrate_legacy(p, tmp_path / "o.ckpt")
+    assert "\n" not in str(e.value)
+    assert not marker.exists()
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
-    obj, _, _ = server_unified_vae()
+    p = save_case(tmp_path, server_unified_vae())
     out = tmp_path / "o.ckpt"
     out.write_bytes(b"precious")
     with pytest.raises(CheckpointError, match="already exists"):
-        migrate_legacy(save(tmp_path, obj), out)
+        migrate_legacy(p, out)
     assert out.read_bytes() == b"precious"
 
 
-def test_cli_migrate_then_inspect(tmp_path, capsys):
-    obj, _, _ = server_unified_vae()
-    p = save(tmp_path, obj)
-    out = tmp_path / "m.ckpt"
-    with pytest.raises(SystemExit) as e:
-        ckpt_main(["migrate", str(p), str(out)])
-    assert e.value.code == 0
-    assert "wrote" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        ckpt_main(["inspect", str(out)])
-    assert e.value.code == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["keys"] == ["unified"] and info["round"] == 4
-    assert info["optimizers"]["unified/generator"] == {"step": 2, "lr": 0.002, "weight_decay": 0.05}
-
-
-@pytest.fixture(scope="module")
-def digits_prepared(tmp_path_factory):
+def test_grouped_step_draws_dropout_from_the_batch_generator(prep, monkeypatch):
+    """The published VAE's dropout is active in the store's grouped step, its masks come from the
+    batch's generator (same generator state, same update), and eval/sampling has none."""
+    import feda2v.models.published as published
     from feda2v.config import load_config
-    from feda2v.data import prepare
+    from feda2v.store import GeneratorStore, StoreSpec
 
-    d = tmp_path_factory.mktemp("prep") / "prepared"
-    cfg = load_config({"data": {"name": "digits", "condition": "onehot", "prepared_dir": str(d), "nodes": 2,
-                                "partition": {"scheme": "iid"}}})
-    return prepare(cfg)
+    calls = []
+    real = published._dropout
+    monkeypatch.setattr(published, "_dropout", lambda x, p, gen: calls.append(p) or real(x, p, gen))
+    cfg = load_config({"generator": {"type": "vae", "arch": "fedgfe", "granularity": "per_class", "hidden_dim": 8,
+                                     "latent_dim": 3}, "data": {"condition": "onehot"}})
 
+    def one_step(seed):
+        spec = StoreSpec.from_config(cfg, classes=CLASSES, feature_dim=64, condition_dim=10)
+        store = GeneratorStore(spec, torch.eye(10))
+        y = torch.arange(10).repeat(3)
+        x = torch.rand(len(y), 64, generator=torch.Generator().manual_seed(0))
+        store.train_batch(x, y, gen=torch.Generator().manual_seed(seed), node="node0", round=1)
+        return store.state_dict()[0]
 
-def test_conditioned_vae_with_prepared_conditions(tmp_path, digits_prepared):
-    from feda2v.data import load_prepared
-    from feda2v.store import GeneratorStore
-
-    prep = load_prepared(digits_prepared)
-    g, o = trained(LegacyCVAE(d=prep.feature_dim, c=prep.condition_dim))
-    obj = {"checkpoint_type": "server", "round": 6, "generator_type": "vae", "use_conditioned_vae": True,
-           "generator_state_dict": g.state_dict(), "optimizer_state_dict": o.state_dict()}
-    p = save(tmp_path, obj)
-    out = tmp_path / "cvae.ckpt"
-    migrate_legacy(p, out, prepared_dir=digits_prepared)
-    t, h = read_checkpoint(out)
-    assert h["config"]["generator"]["type"] == "cvae"
-    assert h["data_manifest_hash"] == prep.manifest_hash
-    assert torch.equal(t["store/server/conditions"], prep.conditions)
-    sd = g.state_dict()
-    assert torch.equal(t["store/server/unified/generator/param/encoder.4.weight"],
-                       torch.cat([sd["fc_mu.weight"], sd["fc_logvar.weight"]]))
-    st = o.state_dict()["state"]
-    names = list(sd)
-    mu, lv = names.index("fc_mu.weight"), names.index("fc_logvar.weight")
-    assert torch.equal(t["store/server/unified/generator/optim/encoder.4.weight/exp_avg_sq"],
-                       torch.cat([st[mu]["exp_avg_sq"], st[lv]["exp_avg_sq"]]))
-    store = GeneratorStore.from_state({k[13:]: v for k, v in t.items() if k.startswith("store/server/")},
-                                      h["stores"]["server"])
-    assert store.keys == ["unified"] and store.step_count("unified") == 2
-    # the merged last encoder layer gives [fc_mu(h), fc_logvar(h)], in the order encode() splits it
-    hdn = torch.randn(5, 10)
-    with torch.no_grad():
-        mu_new, lv_new = store.module("unified").encoder[4](hdn).chunk(2, dim=-1)
-        assert torch.allclose(mu_new, g.fc_mu(hdn)) and torch.allclose(lv_new, g.fc_logvar(hdn))
-    # wrong condition size is refused by name
-    g2, o2 = trained(LegacyCVAE(d=prep.feature_dim, c=7))
-    p2 = save(tmp_path, dict(obj, generator_state_dict=g2.state_dict(), optimizer_state_dict=o2.state_dict()), "c7.pt")
-    with pytest.raises(CheckpointError, match="condition_dim 10 but the legacy conditioned VAE expects 7"):
-        migrate_legacy(p2, tmp_path / "c7.ckpt", prepared_dir=digits_prepared)
+    a, b, c = one_step(1), one_step(1), one_step(2)
+    assert calls and set(calls) == {0.2}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if "/param/" in k)
+    calls.clear()
+    spec = StoreSpec.from_config(cfg, classes=CLASSES, feature_dim=64, condition_dim=10)
+    GeneratorStore(spec, torch.eye(10)).sample(torch.arange(10), gen=torch.Generator().manual_seed(0))
+    assert calls == []
 
 
-def test_per_class_missing_a_prepared_class_is_refused(tmp_path, digits_prepared):
-    gens = {c: trained(LegacyVAE(d=64))[0].state_dict() for c in ["zero", "one"]}
-    obj = {"checkpoint_type": "server", "round": 1, "prompt_generators": gens, "generator_keys": ["zero", "one"],
-           "federated_classes": ["zero", "one"]}
-    with pytest.raises(CheckpointError, match="no generator for class 'two' of the prepared data"):
-        migrate_legacy(save(tmp_path, obj), tmp_path / "o.ckpt", prepared_dir=digits_prepared)
+def test_layouts_name_exactly_the_published_architectures_parameters():
+    from feda2v.checkpoint.legacy import LAYOUTS
+    from feda2v.models import build_model
+
+    kw = {"feature_dim": 4, "condition_dim": 2, "latent_dim": 2, "hidden_dim": 3, "fusion_dim": 5}
+    for lay in LAYOUTS.values():
+        from feda2v.models import ARCHITECTURES, constructor_args
+
+        args = {a: kw[a] for a in constructor_args(ARCHITECTURES[lay.cls])}
+        own = list(build_model(lay.cls, args).state_dict())
+        published = [n for n in lay.param_names() if n.split(".", 1)[0] not in lay.unused]
+        assert sorted(own) == sorted(published), lay.name
+        assert lay.kind()[1].startswith("fedgfe")

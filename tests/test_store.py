@@ -161,8 +161,8 @@ def test_gan_discriminator_optimizers_are_keyed_shared_and_preserved():
         assert first_state(s, k, "discriminator")["exp_avg"].abs().sum() > 0
     assert s.step_count("class/c", "discriminator") == 0
     d_prev = first_state(s, "class/a", "discriminator")["exp_avg"].clone()
-    assert s.observe_classes("class/a", ["a"], node="n0", round=3, reset_on_change=True) is None
-    assert s.observe_classes("class/a", ["a"], node="n1", round=4, reset_on_change=True) is None
+    assert s.observe_classes("class/a", ["a"], node="n0", round=3, policy="changed") is None
+    assert s.observe_classes("class/a", ["a"], node="n1", round=4, policy="changed") is None
     assert torch.equal(first_state(s, "class/a", "discriminator")["exp_avg"], d_prev)
     s.reset("class/a", node="n1", round=4)
     assert len(s.optimizer("class/a", "discriminator").state) == 0
@@ -176,15 +176,15 @@ def test_reset_exactly_when_class_set_changes_in_place_with_configured_hyperpara
     key = "group/low"
     module, opt = s.module(key), s.optimizer(key)
     param_ids = [id(p) for p in module.parameters()]
-    assert s.observe_classes(key, ["a"], node="n0", round=0, reset_on_change=True) is None  # first: never
+    assert s.observe_classes(key, ["a"], node="n0", round=0, policy="changed") is None  # first: never
     s.train_batch(*batch(0, (0,)), gen=gen(0), node="n0", round=0)
-    assert s.observe_classes(key, ["a"], node="n1", round=1, reset_on_change=True) is None  # same set
+    assert s.observe_classes(key, ["a"], node="n1", round=1, policy="changed") is None  # same set
     s.train_batch(*batch(1, (0,)), gen=gen(1), node="n1", round=1)
     assert s.step_count(key) == 2 and s.events == []
     opt.param_groups[0]["lr"] = 123.0  # a drifted hyper-parameter must not survive a reset
     before = params_of(s, key)
     other_before = params_of(s, "group/high")
-    ev = s.observe_classes(key, ["b", "a"], node="n2", round=2, reset_on_change=True)
+    ev = s.observe_classes(key, ["b", "a"], node="n2", round=2, policy="changed")
     assert ev == ResetEvent(key, "n2", 2) and s.events == [ev] and s.reset_counts[key] == 1
     assert s.module(key) is module and s.optimizer(key) is opt
     assert [id(p) for p in module.parameters()] == param_ids
@@ -198,8 +198,8 @@ def test_reset_exactly_when_class_set_changes_in_place_with_configured_hyperpara
     s.train_batch(*batch(2, (0, 1)), gen=gen(2), node="n3", round=2)
     assert s.step_count(key) == 1
     # same set again -> no reset; policy off -> change recorded but no reset
-    assert s.observe_classes(key, ["a", "b"], node="n3", round=3, reset_on_change=True) is None
-    assert s.observe_classes(key, ["a"], node="n3", round=4, reset_on_change=False) is None
+    assert s.observe_classes(key, ["a", "b"], node="n3", round=3, policy="changed") is None
+    assert s.observe_classes(key, ["a"], node="n3", round=4, policy="never") is None
     assert s.trained_classes(key) == ["a"] and s.step_count(key) == 1 and len(s.events) == 1
 
 
@@ -217,9 +217,9 @@ def test_reset_is_seeded_and_differs_from_initial_parameters():
 def test_observe_rejects_classes_of_another_key():
     s = make_store("cvae", "per_group")
     with pytest.raises(ConfigError, match="'c' belongs to generator key 'group/high'"):
-        s.observe_classes("group/low", ["a", "c"], node="n", round=0, reset_on_change=True)
+        s.observe_classes("group/low", ["a", "c"], node="n", round=0, policy="changed")
     with pytest.raises(ConfigError, match="unknown generator key"):
-        s.observe_classes("group/nope", ["a"], node="n", round=0, reset_on_change=True)
+        s.observe_classes("group/nope", ["a"], node="n", round=0, policy="changed")
 
 
 # -- beta warm-up ---------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_beta_warmup_continues_across_rounds_nodes_and_state_round_trip():
     s = make_store("vae", "unified", beta_max=2.0, beta_warmup_steps=4)
     betas = []
     for r in range(3):
-        s.observe_classes("unified", ["a", "b", "c", "d"], node=f"n{r}", round=r, reset_on_change=True)
+        s.observe_classes("unified", ["a", "b", "c", "d"], node=f"n{r}", round=r, policy="changed")
         betas.append(s.train_batch(*batch(r), gen=gen(r), node=f"n{r}", round=r)["unified"]["beta"])
     s = clone(s)
     for r in range(3, 6):

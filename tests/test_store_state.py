@@ -46,10 +46,10 @@ def assert_identical(a: GeneratorStore, b: GeneratorStore) -> None:
 def test_round_trip_then_k_steps_is_bit_identical(type_, granularity):
     s = make_store(type_, granularity)
     first_key = s.keys[0]
-    s.observe_classes(first_key, s.classes_of_key(first_key)[:1], node="n0", round=0, reset_on_change=True)
+    s.observe_classes(first_key, s.classes_of_key(first_key)[:1], node="n0", round=0, policy="changed")
     for i in range(2):
         s.train_batch(*batch(i, (0, 1, 2)), gen=gen(i), node="n0", round=0)  # class d never seen yet
-    s.observe_classes(first_key, s.classes_of_key(first_key), node="n1", round=1, reset_on_change=True)
+    s.observe_classes(first_key, s.classes_of_key(first_key), node="n1", round=1, policy="changed")
     s.train_batch(*batch(2, (0, 1)), gen=gen(2), node="n1", round=1)
     tensors, meta = s.state_dict()
     meta = json.loads(json.dumps(meta))  # the meta must survive JSON (checkpoint header)
@@ -177,7 +177,7 @@ def test_strict_load_rejects_other_spec_keys_and_meta():
 def test_load_restores_hyperparameters_and_counters():
     s = _trained("gan")
     s.optimizer("class/a", "discriminator").param_groups[0]["lr"] = 0.5
-    s.observe_classes("class/a", ["a"], node="n", round=1, reset_on_change=True)
+    s.observe_classes("class/a", ["a"], node="n", round=1, policy="changed")
     s.reset("class/c", node="n3", round=4)
     t = GeneratorStore.from_state(*s.state_dict())
     assert t.optimizer("class/a", "discriminator").param_groups[0]["lr"] == 0.5

@@ -101,7 +101,8 @@ def test_shared_mode_relays_one_store_and_its_optimizer_state(tmp_path, prepared
 
     from feda2v.data import load_prepared
 
-    run(tmp_path, prepared, rounds=2)
+    # no resets, so that every step counts (the default policy resets in round 1: see test_reset_policy)
+    run(tmp_path, prepared, rounds=2, federation={"reset_on_class_change": "never"})
     _, header = read_checkpoint(tmp_path / "ckpt/latest.ckpt")
     assert list(header["stores"]) == ["server"]
     batches = sum(math.ceil(len(nd.train_y) / 64) for nd in load_prepared(prepared).nodes)

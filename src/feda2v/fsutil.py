@@ -67,6 +67,13 @@ def ensure_dir(directory) -> Path:
     return directory
 
 
+def remove_quietly(path) -> None:
+    """Best-effort removal of a temporary file. On a read-only mount even ``unlink`` of a missing
+    file fails (EROFS); that must not replace the error being reported."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename inside ``directory`` durable. Some file systems cannot open or fsync a
     directory; the rename is still atomic there, so that is not an error."""
@@ -98,8 +105,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; reports are ordinary output
             os.replace(tmp, path)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            remove_quietly(tmp)
             raise
     fsync_dir(path.parent)
     return path

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from feda2v.fsutil import fsync_dir
+from feda2v.fsutil import fsync_dir, remove_quietly
 from feda2v.errors import CheckpointError
 
 # 2: the header holds only state (provenance moved to the sidecar, see provenance.py), stores in
@@ -161,10 +161,10 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
     fsync_dir(path.parent)
     return full

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from feda2v.checkpoint.container import temp_name, write_checkpoint
-from feda2v.fsutil import fsync_dir
+from feda2v.fsutil import fsync_dir, remove_quietly
 from feda2v.errors import CheckpointError
 
 LATEST = "latest.ckpt"
@@ -87,7 +87,7 @@ class CheckpointManager:
                     os.fsync(f.fileno())
             os.replace(tmp, self.latest_path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            remove_quietly(tmp)
             raise CheckpointError(f"cannot update {self.latest_path}: {e.strerror or e}") from None
         fsync_dir(self.dir)
 
@@ -95,7 +95,11 @@ class CheckpointManager:
         files = self.round_files()
         excess = [p for _, p in files[: max(0, len(files) - self.keep_last)] if p != keep]
         for p in excess:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot prune old checkpoint {p}: {e.strerror or e}; "
+                                      f"{self.latest_path} is complete") from None
         if excess:
             fsync_dir(self.dir)
 
@@ -104,7 +108,7 @@ class CheckpointManager:
         for p in self.dir.iterdir():
             m = _TEMP_RE.match(p.name)
             if m and not _pid_alive(int(m.group(1))):
-                p.unlink(missing_ok=True)
+                remove_quietly(p)  # garbage: a read-only directory may keep it
 
     def resolve(self, resume: str | os.PathLike) -> Path:
         """``"latest"`` -> ``<dir>/latest.ckpt``; a directory -> its ``latest.ckpt``; else the path."""

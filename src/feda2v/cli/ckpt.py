@@ -26,19 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("a")
     s.add_argument("b")
     s.add_argument("--strict", action="store_true", help="compare the provenance header field too")
-    s = sub.add_parser("migrate", help="convert a published-system (FedA2V) checkpoint to this format")
-    s.add_argument("legacy")
-    s.add_argument("out")
-    s.add_argument(
-        "--prepared",
-        default=None,
-        help="prepared data dir (feda2v-prepare output) whose class conditions the store should use",
-    )
-    s.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides for what the legacy file does not record, e.g. generator.granularity=per_group",
-    )
+    s = sub.add_parser(
+        "migrate", help="convert published-system (FedA2V) checkpoint(s) to one federation checkpoint",
+        description="feda2v-ckpt migrate LEGACY.pt [LEGACY2.pt ...] OUT [key=value ...] [flags]: several "
+                    "client files (one generator each) merge into one store; overrides and flags may come "
+                    "anywhere on the line.")
+    s.add_argument("items", nargs="*", metavar="LEGACY... OUT [key=value...]",
+                   help="legacy file(s), then the output path; key=value words are config overrides for what "
+                        "the legacy files do not record, e.g. generator.granularity=per_group")
+    s.add_argument("--prepared", default=None,
+                   help="prepared data dir (feda2v-prepare output) whose classes and conditions the store uses")
+    s.add_argument("--fresh-discriminator", action="store_true",
+                   help="GAN files without a discriminator (the published client saves none): start it fresh")
+    s.add_argument("--to-float32", action="store_true",
+                   help="convert non-float32 legacy tensors (reports the largest rounding error)")
     return p
 
 
@@ -66,16 +67,44 @@ def _run(args: argparse.Namespace) -> int:
         print("identical")
         return 0
     if args.cmd == "migrate":
-        header = ck.migrate_legacy(args.legacy, args.out, overrides=args.overrides, prepared_dir=args.prepared)
-        print(f"wrote {args.out}: keys {header['keys']}, roles {header['roles']}, round {header['round']}")
-        for note in header["migration"]["notes"]:
-            print(f"note: {note}")
-        return 0
+        return _migrate(args)
     raise AssertionError(args.cmd)
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from feda2v.checkpoint.legacy import OVERRIDES_SUFFIX, migrate_legacy
+    from feda2v.cli._app import conf_dir
+    from feda2v.config.files import compose_conf
+
+    overrides = [a for a in args.items if "=" in a]
+    paths = [a for a in args.items if "=" not in a]
+    if len(paths) < 2:
+        raise Feda2vError("migrate needs LEGACY.pt [LEGACY2.pt ...] OUT; see 'feda2v-ckpt migrate --help'")
+    *legacy, out = paths
+    done = migrate_legacy(legacy, out, overrides=overrides, prepared_dir=args.prepared,
+                          fresh_discriminator=args.fresh_discriminator, to_float32=args.to_float32,
+                          default_config=compose_conf(conf_dir()))
+    h = done.header
+    print(f"wrote {out}: keys {h['keys']}, roles {h['roles']}, round {h['round']}")
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"resume with (also in {out}{OVERRIDES_SUFFIX}): feda2v-train "
+          + " ".join(shlex.quote(o) for o in [*done.overrides, f"train.resume={out}"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # argparse stops filling a positional list at the first flag; words after it come back as
+    # extras, so overrides and files may sit anywhere around the migrate flags.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        unknown = [e for e in extra if e.startswith("-")]
+        if args.cmd != "migrate" or unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+        args.items = [*args.items, *extra]
     try:
         code = _run(args)
     except Feda2vError as e:

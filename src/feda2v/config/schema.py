@@ -57,7 +57,9 @@ class OptimizerConfig:
 
 @dataclass
 class GeneratorConfig:
-    type: str = "cvae"  # vae | cvae | gan
+    type: str = "cvae"  # vae | cvae | gan (the kinds table: store/kinds.py)
+    arch: str = "default"  # architecture variant of the kind (store/kinds.py); fedgfe* = published (migrated runs)
+    fusion_dim: int = 512  # arch=fedgfe_multimodal only: the published multimodal VAE's condition projection
     granularity: str = "unified"  # unified | per_class | per_group
     class_groups: Dict[str, List[str]] = field(default_factory=dict)
     default_group: Optional[str] = None  # group for classes missing from class_groups
@@ -90,7 +92,10 @@ class FederationConfig:
     local_epochs: int = 5
     batch_size: int = 64
     fraction: float = 1.0  # share of nodes taking part in a round
-    reset_on_class_change: bool = False
+    # When a key is reset (re-initialised, fresh optimizer from the factory) as it meets classes:
+    # new_classes = classes it was never trained on (the published rule) | changed = a class set
+    # other than its previous visit's | never. true/false (the published flag) = new_classes/never.
+    reset_on_class_change: str = "new_classes"
     engine: str = "inprocess"  # inprocess | flower
     # full mode: node adapter/classifier and server distillation
     classifier_lr: float = 1e-3
@@ -116,6 +121,10 @@ class TrainConfig:
     # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
     # one thread is fastest here, and more threads contend badly on a shared 2-core machine.
     threads: int = 1
+    # Where the store, the federation, the full-mode classifier, evaluation and sampling run:
+    # auto (cuda when available) | cpu | cuda | cuda:N. cpu by default: the same config then gives
+    # the same bytes on every machine (a GPU run differs from a CPU run in the last bits).
+    device: str = "cpu"
 
 
 @dataclass
@@ -168,11 +177,13 @@ CHOICES: Dict[str, tuple] = {
     "data.partition.scheme": ("iid", "dirichlet", "classes_per_node"),
     "data.condition": ("text", "onehot"),
     "generator.type": ("vae", "cvae", "gan"),
+    "generator.arch": ("default", "fedgfe", "fedgfe_multimodal"),
     "generator.granularity": ("unified", "per_class", "per_group"),
     "generator.optimizer.name": ("adamw", "adam"),
     "federation.mode": ("generator_only", "full"),
     "federation.sharing": ("shared", "local", "fedavg"),
     "federation.engine": ("inprocess", "flower"),
+    "federation.reset_on_class_change": ("new_classes", "changed", "never"),
     "federation.flower.on_node_failure": ("fail", "skip", "wait"),
     "train.progress": ("auto", "bar", "lines", "off"),
 }

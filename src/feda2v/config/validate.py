@@ -1,7 +1,9 @@
 """Turn any composed config (Hydra, params.yaml, a dict) into a validated, typed config."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+import re
+from typing import Any, Dict, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -14,6 +16,15 @@ def _legacy_value(alias: str, value: Any) -> Any:
         return "generator_only" if _as_bool(alias, value) else "full"
     if alias == "shared_generator_in_only_mode":
         return "shared" if _as_bool(alias, value) else "local"
+    if alias == "reset_generator_on_class_change":
+        return _reset_policy(alias, value)
+    return value
+
+
+def _reset_policy(name: str, value: Any) -> Any:
+    """The published on/off flag's meaning as a policy: true = the published rule, false = never."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return "new_classes" if _as_bool(name, value) else "never"
     return value
 
 
@@ -62,6 +73,10 @@ def load_config(raw: Mapping | DictConfig) -> DictConfig:
     if isinstance(raw, DictConfig):
         raw = OmegaConf.to_container(raw, resolve=True)
     raw = translate_legacy(dict(raw))
+    fed = raw.get("federation")
+    if isinstance(fed, Mapping) and "reset_on_class_change" in fed:  # true/false: the published flag
+        raw["federation"] = {**fed, "reset_on_class_change": _reset_policy(
+            "federation.reset_on_class_change", fed["reset_on_class_change"])}
     raw.pop("hydra", None)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Feda2vConfig), raw)
@@ -74,45 +89,144 @@ def load_config(raw: Mapping | DictConfig) -> DictConfig:
     return cfg
 
 
+class _Rule:
+    """One leaf key's allowed values: ``ok(value)`` and the words for the error message."""
+
+    def __init__(self, ok, expected: str):
+        self.ok, self.expected = ok, expected
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(lo) -> _Rule:
+    return _Rule(lambda v: _finite(v) and v >= lo, f">= {lo}")
+
+
+def _above(lo) -> _Rule:
+    return _Rule(lambda v: _finite(v) and v > lo, f"> {lo}")
+
+
+def _between(lo, hi) -> _Rule:
+    return _Rule(lambda v: _finite(v) and lo <= v <= hi, f"in [{lo}, {hi}]")
+
+
+def _text(optional: bool = False) -> _Rule:
+    # A path or a name: an empty string is never meant (null is how to say "none").
+    return _Rule(lambda v: (optional and v is None) or (isinstance(v, str) and v.strip() != ""),
+                 "a non-empty string" + (" or null" if optional else ""))
+
+
+_SEED = _Rule(lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)")
+
+# Every numeric and string leaf of the schema has a rule here; bool keys are checked by their type
+# and the string "enums" by CHOICES (config/schema.py). tests/test_errors_config.py enumerates the
+# schema and proves each leaf key refuses a bad value, so a new key needs a rule (or a type) here.
+RULES: Dict[str, _Rule] = {
+    "seed": _SEED,
+    "data.nodes": _at_least(1),
+    "data.partition.alpha": _above(0),
+    "data.partition.classes_per_node": _at_least(1),
+    "data.instruments.classes": _at_least(1),
+    "data.instruments.clips_per_class": _at_least(1),
+    "data.instruments.sample_rate": _between(8000, 96000),
+    "data.instruments.clip_seconds": _between(0.1, 30),
+    "data.instruments.feature_skew_nodes": _at_least(0),
+    "data.instruments.cache_dir": _text(),
+    "data.test_fraction": _Rule(lambda v: _finite(v) and 0 < v < 1, "in (0, 1)"),
+    "data.max_samples": _Rule(lambda v: _finite(v) and v >= 0, ">= 0 (0 = all)"),
+    "data.prepared_dir": _text(),
+    "data.site_bundles_dir": _text(optional=True),
+    "generator.default_group": _text(optional=True),
+    "generator.latent_dim": _at_least(1),
+    "generator.hidden_dim": _at_least(1),
+    "generator.fusion_dim": _at_least(1),
+    "generator.beta_max": _at_least(0),
+    "generator.beta_warmup_steps": _at_least(0),
+    "generator.optimizer.lr": _above(0),
+    "generator.optimizer.eps": _above(0),
+    "generator.optimizer.weight_decay": _at_least(0),
+    "federation.rounds": _at_least(1),
+    "federation.local_epochs": _at_least(1),
+    "federation.batch_size": _at_least(1),
+    "federation.fraction": _Rule(lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]"),
+    "federation.classifier_lr": _above(0),
+    "federation.classifier_hidden": _at_least(1),
+    "federation.synthetic_per_class": _Rule(
+        lambda v: v == "auto" or (isinstance(v, str) and v.isdigit() and int(v) > 0),
+        "'auto' or a positive integer"),
+    "federation.distill_epochs": _at_least(1),
+    "federation.flower.reply_timeout_s": _above(0),
+    "federation.flower.poll_s": _above(0),
+    "federation.flower.connect_timeout_s": _above(0),
+    "federation.flower.retries": _at_least(0),
+    "checkpoint.dir": _text(),
+    "checkpoint.every": _at_least(1),
+    "checkpoint.keep_last": _at_least(1),
+    "train.resume": _text(optional=True),
+    "train.reports_dir": _text(),
+    "train.threads": _between(0, 4096),
+    "train.device": _Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                          "auto, cpu, cuda or cuda:N"),
+    "tracking.uri": _text(),
+    "tracking.experiment": _text(),
+    "tracking.run_name": _text(optional=True),
+    "profiler.wait": _at_least(0),
+    "profiler.warmup": _at_least(0),
+    "profiler.active": _at_least(1),
+    "profiler.repeat": _at_least(0),
+    "profiler.dir": _text(),
+    "evaluate.checkpoint": _text(),
+    "evaluate.reports_dir": _text(),
+    "evaluate.samples_per_class": _at_least(2),
+    "evaluate.knn_k": _at_least(1),
+    "evaluate.seed": _SEED,
+}
+
+
 def _check(cfg: DictConfig) -> None:
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
-    positive = {
-        "data.nodes": cfg.data.nodes,
-        "federation.rounds": cfg.federation.rounds,
-        "federation.local_epochs": cfg.federation.local_epochs,
-        "federation.batch_size": cfg.federation.batch_size,
-        "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "generator.latent_dim": cfg.generator.latent_dim,
-        "generator.hidden_dim": cfg.generator.hidden_dim,
-        "generator.optimizer.lr": cfg.generator.optimizer.lr,
-        "data.partition.classes_per_node": cfg.data.partition.classes_per_node,
-        "federation.flower.reply_timeout_s": cfg.federation.flower.reply_timeout_s,
-        "federation.flower.poll_s": cfg.federation.flower.poll_s,
-        "federation.flower.connect_timeout_s": cfg.federation.flower.connect_timeout_s,
-    }
-    for name, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    if cfg.federation.flower.retries < 0:
-        raise ConfigError(f"federation.flower.retries must be >= 0, got {cfg.federation.flower.retries}")
-    if not cfg.data.partition.alpha > 0:
-        raise ConfigError(f"data.partition.alpha must be > 0, got {cfg.data.partition.alpha}")
-    if not 0 < cfg.federation.fraction <= 1:
-        raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
-    if not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    for dotted, rule in RULES.items():
+        value = _get(cfg, dotted)
+        if not rule.ok(value):
+            raise ConfigError(f"{dotted} must be {rule.expected}, got {value!r}")
     betas = list(cfg.generator.optimizer.betas)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"generator.optimizer.betas must be two numbers in [0, 1), got {betas}")
-    if cfg.generator.granularity == "per_group" and not cfg.generator.class_groups:
+    _check_groups(cfg.generator)
+    # Combinations: each would otherwise fail later, after data loading or mid-run.
+    if cfg.data.instruments.feature_skew_nodes > cfg.data.nodes:
+        raise ConfigError(f"data.instruments.feature_skew_nodes must be in [0, data.nodes={cfg.data.nodes}], "
+                          f"got {cfg.data.instruments.feature_skew_nodes}")
+    if cfg.evaluate.knn_k >= cfg.evaluate.samples_per_class:
+        raise ConfigError(f"evaluate.knn_k ({cfg.evaluate.knn_k}) must be below evaluate.samples_per_class "
+                          f"({cfg.evaluate.samples_per_class})")
+    # (mode=full with a sharing mode that has no server-side store is refused by the sharing
+    # strategy, federation/sharing.py, when the Federation is built: config/ cannot import it.)
+
+
+def _check_groups(g) -> None:
+    """class_groups: {group: [classes]}, each group named and non-empty, no class in two groups."""
+    groups = g.class_groups
+    if g.granularity == "per_group" and not groups:
         raise ConfigError("generator.granularity=per_group needs generator.class_groups ({group: [classes]})")
-    spc = cfg.federation.synthetic_per_class
-    if spc != "auto" and not (spc.isdigit() and int(spc) > 0):
-        raise ConfigError(f"federation.synthetic_per_class must be 'auto' or a positive integer, got {spc!r}")
+    seen: dict = {}
+    for name, members in groups.items():
+        if not str(name).strip():
+            raise ConfigError("generator.class_groups: a group has an empty name")
+        if not members:
+            raise ConfigError(f"generator.class_groups: group '{name}' is empty; list its classes or remove it")
+        for c in members:
+            if not str(c).strip():
+                raise ConfigError(f"generator.class_groups: group '{name}' lists an empty class name")
+            if c in seen:
+                raise ConfigError(f"generator.class_groups: class '{c}' is in two groups "
+                                  f"('{seen[c]}' and '{name}')")
+            seen[c] = name
 
 
 def flatten_dotted(tree: Mapping, prefix: str = "") -> dict:

@@ -24,7 +24,7 @@ from feda2v.fsutil import fsync_dir, writing
 from feda2v.data.conditions import make_conditions
 from feda2v.data.partition import make_partition, train_test_split
 from feda2v.data.sources import load_source
-from feda2v.errors import ConfigError, DataError
+from feda2v.errors import DataError
 from feda2v.seeding import numpy_generator
 
 FORMAT = 1
@@ -75,8 +75,6 @@ def _as_config(cfg):
 
 
 def _subset(n: int, max_samples: int, seed: int) -> np.ndarray:
-    if max_samples < 0:
-        raise ConfigError(f"data.max_samples must be >= 0 (0 = all), got {max_samples}")
     if max_samples == 0 or max_samples >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(numpy_generator(seed, "subset", max_samples).choice(n, max_samples, replace=False))

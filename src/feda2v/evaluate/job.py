@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from feda2v.errors import CheckpointError, ConfigError, DataError, Feda2vError, TrackingError
+from feda2v.errors import CheckpointError, DataError, Feda2vError, TrackingError
 from feda2v.evaluate import metrics as M
 from feda2v.fsutil import atomic_write_text
 from feda2v.seeding import numpy_generator, torch_generator
@@ -257,15 +257,7 @@ def evaluate(cfg) -> dict:
     from feda2v.data import load_prepared
     from feda2v.evaluate import plots, report
 
-    ev = cfg.evaluate
-    if ev.samples_per_class < 2:
-        raise ConfigError(f"evaluate.samples_per_class must be >= 2, got {ev.samples_per_class}")
-    if ev.knn_k < 1:
-        raise ConfigError(f"evaluate.knn_k must be >= 1, got {ev.knn_k}")
-    if ev.knn_k >= ev.samples_per_class:
-        raise ConfigError(
-            f"evaluate.knn_k ({ev.knn_k}) must be below evaluate.samples_per_class ({ev.samples_per_class})"
-        )
+    ev = cfg.evaluate  # its ranges were checked by load_config
     ckpt = Path(ev.checkpoint)
     store, header, store_name = load_trained_store(ckpt)
     prepared = load_prepared(cfg.data.prepared_dir)

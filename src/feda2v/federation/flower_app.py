@@ -265,7 +265,7 @@ def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
     fed = cfg.federation
     return {"node_id": int(node_id), "round": int(round_), "seed": int(cfg.seed), "store_name": store_name,
             "local_epochs": int(fed.local_epochs), "batch_size": int(fed.batch_size),
-            "reset_on_change": bool(fed.reset_on_class_change), "threads": int(cfg.train.threads),
+            "reset_on_change": str(fed.reset_on_class_change), "threads": int(cfg.train.threads),
             "prepared_dir": os.path.abspath(cfg.data.prepared_dir),
             "manifest_hash": federation.data.manifest_hash}
 

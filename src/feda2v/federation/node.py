@@ -27,11 +27,13 @@ def node_name(node_id: int) -> str:
 
 
 def train_generators(store, data, *, classes: list[str], seed: int, round_: int, local_epochs: int,
-                     batch_size: int, reset_on_change: bool,
+                     batch_size: int, reset_on_change: str,
                      on_step: Optional[Callable[[], None]] = None) -> NodeResult:
     """Train ``store`` on one node's data: ``local_epochs`` passes of seeded mini-batches.
 
     The store is used, never copied: in shared mode this is the very object every node trains.
+    ``reset_on_change`` is the reset policy (federation.reset_on_class_change; see the store's
+    RESET_POLICIES).
     """
     name = node_name(data.node_id)
     result = NodeResult(node=name)
@@ -43,8 +45,7 @@ def train_generators(store, data, *, classes: list[str], seed: int, round_: int,
     for c in present:
         by_key[store.key_for_class(classes[c])].append(classes[c])
     for key, key_classes in by_key.items():
-        event = store.observe_classes(key, key_classes, node=name, round=round_,
-                                      reset_on_change=reset_on_change)
+        event = store.observe_classes(key, key_classes, node=name, round=round_, policy=reset_on_change)
         if event is not None:
             result.resets.append(event)
     counts = torch.bincount(y, minlength=len(classes)).tolist()

@@ -3,13 +3,17 @@ from feda2v.models.classifier import Classifier
 from feda2v.models.functional import stacked_linear, stacked_sequential
 from feda2v.models.generators import (
     ARCHITECTURES,
+    Architecture,
     CVAE,
     VAE,
     GANDiscriminator,
     GANGenerator,
     build_model,
+    constructor_args,
 )
 from feda2v.models.init import init_parameters
+# the published FedA2V architectures (generator.arch=fedgfe*), registered in ARCHITECTURES on import
+from feda2v.models.published import PUBLISHED_ARCHITECTURES
 from feda2v.models.losses import (
     bce_logits_per_sample,
     beta_schedule,
@@ -18,7 +22,7 @@ from feda2v.models.losses import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "build_model",
+    "ARCHITECTURES", "Architecture", "constructor_args", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "build_model",
     "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
-    "vae_kl_per_sample", "vae_recon_per_sample",
+    "vae_kl_per_sample", "vae_recon_per_sample", "PUBLISHED_ARCHITECTURES",
 ]

@@ -9,6 +9,7 @@ Models own no optimizer (the store does).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import torch
@@ -27,7 +28,20 @@ def _cat(a: Tensor, cond: Tensor | None) -> Tensor:
     return a if cond is None else torch.cat([a, cond], dim=-1)
 
 
-class _VAEBase(nn.Module):
+def constructor_args(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The architecture's constructor arguments (what a checkpoint records), ``gen`` excluded."""
+    return tuple(n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "gen"))
+
+
+class Architecture(nn.Module):
+    """Base of every generator architecture: each keeps its constructor arguments as attributes of
+    the same name, so ``kwargs()`` (what rebuilds it) is derived, never listed per class."""
+
+    def kwargs(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in constructor_args(type(self))}
+
+
+class _VAEBase(Architecture):
     conditional: bool = False
 
     def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, condition_dim: int,
@@ -64,7 +78,8 @@ class _VAEBase(nn.Module):
 
     # -- K models at once ----------------------------------------------------------------------
     def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor | None,
-                        eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                        eps: Tensor, *, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        # ``gen``: the step's generator, for architectures with dropout (models/published.py); none here
         c = self._c(cond)
         mu, logvar = stacked_sequential(self.encoder, "encoder", params, _cat(x, c)).chunk(2, dim=-1)
         z = mu + torch.exp(0.5 * logvar) * eps
@@ -82,9 +97,6 @@ class VAE(_VAEBase):
     def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
         super().__init__(feature_dim, latent_dim, hidden_dim, 0, gen)
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
-
 
 class CVAE(_VAEBase):
     """VAE whose encoder and decoder both see the class condition vector."""
@@ -95,12 +107,8 @@ class CVAE(_VAEBase):
                  gen: torch.Generator | None = None):
         super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen)
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim,
-                "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
 
-
-class GANGenerator(nn.Module):
+class GANGenerator(Architecture):
     """G(z, cond) -> feature vector."""
 
     conditional = True
@@ -114,20 +122,17 @@ class GANGenerator(nn.Module):
         self.net = nn.Sequential(linear(z + c, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2), linear(h, d))
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim,
-                "latent_dim": self.latent_dim, "hidden_dim": self.hidden_dim}
-
     def forward(self, z: Tensor, cond: Tensor) -> Tensor:
         return self.net(torch.cat([z, cond], dim=-1))
 
-    def forward_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor) -> Tensor:
+    def forward_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor, *,
+                        gen: torch.Generator | None = None) -> Tensor:
         return stacked_sequential(self.net, "net", params, torch.cat([z, cond], dim=-1))
 
     decode_stacked = forward_stacked  # sampling: the generator maps prior noise to features
 
 
-class GANDiscriminator(nn.Module):
+class GANDiscriminator(Architecture):
     """D(x, cond) -> real/fake logit per sample."""
 
     def __init__(self, feature_dim: int, condition_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
@@ -137,17 +142,15 @@ class GANDiscriminator(nn.Module):
         self.net = nn.Sequential(linear(d + c, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2), linear(h, 1))
         init_parameters(self, gen or _default_gen())
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "condition_dim": self.condition_dim, "hidden_dim": self.hidden_dim}
-
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         return self.net(torch.cat([x, cond], dim=-1)).squeeze(-1)
 
-    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor) -> Tensor:
+    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor, *,
+                        gen: torch.Generator | None = None) -> Tensor:
         return stacked_sequential(self.net, "net", params, torch.cat([x, cond], dim=-1)).squeeze(-1)
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
+ARCHITECTURES: dict[str, type[Architecture]] = {
     cls.__name__: cls for cls in (VAE, CVAE, GANGenerator, GANDiscriminator)
 }
 

@@ -14,7 +14,7 @@ def linear(in_features: int, out_features: int) -> nn.Linear:
 
 @torch.no_grad()
 def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
-    """Re-initialise every Linear of ``module`` in place (same Parameter objects) from ``gen``.
+    """Re-initialise every Linear (and LayerNorm) of ``module`` in place (same Parameter objects).
 
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases: the bound of torch's default init,
     but drawn from an explicit generator so two stores built from one spec are identical.
@@ -29,3 +29,8 @@ def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
                 draw = torch.empty(p.shape, dtype=p.dtype, device=gen.device)
                 draw.uniform_(-bound, bound, generator=gen)
                 p.copy_(draw)
+        elif isinstance(sub, nn.LayerNorm) and sub.elementwise_affine:
+            # (the published multimodal VAE) back to the identity affine map torch builds it with
+            sub.weight.fill_(1.0)
+            if sub.bias is not None:
+                sub.bias.zero_()

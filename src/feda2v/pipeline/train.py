@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import platform
 import random
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from feda2v.config import to_plain
-from feda2v.fsutil import atomic_write_text, ensure_dir, writing
+from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, writing
 
 def run_params(cfg) -> dict:
     """The run's MLflow params: the resolved config, minus where it was resumed from."""
@@ -37,16 +38,16 @@ class LossLog:
 
     def _open(self, name: str, header: list, keep_before_round: int):
         path = self.dir / name
-        kept = []
-        if keep_before_round > 1 and path.exists():  # resume: keep the rounds already done
-            with path.open(newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["round"]) < keep_before_round]
+        kept = verified_rows(path, header, keep_before_round) if keep_before_round > 1 else []
+        # The rows kept are rewritten atomically (a failure leaves the old file), then appended to.
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=header)
+        w.writeheader()
+        w.writerows(kept)
+        atomic_write_text(path, buf.getvalue())
         with writing(path):
-            f = path.open("w", newline="")
-            w = csv.DictWriter(f, fieldnames=header)
-            w.writeheader()
-            w.writerows(kept)
-        return f, w
+            f = path.open("a", newline="")
+        return f, csv.DictWriter(f, fieldnames=header)
 
     def add(self, result) -> None:
         with writing(self.dir, "write the loss reports in"):
@@ -68,8 +69,43 @@ class LossLog:
             f.flush()
 
     def close(self) -> None:
-        for f, _ in (self.detail, self.rounds):
-            f.close()
+        with writing(self.dir, "write the loss reports in"):
+            for f, _ in (self.detail, self.rounds):
+                f.close()
+
+
+def verified_rows(path: Path, header: list, before_round: int) -> list[dict]:
+    """The rows of a loss report from rounds before ``before_round`` that read back whole. A crash
+    mid-write leaves a torn last row, and a damaged file can hold more: those rows are dropped
+    (with a note), never trusted, so resume never fails on its own reports."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise output_error(path, e, "read") from e
+    lines = raw.decode("utf-8", "replace").splitlines()
+    rows, dropped = [], 0
+    if not lines or lines[0].split(",") != header:
+        dropped = len(lines)
+        lines = []
+    for line in lines[1:]:
+        try:
+            fields = next(csv.reader([line]))
+            row = dict(zip(header, fields, strict=True))
+            rnd = int(row["round"])
+            float(row["value"])
+            if rnd < 1 or any(not row[k] for k in header):
+                raise ValueError
+        except (csv.Error, ValueError, StopIteration):
+            dropped += 1
+            continue
+        if rnd < before_round:
+            rows.append(row)
+    if dropped:
+        print(f"note: {path}: {dropped} damaged row(s) dropped; the rows of rounds before "
+              f"{before_round} that read back whole are kept", flush=True)
+    return rows
 
 
 class Progress:

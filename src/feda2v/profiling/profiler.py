@@ -62,13 +62,7 @@ class StepProfiler:
         import torch
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-        c = self.cfg
-        for k in ("wait", "warmup", "active", "repeat"):
-            if int(getattr(c, k)) < 0 or (k == "active" and int(c.active) < 1):
-                from feda2v.errors import ConfigError
-
-                raise ConfigError(f"profiler.{k} must be {'>= 1' if k == 'active' else '>= 0'}, "
-                                  f"got {getattr(c, k)}")
+        c = self.cfg  # the schedule's ranges were checked by load_config
         ensure_dir(self.out_dir)
         self.activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():

@@ -16,23 +16,37 @@ from torch import Tensor
 from torch.optim.adam import adam as functional_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
+from feda2v.errors import ConfigError
 from feda2v.store.spec import OptimizerSpec
 
 
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
-    """The ONE factory: every optimizer, at construction and reset alike, gets these settings."""
-    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[spec.name]
+    """The ONE factory: every optimizer, at construction and reset alike, gets these settings.
+
+    ``fused=True`` is torch's fused Adam(W) kernel on CPU and CUDA alike (the parameters' device)."""
+    cls = _OPTIMIZERS.get(spec.name)
+    if cls is None:
+        raise ConfigError(f"generator.optimizer.name: {spec.name!r} is not one of {', '.join(_OPTIMIZERS)}")
     return cls(list(params), lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
                weight_decay=spec.weight_decay, fused=True)
 
 
-def configure_param_groups(opt: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
-    """Set the hyper-parameters back to the configured ones (in place, same group dicts)."""
-    for group in opt.param_groups:
-        group["lr"] = spec.lr
-        group["betas"] = tuple(spec.betas)
-        group["eps"] = spec.eps
-        group["weight_decay"] = spec.weight_decay
+def reset_param_groups(opt: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
+    """Give ``opt`` exactly the factory's param groups and defaults (every setting, not only the
+    configured ones: e.g. a drifted ``decoupled_weight_decay`` goes too), in place: the optimizer
+    object and its group dicts stay the ones everybody holds."""
+    fresh = make_optimizer([p for g in opt.param_groups for p in g["params"]], spec)
+    if len(opt.param_groups) != 1:
+        raise ValueError("the store's optimizers have one param group")
+    group = opt.param_groups[0]
+    params = group["params"]
+    group.clear()
+    group.update(fresh.param_groups[0])
+    group["params"] = params
+    opt.defaults = dict(fresh.defaults)
 
 
 def step_tensor(opt: torch.optim.Optimizer) -> Tensor | None:

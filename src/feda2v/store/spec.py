@@ -1,4 +1,10 @@
-"""StoreSpec: everything needed to build a GeneratorStore, JSON-able (it travels in checkpoints)."""
+"""StoreSpec: everything needed to build a GeneratorStore, JSON-able (it travels in checkpoints).
+
+Values are checked once, by ``config.load_config``; a spec checks only what no config check
+sees (the classes and feature sizes come from the prepared data) and keeps its JSON form exact:
+``class_groups`` is an ordered list there, because the order of the groups is the order of the
+store's keys and a checkpoint header's JSON is written with sorted object keys.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -6,14 +12,12 @@ from typing import Any, Mapping, Sequence
 
 from feda2v.errors import CheckpointError, ConfigError
 
-TYPES = ("vae", "cvae", "gan")
-GRANULARITIES = ("unified", "per_class", "per_group")
-OPTIMIZERS = ("adamw", "adam")
+DEFAULT_ARCH = "default"  # the architecture variant of every kind (see store/kinds.py)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """The one optimizer factory's settings (generator.optimizer in config)."""
+    """The one optimizer factory's settings (generator.optimizer in config, validated there)."""
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -25,14 +29,12 @@ class OptimizerSpec:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         for f in ("lr", "eps", "weight_decay"):
             object.__setattr__(self, f, float(getattr(self, f)))
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"generator.optimizer.name: {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
-        if not self.lr > 0:
-            raise ConfigError(f"generator.optimizer.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"generator.optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if not self.eps > 0 or self.weight_decay < 0:
-            raise ConfigError("generator.optimizer: eps must be > 0 and weight_decay >= 0")
+
+
+def _ordered_groups(groups: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """{group: classes} (a config mapping, in the order written) or [[group, classes], ...]."""
+    items = groups.items() if isinstance(groups, Mapping) else groups
+    return tuple((str(g), tuple(str(c) for c in cs)) for g, cs in items)
 
 
 @dataclass(frozen=True)
@@ -44,61 +46,73 @@ class StoreSpec:
     condition_dim: int
     latent_dim: int = 16
     hidden_dim: int = 128
-    class_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # (group, classes) pairs in key order; a mapping is accepted and keeps its insertion order.
+    class_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     default_group: str | None = None
     beta_max: float = 1.0
     beta_warmup_steps: int = 200
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
+    arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
+    fusion_dim: int = 512  # the published multimodal VAE's condition projection (arch fedgfe_multimodal)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
-        object.__setattr__(self, "class_groups",
-                           {str(g): tuple(str(c) for c in cs) for g, cs in dict(self.class_groups).items()})
+        object.__setattr__(self, "class_groups", _ordered_groups(self.class_groups))
         if isinstance(self.optimizer, Mapping):
             object.__setattr__(self, "optimizer", OptimizerSpec(**dict(self.optimizer)))
-        if self.type not in TYPES:
-            raise ConfigError(f"generator.type: {self.type!r} is not one of {', '.join(TYPES)}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"generator.granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        # What the prepared data decides (no config check has seen it):
         if not self.classes:
             raise ConfigError("the generator store needs at least one class")
         if len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"class names must be unique, got {list(self.classes)}")
-        for name in ("feature_dim", "condition_dim", "latent_dim", "hidden_dim"):
+        for name in ("feature_dim", "condition_dim"):
             if not int(getattr(self, name)) > 0:
                 raise ConfigError(f"generator store: {name} must be > 0, got {getattr(self, name)}")
-        if self.beta_max < 0 or self.beta_warmup_steps < 0:
-            raise ConfigError("generator.beta_max and generator.beta_warmup_steps must be >= 0")
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """class_groups as an (ordered) dict."""
+        return dict(self.class_groups)
 
     @classmethod
     def from_config(cls, cfg: Any, *, classes: Sequence[str], feature_dim: int, condition_dim: int) -> "StoreSpec":
         g = cfg.generator
         o = g.optimizer
         return cls(
-            type=str(g.type), granularity=str(g.granularity), classes=tuple(classes),
+            type=str(g.type), arch=str(g.arch), granularity=str(g.granularity), classes=tuple(classes),
             feature_dim=int(feature_dim), condition_dim=int(condition_dim),
             latent_dim=int(g.latent_dim), hidden_dim=int(g.hidden_dim),
-            class_groups={str(k): tuple(v) for k, v in dict(g.class_groups or {}).items()},
+            class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(o.lr), betas=tuple(o.betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
-            seed=int(cfg.seed),
+            seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
         )
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["classes"] = list(self.classes)
-        d["class_groups"] = {g: list(cs) for g, cs in self.class_groups.items()}
+        d["class_groups"] = [[g, list(cs)] for g, cs in self.class_groups]
         d["optimizer"] = {**asdict(self.optimizer), "betas": list(self.optimizer.betas)}
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "StoreSpec":
+    def from_json(cls, d: Mapping[str, Any], *, key_order: Sequence[str] | None = None) -> "StoreSpec":
+        """Inverse of ``to_json``; also reads the older form (no ``arch``; ``class_groups`` as an
+        object, whose order the sorted header lost: ``key_order``, the store's recorded key list,
+        restores it)."""
+        d = dict(d)
+        d.setdefault("arch", DEFAULT_ARCH)
+        d.setdefault("fusion_dim", StoreSpec.fusion_dim)
         expected = set(cls.__dataclass_fields__)
         got = set(d)
         if got != expected:
             missing, extra = sorted(expected - got), sorted(got - expected)
             raise CheckpointError(f"store spec: missing fields {missing}, unexpected fields {extra}")
-        return cls(**dict(d))
+        groups = d["class_groups"]
+        if isinstance(groups, Mapping) and key_order is not None:
+            rank = {k: i for i, k in enumerate(key_order)}
+            d["class_groups"] = sorted(groups.items(), key=lambda gc: rank.get(f"group/{gc[0]}", len(rank)))
+        return cls(**d)

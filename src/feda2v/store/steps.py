@@ -70,11 +70,12 @@ def _update_items(store: GeneratorStore, keys: Sequence[str], role: str, grads: 
 
 
 def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, eps: Tensor,
-             node: str, round_: int) -> dict[str, dict[str, float]]:
+             node: str, round_: int, *, gen: torch.Generator | None = None) -> dict[str, dict[str, float]]:
     with record_function("generator_step/forward"):
         template = store._modules[keys[0], GENERATOR]
         params = store._stacked(keys, GENERATOR)
-        recon, mu, logvar = template.forward_stacked(params, xs, cs, eps)
+        # gen: the batch's generator, for architectures with dropout (drawn after the noise)
+        recon, mu, logvar = template.forward_stacked(params, xs, cs, eps, gen=gen)
         rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
         kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
         steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
@@ -90,16 +91,16 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
 
 
 def gan_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, zs: Tensor,
-             node: str, round_: int) -> dict[str, dict[str, float]]:
+             node: str, round_: int, *, gen: torch.Generator | None = None) -> dict[str, dict[str, float]]:
     # Simultaneous update: both roles' losses and gradients are computed (and checked) before
     # either role's optimizer steps, so a non-finite loss changes nothing.
     with record_function("generator_step/forward"):
         g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
         g_params = store._stacked(keys, GENERATOR)
         d_params = store._stacked(keys, DISCRIMINATOR)
-        fake = g_tmpl.forward_stacked(g_params, zs, cs)
+        fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         n = xs.shape[1]
-        logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1))
+        logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1), gen=gen)
         real_logit, fake_logit = logits[:, :n], logits[:, n:]
         d_loss = grp.masked_mean(bce_logits_per_sample(real_logit, 1.0) + bce_logits_per_sample(fake_logit, 0.0))
         g_loss = grp.masked_mean(bce_logits_per_sample(fake_logit, 1.0))  # non-saturating

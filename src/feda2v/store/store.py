@@ -21,9 +21,16 @@ from feda2v.errors import CheckpointError, ConfigError, DataError
 from feda2v.models import build_model, init_parameters
 from feda2v.seeding import derive_seed
 from feda2v.store.grouping import Grouping
-from feda2v.store.optim import configure_param_groups, make_optimizer, step_tensor
+from feda2v.store import kinds
+from feda2v.store.optim import make_optimizer, reset_param_groups, step_tensor
 from feda2v.store.spec import StoreSpec
-from feda2v.store.steps import DISCRIMINATOR, GENERATOR, gan_step, vae_step
+from feda2v.store.steps import DISCRIMINATOR, GENERATOR
+
+# What ``observe_classes`` does when a key meets a class set (federation.reset_on_class_change):
+#   new_classes: reset when the key meets a class it was never trained on (the published rule;
+#                the union of trained classes is state); changed: reset when the set differs from
+#                the key's previous visit; never.
+RESET_POLICIES = ("new_classes", "changed", "never")
 _OPTIM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 _META_FIELDS = ("spec", "keys", "roles", "arch", "optimizers", "trained_classes", "events", "reset_counts")
 
@@ -61,6 +68,33 @@ def _check_names_and_shapes(what: str, shapes: Mapping[str, tuple], tensors: Map
                                   f"expected {list(shape)}")
 
 
+def _spec_json(meta: Mapping[str, Any]) -> dict:
+    """The meta's spec in the current JSON form (older metas: no arch, class_groups as an object
+    whose order the recorded key list restores)."""
+    try:
+        return StoreSpec.from_json(meta["spec"], key_order=meta.get("keys")).to_json()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"store state: unreadable spec: {e}") from None
+
+
+def _trained_from_meta(tc: Mapping[str, Any], keys: Sequence[str]) -> tuple[dict, dict]:
+    """(last visit, ever trained) per key; an older meta holds only the last visit's list, which is
+    then the best known union too."""
+    last, ever = {}, {}
+    for k in keys:
+        v = tc[k]
+        if v is None:
+            last[k], ever[k] = None, []
+        elif isinstance(v, Mapping):
+            if set(v) != {"last", "ever"}:
+                raise CheckpointError(f"store state trained_classes of '{k}' must hold 'last' and 'ever'")
+            last[k], ever[k] = [str(c) for c in v["last"]], sorted(str(c) for c in v["ever"])
+        else:
+            last[k] = [str(c) for c in v]
+            ever[k] = sorted(last[k])
+    return last, ever
+
+
 class GeneratorStore:
     def __init__(self, spec: StoreSpec, conditions: Tensor):
         self.spec = spec
@@ -73,7 +107,9 @@ class GeneratorStore:
         self.keys: list[str] = self._ordered_keys(spec)
         index = {k: i for i, k in enumerate(self.keys)}
         self._class_key_idx = torch.tensor([index[self._key_of_class[c]] for c in spec.classes], dtype=torch.long)
-        self.roles: tuple[str, ...] = (GENERATOR, DISCRIMINATOR) if spec.type == "gan" else (GENERATOR,)
+        self._kind = kinds.kind(spec.type)
+        self._kind.arch(spec.arch)  # an unknown variant is refused before anything is built
+        self.roles: tuple[str, ...] = self._kind.roles
         self._modules: dict[tuple[str, str], nn.Module] = {}
         self._optims: dict[tuple[str, str], torch.optim.Optimizer] = {}
         # (name, Parameter) per (key, role): the Parameter objects never change (resets are in place).
@@ -85,7 +121,8 @@ class GeneratorStore:
                 self._modules[key, role] = module
                 self._params[key, role] = list(module.named_parameters())
                 self._optims[key, role] = make_optimizer(module.parameters(), spec.optimizer)
-        self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}
+        self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}  # last visit
+        self._ever_trained: dict[str, list[str]] = {k: [] for k in self.keys}  # union of all visits
         self._events: list[ResetEvent] = []
         self._reset_counts: dict[str, int] = {k: 0 for k in self.keys}
         self._device = torch.device("cpu")
@@ -103,9 +140,11 @@ class GeneratorStore:
             return {c: "unified" for c in spec.classes}
         if spec.granularity == "per_class":
             return {c: f"class/{c}" for c in spec.classes}
+        if spec.granularity != "per_group":
+            raise ConfigError(f"generator.granularity: {spec.granularity!r} is not one of unified, per_class, per_group")
         known = set(spec.classes)
         out: dict[str, str] = {}
-        for group, members in spec.class_groups.items():
+        for group, members in spec.class_groups:
             for c in members:
                 if c not in known:
                     raise ConfigError(f"generator.class_groups: group '{group}' lists unknown class '{c}'")
@@ -126,7 +165,7 @@ class GeneratorStore:
             return ["unified"]
         if spec.granularity == "per_class":
             return [f"class/{c}" for c in spec.classes]
-        keys = [f"group/{g}" for g in spec.class_groups]
+        keys = [f"group/{g}" for g, _ in spec.class_groups]
         dflt = f"group/{spec.default_group}" if spec.default_group is not None else None
         if dflt is not None and dflt not in keys and dflt in self._key_of_class.values():
             keys.append(dflt)
@@ -147,17 +186,7 @@ class GeneratorStore:
             raise ConfigError(f"unknown generator key '{key}'; known: {', '.join(self.keys)}")
 
     def _arch(self, role: str) -> tuple[str, dict[str, Any]]:
-        s = self.spec
-        if s.type == "vae":
-            return "VAE", {"feature_dim": s.feature_dim, "latent_dim": s.latent_dim, "hidden_dim": s.hidden_dim}
-        if s.type == "cvae":
-            return "CVAE", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
-                            "latent_dim": s.latent_dim, "hidden_dim": s.hidden_dim}
-        if role == GENERATOR:
-            return "GANGenerator", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
-                                    "latent_dim": s.latent_dim, "hidden_dim": s.hidden_dim}
-        return "GANDiscriminator", {"feature_dim": s.feature_dim, "condition_dim": s.condition_dim,
-                                    "hidden_dim": s.hidden_dim}
+        return kinds.architecture(self.spec, role)
 
     # -- accessors -----------------------------------------------------------------------------
     @property
@@ -192,9 +221,15 @@ class GeneratorStore:
         return dict(self._reset_counts)
 
     def trained_classes(self, key: str) -> list[str] | None:
+        """The classes of ``key``'s last visit (None before its first)."""
         self._check_key(key)
         tc = self._trained_classes[key]
         return None if tc is None else list(tc)
+
+    def ever_trained_classes(self, key: str) -> list[str]:
+        """Every class ``key`` has been trained on, over all visits (a reset does not forget them)."""
+        self._check_key(key)
+        return list(self._ever_trained[key])
 
     # -- training ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -263,9 +298,7 @@ class GeneratorStore:
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             xs, cs, zs = grp.pad(x), grp.pad(self._conditions[y]), grp.pad(noise)
-            if self.spec.type == "gan":
-                return gan_step(self, grp, keys, xs, cs, zs, node, round)
-            return vae_step(self, grp, keys, xs, cs, zs, node, round)
+            return self._kind.step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,24 +321,28 @@ class GeneratorStore:
 
     # -- class observation and reset -----------------------------------------------------------
     def observe_classes(self, key: str, classes: Iterable[str], *, node: str, round: int,
-                        reset_on_change: bool) -> ResetEvent | None:
-        """Record the classes ``key`` is trained on; reset it iff that set changed and the policy is on.
-
-        The first observation of a key never resets (there is nothing to compare with).
-        """
+                        policy: str) -> ResetEvent | None:
+        """Record the classes ``key`` is about to be trained on; reset it if ``policy`` says so
+        (see RESET_POLICIES). The first visit of a key never resets (it is freshly initialised)."""
+        if policy not in RESET_POLICIES:
+            raise ConfigError(f"federation.reset_on_class_change: {policy!r} is not one of {', '.join(RESET_POLICIES)}")
         self._check_key(key)
         new = sorted(set(classes))
         for c in new:
             if self.key_for_class(c) != key:
                 raise ConfigError(f"class '{c}' belongs to generator key '{self._key_of_class[c]}', not '{key}'")
-        prev = self._trained_classes[key]
+        prev, ever = self._trained_classes[key], self._ever_trained[key]
         self._trained_classes[key] = new
-        if reset_on_change and prev is not None and prev != new:
+        self._ever_trained[key] = sorted(set(ever) | set(new))
+        if prev is None:
+            return None
+        if (policy == "new_classes" and not set(new) <= set(ever)) or (policy == "changed" and prev != new):
             return self.reset(key, node=node, round=round)
         return None
 
     def reset(self, key: str, *, node: str, round: int) -> ResetEvent:
-        """Re-initialise ``key``'s parameters and clear its optimizers' state, in place and seeded."""
+        """Re-initialise ``key``'s parameters (seeded) and give its optimizers the factory's fresh state
+        and param group, in place (same module, Parameter and optimizer objects)."""
         self._check_key(key)
         self._reset_counts[key] += 1
         count = self._reset_counts[key]
@@ -314,7 +351,7 @@ class GeneratorStore:
             init_parameters(module, _seeded(self.spec.seed, "reset", key, role, count))
             opt = self._optims[key, role]
             opt.state.clear()
-            configure_param_groups(opt, self.spec.optimizer)
+            reset_param_groups(opt, self.spec.optimizer)
         event = ResetEvent(key, str(node), int(round))
         self._events.append(event)
         return event
@@ -353,7 +390,9 @@ class GeneratorStore:
             "roles": list(self.roles),
             "arch": self._meta_arch(),
             "optimizers": optimizers,
-            "trained_classes": {k: (None if v is None else list(v)) for k, v in self._trained_classes.items()},
+            # per key: None before its first visit, else the last visit's classes and all ever trained
+            "trained_classes": {k: (None if v is None else {"last": list(v), "ever": list(self._ever_trained[k])})
+                                for k, v in self._trained_classes.items()},
             "events": [e.to_json() for e in self._events],
             "reset_counts": dict(self._reset_counts),
         }
@@ -377,8 +416,9 @@ class GeneratorStore:
         if missing:
             raise CheckpointError(f"store state: meta is missing {', '.join(missing)}")
         mine = self.spec.to_json()
-        if meta["spec"] != mine:
-            fields = sorted(f for f in set(mine) | set(meta["spec"]) if mine.get(f) != meta["spec"].get(f))
+        theirs = _spec_json(meta)
+        if theirs != mine:
+            fields = sorted(f for f in set(mine) | set(theirs) if mine.get(f) != theirs.get(f))
             raise ConfigError(f"store state was saved with another generator spec (differs in: {', '.join(fields)}); "
                               "load it with GeneratorStore.from_state or use the matching config")
         if list(meta["keys"]) != self.keys:
@@ -421,6 +461,7 @@ class GeneratorStore:
             if int(o["step"]) > 0 and int(tensors[f"{kr}/optim/{first}/step"].item()) != int(o["step"]):
                 raise CheckpointError(f"store state optimizer '{kr}': meta step {o['step']} != tensor step")
 
+        trained = _trained_from_meta(meta["trained_classes"], self.keys)
         with torch.no_grad():
             self._conditions.copy_(tensors["conditions"])
             for key in self.keys:
@@ -440,8 +481,7 @@ class GeneratorStore:
                     for g in opt.param_groups:
                         g["lr"], g["betas"] = float(o["lr"]), tuple(float(b) for b in o["betas"])
                         g["eps"], g["weight_decay"] = float(o["eps"]), float(o["weight_decay"])
-        self._trained_classes = {k: (None if meta["trained_classes"][k] is None else list(meta["trained_classes"][k]))
-                                 for k in self.keys}
+        self._trained_classes, self._ever_trained = trained
         self._events = [ResetEvent(str(e["key"]), str(e["node"]), int(e["round"])) for e in meta["events"]]
         self._reset_counts = {k: int(meta["reset_counts"][k]) for k in self.keys}
 
@@ -452,7 +492,7 @@ class GeneratorStore:
             raise CheckpointError("store state: meta is missing 'spec'")
         if "conditions" not in tensors:
             raise CheckpointError("store state is missing tensor 'conditions'")
-        store = cls(StoreSpec.from_json(meta["spec"]), tensors["conditions"])
+        store = cls(StoreSpec.from_json(meta["spec"], key_order=meta.get("keys")), tensors["conditions"])
         store.load_state_dict(tensors, meta)
         return store
 

@@ -1,0 +1,87 @@
+"""The one table of generator kinds: what ``generator.type`` (and ``generator.arch``) mean.
+
+Per kind: its roles (each role has its own module and optimizer per key), its training step
+(``steps.py``), and per architecture variant the architecture class of every role. A role's
+constructor arguments are read from the StoreSpec field of the same name (``constructor_args``
+of the class), or of the name ``from_spec`` gives, for architectures whose arguments are
+spelled otherwise (the published ones). The store, the spec, the checkpoint meta and legacy
+migration all read this table; adding a kind or a variant is an entry here (plus its name in
+``config/schema.py`` CHOICES, which sits below this part and cannot import it; a test holds the
+two equal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from feda2v.errors import ConfigError
+from feda2v.models import ARCHITECTURES, constructor_args
+from feda2v.store.spec import DEFAULT_ARCH, StoreSpec
+from feda2v.store.steps import DISCRIMINATOR, GENERATOR, gan_step, vae_step
+
+
+@dataclass(frozen=True)
+class RoleArch:
+    """The architecture class of one role, and how its constructor arguments come from the spec."""
+
+    cls: str  # a name in models.ARCHITECTURES
+    from_spec: Mapping[str, str] = field(default_factory=dict)  # constructor arg -> StoreSpec field
+
+    def kwargs(self, spec: StoreSpec) -> dict[str, Any]:
+        return {a: getattr(spec, self.from_spec.get(a, a)) for a in constructor_args(ARCHITECTURES[self.cls])}
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    roles: tuple[str, ...]
+    step: Callable[..., dict[str, dict[str, float]]]  # (store, grouping, keys, xs, cs, zs, node, round, *, gen)
+    archs: Mapping[str, Mapping[str, RoleArch]]  # variant -> role -> architecture
+
+    def arch(self, variant: str) -> Mapping[str, RoleArch]:
+        try:
+            return self.archs[variant]
+        except KeyError:
+            raise ConfigError(f"generator.arch: {variant!r} is not an architecture of generator.type="
+                              f"{self.name}; known: {', '.join(self.archs)}") from None
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    # "fedgfe*": the published FedA2V architectures (models/published.py), for migrated runs
+    Kind("vae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("VAE")},
+                                          "fedgfe": {GENERATOR: RoleArch("FedgfeVAE")}}),
+    Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")},
+                                           "fedgfe": {GENERATOR: RoleArch("FedgfeCVAE")},
+                                           "fedgfe_multimodal": {GENERATOR: RoleArch("FedgfeMultiModalVAE")}}),
+    Kind("gan", (GENERATOR, DISCRIMINATOR), gan_step,
+         {DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("GANDiscriminator")},
+          "fedgfe": {GENERATOR: RoleArch("FedgfeGANGenerator"), DISCRIMINATOR: RoleArch("FedgfeGANDiscriminator")}}),
+)}
+
+TYPES: tuple[str, ...] = tuple(KINDS)
+ARCHS: tuple[str, ...] = tuple(dict.fromkeys(a for k in KINDS.values() for a in k.archs))
+
+
+def kind(name: str) -> Kind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ConfigError(f"generator.type: {name!r} is not one of {', '.join(TYPES)}") from None
+
+
+def architecture(spec: StoreSpec, role: str) -> tuple[str, dict[str, Any]]:
+    """(class name, constructor kwargs) of ``role`` for the spec's kind and architecture variant."""
+    ra = kind(spec.type).arch(spec.arch)[role]
+    return ra.cls, ra.kwargs(spec)
+
+
+def kind_of_class(class_name: str, role: str = GENERATOR) -> tuple[str, str] | None:
+    """(generator.type, generator.arch) whose ``role`` is built from ``class_name``; None if none is.
+
+    For readers that meet an architecture before a spec (legacy migration). A class serving several
+    kinds (none does today) gives the first in table order."""
+    for k in KINDS.values():
+        for variant, roles in k.archs.items():
+            if role in roles and roles[role].cls == class_name:
+                return k.name, variant
+    return None
