@@ -149,13 +149,19 @@ def _inprocess(fed, rounds=2, drop=None):
     return out
 
 
-@pytest.mark.parametrize("sharing", ["shared", "fedavg", "local"])
-def test_grid_rounds_are_bit_identical_to_in_process(prepared, sharing):
-    sections = {"federation": {"sharing": sharing}}
+@pytest.mark.parametrize("sharing, granularity", [("shared", "per_class"), ("fedavg", "per_class"),
+                                                   ("local", "per_class"), ("shared", "unified"),
+                                                   ("fedavg", "unified")])
+def test_grid_rounds_are_bit_identical_to_in_process(prepared, sharing, granularity):
+    """shared + unified: the one relayed key meets new classes at each node, so resets happen
+    (their log must travel back)."""
+    sections = {"federation": {"sharing": sharing}, "generator": {"granularity": granularity}}
     ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
     want = _inprocess(ref)
     got = _run(fed, _grid())
     assert_same_state(ref, fed)
+    if (sharing, granularity) == ("shared", "unified"):  # the relayed key meets new classes
+        assert len(fed.stores["server"].events) > 0
     for w, g in zip(want, got):
         assert [n.node for n in g.nodes] == [n.node for n in w.nodes]
         assert {k: v for k, v in g.metrics.items() if "seconds" not in k and "share" not in k} == \

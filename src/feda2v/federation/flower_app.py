@@ -66,17 +66,20 @@ def _of_keys(name: str, keys) -> bool:
     return any(name.startswith(k + "/") for k in keys)
 
 
-def store_slice(store, keys: list[str]) -> tuple[dict, dict]:
+def store_slice(store, keys: list[str], *, with_events: bool = False) -> tuple[dict, dict]:
     """(tensors, meta) of ``keys`` only: their parameters, optimizer state, counters and trained
-    classes. The reset log starts empty: a reply's ``events`` are the visit's own resets."""
+    classes. ``events`` (the reset log, which training never reads): none when the server lends a
+    slice; with ``with_events`` the store's resets of those keys, which on a node's fresh store are
+    exactly the visit's own (what the server appends)."""
     tensors, meta = store.state_dict()
+    events = [e for e in meta["events"] if e["key"] in keys] if with_events else []
     kr = {f"{k}/{r}" for k in keys for r in meta["roles"]}
     return ({n: t for n, t in tensors.items() if _of_keys(n, keys)},
             {"spec": meta["spec"], "keys": list(keys), "roles": meta["roles"],
              "arch": {n: a for n, a in meta["arch"].items() if n in kr},
              "optimizers": {n: o for n, o in meta["optimizers"].items() if n in kr},
              "trained_classes": {k: meta["trained_classes"][k] for k in keys},
-             "reset_counts": {k: meta["reset_counts"][k] for k in keys}, "events": []})
+             "reset_counts": {k: meta["reset_counts"][k] for k in keys}, "events": events})
 
 
 def merge_slice(store, tensors: dict, meta: dict) -> None:
@@ -94,14 +97,15 @@ def merge_slice(store, tensors: dict, meta: dict) -> None:
 
 
 # -- wire format ----------------------------------------------------------------------------------
-def encode_store(store, *, store_name: str, round_: int, node: str, keys: Optional[list] = None) -> bytes:
+def encode_store(store, *, store_name: str, round_: int, node: str, keys: Optional[list] = None,
+                 with_events: bool = False) -> bytes:
     """The whole store (``keys=None``: the exact bytes ``write_checkpoint`` would write) or the slice
-    of ``keys`` (header ``keys`` lists them)."""
+    of ``keys`` (header ``keys`` lists them; ``with_events``: see ``store_slice``)."""
     if keys is None:
         tensors, meta = store.state_dict()
         header = {"kind": WIRE_KIND, "store_name": store_name, "round": round_, "node": node, "store": meta}
     else:
-        tensors, meta = store_slice(store, keys)
+        tensors, meta = store_slice(store, keys, with_events=with_events)
         header = {"kind": WIRE_KIND, "store_name": store_name, "round": round_, "node": node, "store": meta,
                   "keys": list(keys)}
     return checkpoint_bytes(tensors, header)
@@ -203,7 +207,8 @@ def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = Non
     res = train_generators(store, site.node, classes=list(site.classes), seed=task["seed"],
                            round_=task["round"], local_epochs=task["local_epochs"],
                            batch_size=task["batch_size"], reset_on_change=task["reset_on_change"])
-    out = encode_store(store, store_name=task["store_name"], round_=task["round"], node=res.node, keys=keys)
+    out = encode_store(store, store_name=task["store_name"], round_=task["round"], node=res.node, keys=keys,
+                       with_events=True)
     return out, node_result_to_json(res)
 
 
