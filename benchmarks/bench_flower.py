@@ -4,6 +4,7 @@ in the identical state (they must), and the bytes one visit's message carries (t
 the node trains) for unified and per_class stores."""
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -58,6 +59,37 @@ def message_bytes() -> list[dict]:
                      "visit_message_bytes": len(encode_store(store, store_name="x", round_=1, node="x", keys=keys)),
                      "whole_store_bytes": len(encode_store(store, store_name="x", round_=1, node="x"))})
     return rows
+
+
+def deployed(rounds: int = 3) -> dict:
+    """scripts/flower_deploy.sh on this machine (SuperLink + 2 SuperNodes on 127.0.0.1, shared relay,
+    digits): its round lines give the deployed and the in-process round time of the same config;
+    per visit = round / 2 nodes. Where a deployed visit's seconds go (Flower 1.42): the SuperNode
+    starts a fresh `flwr-clientapp` process per message (pull one task, run, exit), which imports
+    torch and feda2v and reads its own partition; the server pulls replies every poll_s."""
+    import os
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, ROUNDS=str(rounds), LINK_PORT=os.environ.get("BENCH_LINK_PORT", "18711"),
+                   NODE_PORT0=os.environ.get("BENCH_NODE_PORT0", "19711"))
+        t0 = time.perf_counter()
+        out = subprocess.run(["bash", str(root / "scripts" / "flower_deploy.sh"), tmp], env=env,
+                             capture_output=True, text=True, timeout=900)
+        total = time.perf_counter() - t0
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        return {"error": (text.strip().splitlines() or ["no output"])[-1]}
+    secs = [float(m) for m in re.findall(r"round \d+/\d+: .*? ([\d.]+)s$", text, re.M)]
+    dep, ip = secs[:rounds], secs[rounds:2 * rounds]  # flwr run's rounds come first, then in-process
+    later = lambda xs: statistics.median(xs[1:] or xs)  # noqa: E731
+    return {"nodes": 2, "rounds": rounds, "deployed_round_s_median": later(dep),
+            "inprocess_round_s_median": later(ip), "deployed_round_s_first": dep[0],
+            "deployed_per_visit_s": later(dep) / 2, "inprocess_per_visit_s": later(ip) / 2,
+            "deployed_overhead_per_visit_s": (later(dep) - later(ip)) / 2, "script_total_s": total,
+            "identical_state": "bit-identical" in text}
 
 
 def _drive(engine, cfg, data) -> dict:
@@ -128,6 +160,13 @@ def run(quick: bool = False) -> dict:
                f"identical final state: {all(r['identical_state'] for r in table)}; in-process is "
                f"{fl['round_s_median_after_first'] / ip['round_s_median_after_first']:.0f}x faster per round "
                f"(target >= 20x)")
+    if not quick and os.environ.get("BENCH_FLOWER_DEPLOY", "1") != "0":
+        dep = deployed()
+        if "error" not in dep:
+            summary += (f"; deployed (2 SuperNodes on this machine): {dep['deployed_per_visit_s']:.2f} s per visit "
+                        f"against {dep['inprocess_per_visit_s'] * 1e3:.0f} ms in-process "
+                        f"(+{dep['deployed_overhead_per_visit_s']:.2f} s)")
+        table.append({"engine": "flower-deployment", "sharing": "shared", **dep})
     sizes = message_bytes()
     summary += "; visit message, 20-class GAN, node with 4 classes: " + ", ".join(
         f"{r['granularity']} {r['visit_message_bytes'] / 1e6:.2f} MB of {r['whole_store_bytes'] / 1e6:.2f} MB"
