@@ -6,13 +6,22 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro test test-fast bench compare clean
+.PHONY: setup repro lock plots test test-fast bench compare clean
 
 setup:
 	@scripts/setup.sh
 
 repro: setup
 	dvc repro
+
+# dvc.lock and the committed pipeline outputs, regenerated from a clean clone of HEAD (then commit
+# them); CHECK=1 also proves a second run writes the same dvc.lock.
+lock: setup
+	scripts/relock.sh
+
+# The DVC plots as one page that needs no network (vega scripts inlined): reports/dvc_plots/index.html
+plots: setup
+	python scripts/plots_offline.py
 
 test: setup
 	python -m pytest -q
@@ -27,4 +36,4 @@ compare: setup
 	python scripts/compare.py
 
 clean:
-	rm -rf data/prepared data/cache checkpoints reports/train reports/profile reports/multirun
+	rm -rf data/prepared data/cache checkpoints reports/train reports/profile reports/timing reports/multirun reports/dvc_plots

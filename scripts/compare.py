@@ -41,7 +41,8 @@ def main() -> int:
         for s in (f"seed={s}" for s in SEEDS.split(",")):  # the Dirichlet split follows the seed too
             run_dir = OUT / "runs" / name.split(" (")[-1].strip(")").replace(" ", "_") / s.replace("=", "")
             paths = [f"data.prepared_dir={run_dir}/prepared", f"checkpoint.dir={run_dir}/checkpoints",
-                     f"train.reports_dir={run_dir}/train", f"evaluate.checkpoint={run_dir}/checkpoints/latest.ckpt",
+                     f"train.reports_dir={run_dir}/train", f"train.metrics_path={run_dir}/train_metrics.json",
+                     f"train.timing_path={run_dir}/timing.json", f"evaluate.checkpoint={run_dir}/checkpoints/latest.ckpt",
                      f"evaluate.reports_dir={run_dir}/eval"]
             args = [*common, *over, s, *paths]
             sh(str(BIN / "feda2v-prepare"), *args)
@@ -50,7 +51,7 @@ def main() -> int:
             accs.append(down["global_acc_distilled"])  # == global_acc_fedavg when distill=false
             if "federation.distill=true" in over:  # the generator's own quality, where it is used
                 sh(str(BIN / "feda2v-evaluate"), *args)
-                tstr.append(json.loads((run_dir / "eval" / "metrics.json").read_text())["overall"]["tstr_acc"])
+                tstr.append(json.loads((run_dir / "eval" / "evaluation.json").read_text())["overall"]["tstr_acc"])
         rows[name] = {"global_acc": accs, "tstr_acc": tstr}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -24,3 +24,14 @@ def root() -> Path:
 def cli(name: str) -> str:
     """Path of one of the project's console scripts in the running environment."""
     return str(BIN / name)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests (tests/test_cuda.py) are deselected where no CUDA device is usable, unless
+    FEDA2V_CUDA_TEST_DEVICE=cpu asks for their CPU dry run; scripts/gpu_check.sh runs them."""
+    if torch.cuda.is_available() or os.environ.get("FEDA2V_CUDA_TEST_DEVICE", "cuda") == "cpu":
+        return
+    gone = [it for it in items if it.get_closest_marker("cuda")]
+    if gone:
+        items[:] = [it for it in items if not it.get_closest_marker("cuda")]
+        config.hook.pytest_deselected(items=gone)

@@ -21,7 +21,9 @@ def _cfg(root: Path, **over) -> dict:
         "generator": {"hidden_dim": 32, "latent_dim": 8},
         "federation": {"rounds": 2, "batch_size": 128},
         "checkpoint": {"dir": str(root / "ckpt")},
-        "train": {"reports_dir": str(root / "reports" / "train"), "progress": "off"},
+        "train": {"reports_dir": str(root / "reports" / "train"), "progress": "off",
+                  "metrics_path": str(root / "reports" / "train_metrics.json"),
+                  "timing_path": str(root / "reports" / "timing" / "train.json")},
         "tracking": {"enabled": False},
         "evaluate": {"checkpoint": str(root / "ckpt" / "latest.ckpt"), "reports_dir": str(root / "reports"),
                      "samples_per_class": 40},
@@ -77,8 +79,10 @@ def test_evaluate_real_checkpoint(evaluated):
     assert ov["frechet"] > 0 and 0 <= ov["precision"] <= 1 and 0 <= ov["recall"] <= 1
     assert ov["recon_mse"] > 0  # cvae default: an encoder exists
     assert len(m["per_class"]) == 10
-    on_disk = json.loads((root / "reports" / "metrics.json").read_text())
+    on_disk = json.loads((root / "reports" / "evaluation.json").read_text())
     assert on_disk == json.loads(json.dumps(m))
+    headline = json.loads((root / "reports" / "metrics.json").read_text())  # the DVC metrics
+    assert headline == {k: ov[k] for k in ("tstr_acc", "trtr_acc", "frechet", "mmd", "precision", "recall")}
     for f in ("figures/loss_curves.png", "figures/tstr_vs_trtr.png", "figures/embedding_2d.png",
               "figures/per_node_accuracy.png", "plots/tstr_per_class.csv", "plots/embedding_2d.csv",
               "plots/loss_per_round.csv", "plots/per_node_accuracy.csv", "report.md"):

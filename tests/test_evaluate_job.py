@@ -177,10 +177,13 @@ def test_outputs_written_with_downstream_and_losses(stand_in, tmp_path):
     _write_train_reports(tmp_path)
     res = evaluate(_cfg(tmp_path))
     out = tmp_path / "reports"
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "evaluation.json").read_text())
     assert m == json.loads(json.dumps(res["metrics"]))
     assert m["downstream"]["global_acc_distilled"] == 0.67
     assert m["downstream"]["per_node"]["node/001"] == {"fedavg": 0.7, "distilled": 0.72}
+    headline = json.loads((out / "metrics.json").read_text())  # DVC metrics: flat, a few columns
+    assert headline == {k: m["overall"][k] for k in ("tstr_acc", "trtr_acc", "frechet", "mmd",
+                                                      "precision", "recall")}
 
     def numbers_only(d):
         return all(numbers_only(v) if isinstance(v, dict) else isinstance(v, (int, float)) for v in d.values())

@@ -10,8 +10,9 @@ from pathlib import Path
 import feda2v
 
 SRC = Path(feda2v.__file__).parent
-# bottom to top, as in DESIGN.md's part table (errors/seeding/fsutil share the bottom)
-ORDER = ["errors", "seeding", "fsutil", "models", "config", "profiling", "store", "data", "checkpoint",
+# bottom to top, as in DESIGN.md's part table (errors/seeding/fsutil share the bottom, with the two
+# leaf utilities DESIGN.md does not list yet: numerics (CPU numeric paths) and progress (step bars))
+ORDER = ["errors", "seeding", "fsutil", "numerics", "progress", "models", "config", "profiling", "store", "data", "checkpoint",
          "federation", "tracking", "evaluate", "pipeline", "cli"]
 
 

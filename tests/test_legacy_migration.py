@@ -193,6 +193,21 @@ def client_per_class_gan_files():
                 fresh=tuple((f"class/{c}", "discriminator") for c in CLASSES))
 
 
+def client_per_group_vae_files():
+    mods = {"low": vae(seed=1, opt=False), "high": vae(seed=2, opt=False)}
+    files = [_client("per_group", k, "generator_state_dict", g.state_dict(), classes=LOW if k == "low" else HIGH)
+             for k, (g, _) in mods.items()]
+    return Case(files, {f"group/{k}": {"generator": m} for k, m in mods.items()})
+
+
+def client_per_group_gan_files():
+    mods = {"low": gan_g(seed=1, opt=False), "high": gan_g(seed=2, opt=False)}
+    files = [_client("per_group", k, "generator_clip_state_dict", g.state_dict(), classes=LOW if k == "low" else HIGH)
+             for k, (g, _) in mods.items()]
+    return Case(files, {f"group/{k}": {"generator": m} for k, m in mods.items()}, flags={"fresh_discriminator": True},
+                fresh=(("group/low", "discriminator"), ("group/high", "discriminator")))
+
+
 def client_unified_gan():
     g, _ = gan_g(opt=False)
     return Case([_client("unified", None, "generator_clip_state_dict", g.state_dict())],
@@ -219,6 +234,8 @@ CASES = {
     "client-per_group-multimodal-files": client_per_group_multimodal_files,
     "client-per_group-multimodal-files-no-optimizer": lambda: client_per_group_multimodal_files(opt=False),
     "client-per_class-gan-files": client_per_class_gan_files,
+    "client-per_group-vae-files": client_per_group_vae_files,
+    "client-per_group-gan-files": client_per_group_gan_files,
     "client-unified-gan": client_unified_gan,
 }
 
@@ -339,6 +356,19 @@ def test_published_layout_migrates_exactly(tmp_path, prep, name):
                 assert_same_function(store.module(key, role), module, store, key, prep)
     for key, role in case.fresh:
         assert any(f"{key}/{role}" in n and "fresh" in n for n in done.notes)
+    if header["config"]["generator"]["type"] == "gan":  # trains on with the published update rule
+        g = header["config"]["generator"]["gan"]
+        assert (g["schedule"], g["d_steps"], g["g_steps"], g["loss"], g["r1_gamma"]) == \
+            ("alternating", 1, 1, "nonsaturating", 0.0)
+    # the optimizer factory (resets) gets the legacy generator optimizer's settings
+    gen_opts = [opt for roles in case.expect.values() for role, (_, opt) in roles.items()
+                if role == "generator" and opt is not None]
+    factory = header["config"]["generator"]["optimizer"]
+    if gen_opts:
+        g0 = gen_opts[0].state_dict()["param_groups"][0]
+        assert (factory["lr"], factory["weight_decay"], factory["betas"]) == (g0["lr"], g0["weight_decay"], list(g0["betas"]))
+    else:
+        assert any("no optimizer state" in n for n in done.notes)
     # it trains on: one grouped step per key continues each key's legacy optimizer state
     before = {kr: o["step"] for kr, o in header["stores"]["server"]["optimizers"].items()}
     y = torch.arange(len(store.spec.classes)).repeat(2)
@@ -563,3 +593,28 @@ def test_layouts_name_exactly_the_published_architectures_parameters():
         published = [n for n in lay.param_names() if n.split(".", 1)[0] not in lay.unused]
         assert sorted(own) == sorted(published), lay.name
         assert lay.kind()[1].startswith("fedgfe")
+
+
+def test_cli_without_prepared_says_how_to_resume(tmp_path, capsys):
+    import json
+
+    from feda2v.cli.ckpt import main as ckpt_main
+
+    paths = save_case(tmp_path, server_per_group_vae())
+    out = tmp_path / "m.ckpt"
+    # flags and overrides around the files
+    with pytest.raises(SystemExit) as e:
+        ckpt_main(["migrate", "generator.granularity=per_group", str(paths[0]), str(out), GROUPS_OVERRIDE])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "migrate with --prepared DIR" in printed
+    assert not (tmp_path / "m.ckpt.overrides").exists()
+    with pytest.raises(SystemExit) as e:
+        ckpt_main(["inspect", str(out)])
+    info = json.loads(capsys.readouterr().out)
+    assert info["keys"] == ["group/low", "group/high"] and info["round"] == 4
+    with pytest.raises(SystemExit) as e:
+        ckpt_main(["migrate", str(paths[0]), str(tmp_path / "x.ckpt"), "--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("feda2v: error: ") and err.count("\n") == 1 and "--bogus" in err

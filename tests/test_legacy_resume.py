@@ -33,8 +33,7 @@ def _train_with(overrides: list[str]):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["server-unified-vae", "server-per_group-shared", "client-per_group-multimodal-files",
-                                  "client-per_class-gan-files"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_migrated_run_resumes_with_the_printed_overrides(tmp_path, monkeypatch, capsys, prep_dir, name):
     monkeypatch.chdir(tmp_path)
     case = CASES[name]()

@@ -116,12 +116,14 @@ def test_seed_configuration_keeps_its_state_after_every_class_was_seen(tmp_path)
     """The published system's recommended test: shared unified VAE, resets on class change, nodes
     holding different classes (digits, 3 nodes, 3 rounds)."""
     prepared = tmp_path / "prepared"
+    # (3 nodes x 4 classes: the partition must cover the 10 digits; nodes still hold different classes)
     subprocess.run([cli("feda2v-prepare"), "data=digits", "data.nodes=3", "data.condition=onehot",
-                    f"data.prepared_dir={prepared}"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+                    "data.partition.classes_per_node=4", f"data.prepared_dir={prepared}"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
     out = subprocess.run(
         [cli("feda2v-train"), "generator_only_mode=true", "shared_generator_in_only_mode=true",
          "generator_granularity=unified", "generator_type=vae", "reset_generator_on_class_change=true",
-         "data=digits", "data.nodes=3", "data.condition=onehot", f"data.prepared_dir={prepared}",
+         "data=digits", "data.nodes=3", "data.condition=onehot", "data.partition.classes_per_node=4",
+         f"data.prepared_dir={prepared}",
          "federation.rounds=3", "federation.local_epochs=1", "tracking=none", "train.progress=lines",
          "checkpoint.dir=ckpt", "train.reports_dir=reports/train"],
         cwd=tmp_path, check=True, capture_output=True, text=True, timeout=300)

@@ -50,7 +50,7 @@ def test_store_roles_and_architectures_follow_the_table(type_):
 def test_kwargs_come_from_spec_fields_of_the_same_name():
     s = spec(type="gan", feature_dim=11, condition_dim=4, hidden_dim=9, latent_dim=3)
     assert kinds.architecture(s, "discriminator") == (
-        "GANDiscriminator", {"feature_dim": 11, "condition_dim": 4, "hidden_dim": 9})
+        "ProjectionDiscriminator", {"feature_dim": 11, "condition_dim": 4, "hidden_dim": 9})
     assert kinds.architecture(s, "generator")[1] == {"feature_dim": 11, "condition_dim": 4, "latent_dim": 3,
                                                      "hidden_dim": 9}
 
@@ -58,7 +58,8 @@ def test_kwargs_come_from_spec_fields_of_the_same_name():
 def test_kind_of_class_answers_readers_that_meet_an_architecture_first():
     assert kinds.kind_of_class("CVAE") == ("cvae", "default")
     assert kinds.kind_of_class("GANGenerator") == ("gan", "default")
-    assert kinds.kind_of_class("GANDiscriminator", "discriminator") == ("gan", "default")
+    assert kinds.kind_of_class("ProjectionDiscriminator", "discriminator") == ("gan", "default")
+    assert kinds.kind_of_class("GANDiscriminator", "discriminator") == ("gan", "concat")
     assert kinds.kind_of_class("Transformer") is None
 
 

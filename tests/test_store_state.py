@@ -78,7 +78,7 @@ def test_state_dict_names_and_meta_follow_the_contract():
     tensors, meta = s.state_dict()
     assert tensors["conditions"].shape == (4, C)
     assert "class/a/generator/param/net.0.weight" in tensors
-    assert "class/a/discriminator/param/net.4.bias" in tensors
+    assert "class/a/discriminator/param/out.0.bias" in tensors  # ProjectionDiscriminator
     step = tensors["class/a/discriminator/optim/net.0.weight/step"]
     assert step.shape == () and step.dtype == torch.float32 and step.item() == 1.0
     assert tensors["class/a/generator/optim/net.0.weight/exp_avg"].shape == (H, Z + C)
@@ -87,7 +87,7 @@ def test_state_dict_names_and_meta_follow_the_contract():
     assert set(meta) == {"spec", "keys", "roles", "arch", "optimizers", "trained_classes", "events", "reset_counts"}
     assert meta["keys"] == s.keys and meta["roles"] == ["generator", "discriminator"]
     assert meta["arch"]["class/a/discriminator"] == {
-        "class": "GANDiscriminator", "kwargs": {"feature_dim": D, "condition_dim": C, "hidden_dim": H}}
+        "class": "ProjectionDiscriminator", "kwargs": {"feature_dim": D, "condition_dim": C, "hidden_dim": H}}
     assert meta["optimizers"]["class/a/generator"] == {
         "name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2, "step": 1}
     assert meta["events"] == [{"key": "class/b", "node": "n", "round": 0}]

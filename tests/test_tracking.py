@@ -69,14 +69,14 @@ def test_flatten_uses_dotted_keys_and_yaml_spelling():
     assert flat == {"a.b.c": "1", "a.d": "true", "l": "[0.9, 0.999]", "e": "{}", "n": "null"}
     cfg = _cfg()
     flat = flatten(cfg)
-    assert flat["generator.optimizer.lr"] == str(cfg.generator.optimizer.lr)
+    assert flat["generator.optimizer.eps"] == str(cfg.generator.optimizer.eps)
     assert flat["tracking.uri"] == "sqlite:///mlflow.db"
     assert flat["seed"] == "3"
     assert all(isinstance(v, str) for v in flat.values())
 
 
 def test_git_info_commit_and_dirty_flag(tmp_path):
-    assert git_info(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    assert git_info(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown", "git_dirty_files": ""}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run(git + ["init", "-q"], check=True)
     (tmp_path / "a.txt").write_text("1")
@@ -84,7 +84,7 @@ def test_git_info_commit_and_dirty_flag(tmp_path):
     subprocess.run(git + ["commit", "-qm", "x"], check=True)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout
     info = git_info(tmp_path)
-    assert info == {"git_commit": head.strip(), "git_dirty": "false"}
+    assert info == {"git_commit": head.strip(), "git_dirty": "false", "git_dirty_files": ""}
     (tmp_path / "untracked.db").write_text("outputs do not make a run dirty")
     assert git_info(tmp_path)["git_dirty"] == "false"
     (tmp_path / "a.txt").write_text("2")

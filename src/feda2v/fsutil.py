@@ -113,4 +113,6 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     """:func:`atomic_write_bytes` of ``text`` as UTF-8."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a path the OS gave as undecodable bytes (argv, listdir) is written back as
+    # those same bytes, not refused
+    return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))

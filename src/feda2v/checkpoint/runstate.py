@@ -62,15 +62,19 @@ class RunState:
         return self.stores[self.primary_store]
 
 
-def library_versions() -> dict[str, str]:
-    """The library versions recorded in every checkpoint (one source: installed metadata)."""
+def library_versions() -> dict:
+    """The library versions recorded in every checkpoint (one source: installed metadata), and
+    ``cpu``: the CPU code paths torch, numpy and OpenBLAS computed with (numerics.numeric_facts;
+    the same on every machine where the pins hold, so the bytes stay machine-independent)."""
     import numpy
     import safetensors
 
     import feda2v
+    from feda2v.numerics import numeric_facts
 
     return {"feda2v": feda2v.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+            "safetensors": safetensors.__version__, "python": platform.python_version(),
+            "cpu": numeric_facts()}
 
 
 def _drop(tree: dict, dotted: str) -> None:

@@ -234,6 +234,14 @@ def _per_job_outputs(raw):
     return plain
 
 
+def tolerant_output() -> None:
+    """Paths may hold bytes that are not UTF-8 (they reach Python as surrogates): print those as
+    \\xNN escapes instead of failing with UnicodeEncodeError in the middle of a run."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def fail(err: BaseException, code: int = 2) -> None:
     """Print one line and exit; full traceback only with FEDA2V_DEBUG=1."""
     if os.environ.get("FEDA2V_DEBUG") == "1":
@@ -266,6 +274,7 @@ def run_app(task: Callable, config_name: str = "config") -> None:
     from feda2v.config import load_config
     from feda2v.config.validate import translate_legacy_override
 
+    tolerant_output()
     try:
         flags, overrides = _split_argv(sys.argv[1:])
         overrides = prepare_overrides([translate_legacy_override(a) for a in overrides])

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from feda2v.cli._app import fail
+from feda2v.cli._app import fail, tolerant_output
 from feda2v.errors import Feda2vError
 
 
@@ -90,12 +90,17 @@ def _migrate(args: argparse.Namespace) -> int:
     print(f"wrote {out}: keys {h['keys']}, roles {h['roles']}, round {h['round']}")
     for note in done.notes:
         print(f"note: {note}")
-    print(f"resume with (also in {out}{OVERRIDES_SUFFIX}): feda2v-train "
-          + " ".join(shlex.quote(o) for o in [*done.overrides, f"train.resume={out}"]))
+    if done.resumable:
+        print(f"resume with (also in {out}{OVERRIDES_SUFFIX}): feda2v-train "
+              + " ".join(shlex.quote(o) for o in [*done.overrides, f"train.resume={out}"]))
+    else:
+        print("note: to resume training from it, migrate with --prepared DIR (the prepared data the run "
+              "continues on: a resume checks its manifest)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
+    tolerant_output()
     parser = _parser()
     # argparse stops filling a positional list at the first flag; words after it come back as
     # extras, so overrides and files may sit anywhere around the migrate flags.

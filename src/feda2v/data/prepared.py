@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from feda2v.fsutil import fsync_dir, writing
+from feda2v.progress import Steps
 from feda2v.data.conditions import make_conditions
 from feda2v.data.partition import make_partition, train_test_split
 from feda2v.data.sources import load_source
@@ -109,8 +110,15 @@ def prepare(cfg, report: dict | None = None) -> Path:
               for i, idx in enumerate(part.nodes)]
 
     skew_nodes = int(d.instruments.feature_skew_nodes) if source.variants > 1 else 0
-    feats = source.features(0, sel)
-    skew_feats = source.features(1, sel) if skew_nodes else None
+    # The slow steps: rendering each class (per library used) and embedding the class texts.
+    total = len(classes) * (2 if skew_nodes else 1) * source.reports_classes + (d.condition == "text")
+    with Steps(d.progress, total, "prepare") as progress:
+        source.on_class = lambda name, cached: progress.step(f"{'cached' if cached else 'rendered'} {name}")
+        feats = source.features(0, sel)
+        skew_feats = source.features(1, sel) if skew_nodes else None
+        conditions, cond_info = make_conditions(d.condition, source.descriptions, Path(d.instruments.cache_dir))
+        if d.condition == "text":
+            progress.step("embedded the class descriptions")
     if feats.shape != (len(sel), source.feature_dim) or not np.isfinite(feats).all():
         raise DataError(f"{source.name}: features came out malformed or non-finite; clear {d.instruments.cache_dir}")
 
@@ -126,8 +134,6 @@ def prepare(cfg, report: dict | None = None) -> Path:
 
     def z(x: np.ndarray) -> np.ndarray:
         return ((x - mean) / std).astype(np.float32)
-
-    conditions, cond_info = make_conditions(d.condition, source.descriptions, Path(d.instruments.cache_dir))
 
     blobs: dict[str, bytes] = {CONDITIONS: _safetensors_bytes({"conditions": conditions})}
     counts = {"train": [], "test": []}

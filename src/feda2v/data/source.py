@@ -3,7 +3,7 @@ name, and each source module can both import it without importing each other).""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -19,3 +19,7 @@ class Source:
     feature_dim: int
     info: dict = field(default_factory=dict)  # JSON-able provenance for the manifest
     variants: int = 1  # how many feature variants exist (2 when a feature skew is available)
+    # Progress hook, set by prepare: a source whose features() works class by class (rendering)
+    # calls it once per class and variant with (class name, came from cache).
+    on_class: Optional[Callable[[str, bool], None]] = None
+    reports_classes: bool = False  # whether features() calls on_class

@@ -20,9 +20,12 @@ import torch
 
 from feda2v.errors import CheckpointError, DataError, Feda2vError, TrackingError
 from feda2v.evaluate import metrics as M
+from feda2v.progress import Steps
 from feda2v.fsutil import atomic_write_text
 from feda2v.seeding import numpy_generator, torch_generator
 
+# Progress steps of one evaluation: compute_metrics' five, then plot data and figures.
+EVALUATE_STEPS = 7
 # Pairwise metrics are O(n²) in memory; overall sets larger than this are subsampled (seeded).
 MAX_PAIRWISE = 2000
 
@@ -99,19 +102,24 @@ def reconstruction_errors(store, x: torch.Tensor, y: torch.Tensor, classes: list
         if not (hasattr(module, "encode") and hasattr(module, "decode")):
             return None
         rows = y == c
-        xc = x[rows]
-        cond = conditions[c].to(xc.dtype).expand(len(xc), -1) if getattr(module, "conditional", False) else None
+        p = next(module.parameters(), None)  # on train.device; the metrics are computed on the host
+        device = p.device if p is not None else torch.device("cpu")
+        xc = x[rows].to(device)
+        cond = (conditions[c].to(device, xc.dtype).expand(len(xc), -1)
+                if getattr(module, "conditional", False) else None)
         mu, _ = module.encode(xc, cond)
-        recon[rows] = module.decode(mu, cond)
+        recon[rows] = module.decode(mu, cond).cpu()
     overall, per = M.reconstruction_error(x, recon)
     yy = y.numpy()
     return overall, {classes[c]: float(per[yy == c].mean()) for c in np.unique(yy)}
 
 
 def compute_metrics(
-    store, prepared, *, samples_per_class: int, knn_k: int, seed: int
+    store, prepared, *, samples_per_class: int, knn_k: int, seed: int, progress=None
 ) -> tuple[dict, dict]:
-    """(metrics, extras): metrics is JSON-able numbers only; extras holds arrays for plots."""
+    """(metrics, extras): metrics is JSON-able numbers only; extras holds arrays for plots.
+    ``progress`` (a feda2v.progress.Steps, optional) advances ``metric_steps(C)`` times."""
+    step = progress.step if progress is not None else (lambda what: None)
     classes = list(prepared.classes)
     C = len(classes)
     tr_x, tr_y, te_x, te_y = _real_sets(prepared)
@@ -120,6 +128,7 @@ def compute_metrics(
     sx, sy = sample_synthetic(store, C, samples_per_class, seed)
     if not torch.isfinite(sx).all():
         raise DataError("the generator produced NaN/inf samples; the checkpoint's generator diverged")
+    step("sampled the generator")
 
     sx_np, sy_np = M.as_array(sx), sy.numpy()
     te_np, tey_np = M.as_array(te_x), te_y.numpy()
@@ -144,13 +153,16 @@ def compute_metrics(
             pc["precision"], pc["recall"] = M.knn_precision_recall(a, b, knn_k)
 
     overall: dict[str, float] = {}
+    step("per-class distances")
     overall["frechet"] = M.frechet_distance(rx, sx_np)
     i_r = _subsample(len(rx), MAX_PAIRWISE, seed, "evaluate/pairwise/real")
     i_s = _subsample(len(sx_np), MAX_PAIRWISE, seed, "evaluate/pairwise/synthetic")
     overall["mmd"] = M.mmd_rbf(rx[i_r], sx_np[i_s])
     overall["precision"], overall["recall"] = M.knn_precision_recall(rx[i_r], sx_np[i_s], knn_k)
 
+    step("overall distances")
     tstr, trtr = M.tstr_trtr(sx_np, sy_np, tr_x, tr_y, te_np, tey_np, seed=seed)
+    step("TSTR and TRTR classifiers")
     overall["tstr_acc"], overall["trtr_acc"] = tstr.overall, trtr.overall
     overall["tstr_balanced_acc"], overall["trtr_balanced_acc"] = tstr.balanced, trtr.balanced
     overall["tstr_trtr_ratio"] = tstr.balanced / trtr.balanced if trtr.balanced > 0 else float("nan")
@@ -160,6 +172,7 @@ def compute_metrics(
             per_class[name]["trtr_acc"] = trtr.per_class[c]
 
     rec = reconstruction_errors(store, te_x.float(), te_y, classes, prepared.conditions)
+    step("reconstruction error")
     if rec is not None:
         overall["recon_mse"] = rec[0]
         for name, v in rec[1].items():
@@ -259,7 +272,14 @@ def evaluate(cfg) -> dict:
 
     ev = cfg.evaluate  # its ranges were checked by load_config
     ckpt = Path(ev.checkpoint)
+    from feda2v.store import GeneratorStore
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    device = resolve_device(cfg.train.device)  # checked before the checkpoint is read
+    configure_determinism(device)
     store, header, store_name = load_trained_store(ckpt)
+    if isinstance(store, GeneratorStore):  # (tests evaluate stand-in stores too)
+        store.to(device)  # sampling and reconstruction run there; checkpoints hold CPU tensors
     prepared = load_prepared(cfg.data.prepared_dir)
     want = header.get("data_manifest_hash")
     if want != prepared.manifest_hash:
@@ -275,29 +295,37 @@ def evaluate(cfg) -> dict:
             f"{list(prepared.classes)[:3]}…; re-run feda2v-prepare with the training's data settings"
         )
 
+    if cfg.train.threads > 0:  # as in training: intra-op splits follow the thread count
+        torch.set_num_threads(cfg.train.threads)
     seed = int(derive_eval_seed(cfg))
-    metrics, extras = compute_metrics(
-        store, prepared, samples_per_class=int(ev.samples_per_class), knn_k=int(ev.knn_k), seed=seed
-    )
-    # Training's reports are read (and checked) before anything is written, so a bad file costs
-    # nothing already on disk.
-    train_reports = Path(cfg.train.reports_dir)
-    downstream = _read_downstream(train_reports)
-    losses_csv = train_reports / "losses.csv"
-    losses = plots.read_losses(losses_csv) if losses_csv.is_file() else None
-    if downstream is not None:
-        metrics["downstream"] = _downstream_metrics(downstream)
-    metrics["round"] = int(header.get("round", 0))
+    progress = Steps(ev.progress, EVALUATE_STEPS, "evaluate")
+    try:
+        metrics, extras = compute_metrics(
+            store, prepared, samples_per_class=int(ev.samples_per_class), knn_k=int(ev.knn_k), seed=seed,
+            progress=progress)
+        # Training's reports are read (and checked) before anything is written, so a bad file costs
+        # nothing already on disk.
+        train_reports = Path(cfg.train.reports_dir)
+        downstream = _read_downstream(train_reports)
+        losses_csv = train_reports / "losses.csv"
+        losses = plots.read_losses(losses_csv) if losses_csv.is_file() else None
+        if downstream is not None:
+            metrics["downstream"] = _downstream_metrics(downstream)
+        metrics["round"] = int(header.get("round", 0))
 
-    out = Path(ev.reports_dir)
-    outputs: dict[str, Path] = {}
-    notes: list[str] = []
-    if losses is None:
-        notes.append(f"{losses_csv} not found (written by feda2v-train); no loss curves")
-    elif not losses:
-        notes.append(f"{losses_csv} has no rows; no loss curves")
-    outputs.update(plots.write_plot_csvs(out / "plots", metrics, extras, losses))
-    outputs.update(plots.write_figures(out / "figures", metrics, extras, losses))
+        out = Path(ev.reports_dir)
+        outputs: dict[str, Path] = {}
+        notes: list[str] = []
+        if losses is None:
+            notes.append(f"{losses_csv} not found (written by feda2v-train); no loss curves")
+        elif not losses:
+            notes.append(f"{losses_csv} has no rows; no loss curves")
+        outputs.update(plots.write_plot_csvs(out / "plots", metrics, extras, losses))
+        progress.step("plot data")
+        outputs.update(plots.write_figures(out / "figures", metrics, extras, losses))
+        progress.step("figures")
+    finally:
+        progress.close()
     info = {
         "checkpoint": str(ckpt),
         "store": store_name,
@@ -310,9 +338,12 @@ def evaluate(cfg) -> dict:
         "seed": int(ev.seed),
         "stream_seed": seed,
     }
-    metrics_path = out / "metrics.json"
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
-    outputs["metrics"] = metrics_path
+    # metrics.json: the headline numbers, flat (DVC metrics: `dvc metrics show` fits 120 columns);
+    # evaluation.json: everything (overall, per class, downstream per node), a plain output.
+    metrics_path, full_path = out / "metrics.json", out / "evaluation.json"
+    atomic_write_text(metrics_path, json.dumps(dvc_metrics(metrics), indent=2) + "\n")
+    atomic_write_text(full_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    outputs["metrics"], outputs["evaluation"] = metrics_path, full_path
 
     report_path = out / "report.md"
     outputs["report"] = report_path
@@ -320,9 +351,20 @@ def evaluate(cfg) -> dict:
     flat = flatten({k: v for k, v in metrics.items() if k != "round"})
     run_id = header.get("mlflow_run_id") or (header.get("provenance") or {}).get("mlflow_run_id")
     _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes)
-    # the copy on disk also says what happened with MLflow
-    atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
+    # The copy on disk also says what happened with MLflow, but not the run id: report.md is a DVC
+    # output, and two identical runs must write the same bytes (the returned notes keep the id).
+    shown = [n.replace(f"run {run_id}", "the checkpoint's MLflow run") for n in notes] if run_id else notes
+    atomic_write_text(report_path, report.render(metrics, info, outputs, out, shown))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
+
+
+# The evaluation's DVC metrics (the rest is in evaluation.json); accuracies in full mode are the
+# training's (train_metrics.json).
+DVC_METRICS = ("tstr_acc", "trtr_acc", "frechet", "mmd", "precision", "recall")
+
+
+def dvc_metrics(metrics: dict) -> dict:
+    return {k: metrics["overall"][k] for k in DVC_METRICS if k in metrics["overall"]}
 
 
 def derive_eval_seed(cfg) -> int:

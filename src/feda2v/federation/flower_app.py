@@ -385,7 +385,7 @@ class GridRounds:
             return None
         if plan["kind"] == "classifier":
             fed = self.fed.cfg.federation
-            blob = checkpoint_bytes(plan["start"], {"kind": CLASSIFIER_KIND, "round": plan["round"],
+            blob = checkpoint_bytes({k: v.detach().cpu() for k, v in plan["start"].items()}, {"kind": CLASSIFIER_KIND, "round": plan["round"],
                                                     "node": plan["name"],
                                                     "kwargs": dict(self.fed.classifier.kwargs)})
             task = dict(make_task(self.fed, plan["nd"].node_id, plan["round"], ""), lr=float(fed.classifier_lr),

@@ -55,12 +55,17 @@ def train_generators(store, data, *, classes: list[str], seed: int, round_: int,
     noise = torch_generator(seed, "noise", round_, name)
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     n_steps: dict[str, int] = defaultdict(int)
+    # The features go to the store's device once per visit; the labels stay on the host, where the
+    # store lays each batch out (see GeneratorStore._check_batch). Shuffles are drawn on the host.
+    x = x.to(store.device)
     for epoch in range(local_epochs):
         order = torch.randperm(len(y), generator=torch_generator(seed, "shuffle", round_, name, epoch))
+        order_dev = order.to(store.device)
         for start in range(0, len(y), batch_size):
             idx = order[start:start + batch_size]
             t0 = time.perf_counter()
-            losses = store.train_batch(x[idx], y[idx], gen=noise, node=name, round=round_)
+            losses = store.train_batch(x[order_dev[start:start + batch_size]], y[idx], gen=noise, node=name,
+                                       round=round_)
             result.train_seconds += time.perf_counter() - t0
             result.steps += 1
             for key, metrics in losses.items():
@@ -75,22 +80,25 @@ def train_generators(store, data, *, classes: list[str], seed: int, round_: int,
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epochs: int,
                      batch_size: int, gen: torch.Generator) -> float:
-    """Plain supervised training (full mode); returns the mean loss of the last epoch."""
+    """Plain supervised training (full mode) on the model's device (the data goes there once);
+    returns the mean loss of the last epoch."""
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     last = 0.0
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
-        total, batches = 0.0, 0
+        order = torch.randperm(len(y), generator=gen).to(device)
+        total, batches = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device
         for start in range(0, len(y), batch_size):
             idx = order[start:start + batch_size]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
-            total += float(loss.detach())
+            total += loss.detach().double()
             batches += 1
-        last = total / max(batches, 1)
+        last = float(total) / max(batches, 1)
     return last
 
 
@@ -98,4 +106,5 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     if len(y) == 0:
         return float("nan")
-    return float((model(x).argmax(dim=1) == y).float().mean())
+    device = next(model.parameters()).device
+    return float((model(x.to(device)).argmax(dim=1) == y.to(device)).float().mean())

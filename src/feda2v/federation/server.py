@@ -20,6 +20,7 @@ from feda2v.federation.sharing import sharing_mode
 from feda2v.models.classifier import Classifier
 from feda2v.seeding import numpy_generator, torch_generator
 from feda2v.store import GeneratorStore, StoreSpec
+from feda2v.store.device import resolve_device
 
 
 @dataclass
@@ -43,16 +44,19 @@ class Federation:
             raise ConfigError(f"federation.mode=full needs sharing=shared or fedavg: with "
                               f"sharing={self.sharing.name} no server-side generator exists to distil from")
         self.cfg, self.data = cfg, data
+        self.device = resolve_device(cfg.train.device)  # node data stays on the host; visits move it
         self.classes = list(data.classes)
         self.spec = StoreSpec.from_config(cfg, classes=self.classes, feature_dim=data.feature_dim,
                                           condition_dim=data.condition_dim)
         names = [node_name(n.node_id) for n in data.nodes]
         self.stores: dict[str, GeneratorStore] = {
-            name: GeneratorStore(self.spec, data.conditions) for name in self.sharing.store_names(names)}
+            name: GeneratorStore(self.spec, data.conditions, device=self.device)
+            for name in self.sharing.store_names(names)}
         self.classifier = None
         if fed.mode == "full":
             self.classifier = Classifier(data.feature_dim, len(self.classes), fed.classifier_hidden)
             self.classifier.init_seeded(cfg.seed, "classifier")
+            self.classifier.to(self.device)
         self.round = 0  # rounds completed
         self.missing: dict[int, list[str]] = {}  # round -> participants lost in it (engine failure policy)
 

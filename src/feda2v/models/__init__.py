@@ -8,6 +8,7 @@ from feda2v.models.generators import (
     VAE,
     GANDiscriminator,
     GANGenerator,
+    ProjectionDiscriminator,
     build_model,
     constructor_args,
 )
@@ -22,7 +23,8 @@ from feda2v.models.losses import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "constructor_args", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator", "build_model",
+    "ARCHITECTURES", "Architecture", "constructor_args", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator",
+    "ProjectionDiscriminator", "build_model",
     "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
     "vae_kl_per_sample", "vae_recon_per_sample", "PUBLISHED_ARCHITECTURES",
 ]

@@ -1,7 +1,8 @@
 """Generator architectures: VAE, conditioned VAE, and a conditional GAN (generator + discriminator).
 
 Each model is a plain ``nn.Module`` of ``nn.Sequential`` MLPs, so parameter names are stable
-(``encoder.0.weight``, ``net.4.bias``): checkpoints and the legacy migration map them by name.
+(``encoder.0.weight``, ``net.4.bias``): checkpoints map them by name. (The published FedA2V
+architectures, for migrated runs, are in ``published.py``.)
 Besides the usual ``forward``, each model offers ``*_stacked`` methods that evaluate K models of
 the same architecture at once from stacked parameters (see ``functional.py``); the module they are
 called on only supplies the structure, never its own parameter values.
@@ -150,8 +151,38 @@ class GANDiscriminator(Architecture):
         return stacked_sequential(self.net, "net", params, torch.cat([x, cond], dim=-1)).squeeze(-1)
 
 
+class ProjectionDiscriminator(Architecture):
+    """D(x, c) = psi(phi(x)) + <embed(c), phi(x)>: a projection discriminator (Miyato & Koyama, 2018).
+
+    The condition enters as an inner product with the features phi(x) instead of being
+    concatenated to the input, so D must judge "is x a real sample *of this class*" rather than
+    only "is x real": the conditional part of the density ratio is modelled explicitly, which
+    keeps a conditional generator from collapsing onto the easiest classes. The condition is the
+    class's embedding vector (a linear map of it plays the role of the class embedding table).
+    """
+
+    def __init__(self, feature_dim: int, condition_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
+        super().__init__()
+        self.feature_dim, self.condition_dim, self.hidden_dim = feature_dim, condition_dim, hidden_dim
+        d, c, h = feature_dim, condition_dim, hidden_dim
+        self.net = nn.Sequential(linear(d, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2))
+        self.out = nn.Sequential(linear(h, 1))
+        self.embed = nn.Sequential(linear(c, h))
+        init_parameters(self, gen or _default_gen())
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        phi = self.net(x)
+        return self.out(phi).squeeze(-1) + (self.embed(cond) * phi).sum(-1)
+
+    def forward_stacked(self, params: Mapping[str, Tensor], x: Tensor, cond: Tensor, *,
+                        gen: torch.Generator | None = None) -> Tensor:
+        phi = stacked_sequential(self.net, "net", params, x)
+        proj = (stacked_sequential(self.embed, "embed", params, cond) * phi).sum(-1)
+        return stacked_sequential(self.out, "out", params, phi).squeeze(-1) + proj
+
+
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.__name__: cls for cls in (VAE, CVAE, GANGenerator, GANDiscriminator)
+    cls.__name__: cls for cls in (VAE, CVAE, GANGenerator, GANDiscriminator, ProjectionDiscriminator)
 }
 
 

@@ -30,3 +30,27 @@ def vae_kl_per_sample(mu: Tensor, logvar: Tensor) -> Tensor:
 def bce_logits_per_sample(logits: Tensor, target: float) -> Tensor:
     """Binary cross-entropy with logits against a constant target (1 = real, 0 = fake)."""
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none")
+
+
+# GAN objectives, per sample (logits are D's raw outputs). "nonsaturating" is the original GAN's
+# discriminator loss with the generator maximising log D(G(z)) instead of minimising
+# log(1 - D(G(z))) (Goodfellow et al., 2014), whose gradient does not vanish while D rejects the
+# fakes; "hinge" is the margin form used with projection discriminators (Miyato et al., 2018).
+GAN_LOSSES = ("nonsaturating", "hinge")
+
+
+def gan_d_loss_per_sample(real_logit: Tensor, fake_logit: Tensor, loss: str) -> Tensor:
+    if loss == "hinge":
+        return F.relu(1.0 - real_logit) + F.relu(1.0 + fake_logit)
+    return F.softplus(-real_logit) + F.softplus(fake_logit)  # -log sigmoid(real) - log(1 - sigmoid(fake))
+
+
+def gan_g_loss_per_sample(fake_logit: Tensor, loss: str) -> Tensor:
+    if loss == "hinge":
+        return -fake_logit
+    return F.softplus(-fake_logit)  # -log sigmoid(fake)
+
+
+def r1_per_sample(grad_real: Tensor) -> Tensor:
+    """||grad_x D(x)||^2 at real samples (Mescheder et al., 2018); the caller weights it gamma/2."""
+    return grad_real.pow(2).sum(-1)

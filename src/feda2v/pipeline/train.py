@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import random
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from feda2v.config import to_plain
-from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, writing
+from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, remove_quietly, writing
 
 def run_params(cfg) -> dict:
     """The run's MLflow params: the resolved config, minus where it was resumed from."""
@@ -25,53 +26,62 @@ def run_params(cfg) -> dict:
 
 def provenance(cfg, tracker) -> dict:
     """Who wrote a checkpoint (kept in the sidecar beside it, never in its bytes)."""
-    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node()}
+    from feda2v.numerics import host_cpu
+
+    return {"mlflow_run_id": tracker.run_id, "engine": cfg.federation.engine, "host": platform.node(),
+            "host_cpu": host_cpu()}
 
 
 class LossLog:
-    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots)."""
+    """reports/train/losses.csv (round,node,key,metric,value) and round_losses.csv (DVC plots).
+
+    Rows are kept in memory and each file is replaced atomically by ``commit()``, called right after
+    a checkpoint is saved: the reports on disk always describe a saved state, a failed run leaves
+    the previous reports whole, and a resumed run continues from rows it can verify.
+    """
+
+    FILES = {"losses.csv": ["round", "node", "key", "metric", "value"],
+             "round_losses.csv": ["round", "key", "metric", "value"]}
 
     def __init__(self, reports_dir: Path, keep_before_round: int):
         self.dir = ensure_dir(reports_dir)
-        self.detail = self._open("losses.csv", ["round", "node", "key", "metric", "value"], keep_before_round)
-        self.rounds = self._open("round_losses.csv", ["round", "key", "metric", "value"], keep_before_round)
-
-    def _open(self, name: str, header: list, keep_before_round: int):
-        path = self.dir / name
-        kept = verified_rows(path, header, keep_before_round) if keep_before_round > 1 else []
-        # The rows kept are rewritten atomically (a failure leaves the old file), then appended to.
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=header)
-        w.writeheader()
-        w.writerows(kept)
-        atomic_write_text(path, buf.getvalue())
-        with writing(path):
-            f = path.open("a", newline="")
-        return f, csv.DictWriter(f, fieldnames=header)
+        probe_writable(self.dir)  # fail before training, not after the first checkpoint
+        self.rows = {name: verified_rows(self.dir / name, header, keep_before_round) if keep_before_round > 1
+                     else [] for name, header in self.FILES.items()}
 
     def add(self, result) -> None:
-        with writing(self.dir, "write the loss reports in"):
-            self._add(result)
-
-    def _add(self, result) -> None:
-        _, w = self.detail
+        detail, rounds = self.rows["losses.csv"], self.rows["round_losses.csv"]
         for nr in result.nodes:
             for key, ms in nr.losses.items():
                 for m, v in ms.items():
-                    w.writerow({"round": result.round, "node": nr.node, "key": key, "metric": m,
-                                "value": f"{v:.9g}"})
-        _, w = self.rounds
+                    detail.append({"round": result.round, "node": nr.node, "key": key, "metric": m,
+                                   "value": f"{v:.9g}"})
         for name, v in result.metrics.items():
             if name.startswith("gen/"):
                 _, metric, key = name.split("/", 2)
-                w.writerow({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
-        for f, _ in (self.detail, self.rounds):
-            f.flush()
+                rounds.append({"round": result.round, "key": key, "metric": metric, "value": f"{v:.9g}"})
 
-    def close(self) -> None:
-        with writing(self.dir, "write the loss reports in"):
-            for f, _ in (self.detail, self.rounds):
-                f.close()
+    def commit(self) -> None:
+        for name, header in self.FILES.items():
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=header)  # \r\n rows, as csv writes them by default
+            w.writeheader()
+            w.writerows(self.rows[name])
+            atomic_write_text(self.dir / name, buf.getvalue())
+
+
+def probe_writable(directory: Path) -> None:
+    """Raise OutputError unless ``directory`` takes a small file (read-only, disk full)."""
+    import tempfile
+
+    with writing(directory):
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            remove_quietly(tmp)
 
 
 def verified_rows(path: Path, header: list, before_round: int) -> list[dict]:
@@ -142,6 +152,33 @@ class Progress:
             self.bar.close()
 
 
+# Wall-clock figures: MLflow and train.timing_path (untracked) only, never a DVC output, so two
+# identical runs write identical outputs (and dvc.lock).
+TIMING = ("round_seconds", "train_step_seconds", "engine_overhead_share", "train_wall_seconds")
+MAIN_LOSSES = ("loss", "g_loss", "d_loss")
+
+
+def split_summary(summary: dict) -> tuple[dict, dict]:
+    """(train_metrics.json, timing). The DVC metrics are few, so `dvc metrics show` fits 120
+    columns whatever the granularity: the last round's main losses averaged over keys
+    (``gen/loss``, or ``gen/g_loss`` and ``gen/d_loss``; every loss per key is in
+    reports/train/round_losses.csv, a plot, and in MLflow), full mode's accuracies, the resets."""
+    metrics, timing, per_key = {}, {}, {}
+    for name, v in summary.items():
+        if name in TIMING:
+            timing[name] = v
+        elif name.startswith("gen/"):
+            metric = name.split("/")[1]
+            if metric in MAIN_LOSSES:
+                per_key.setdefault(metric, []).append(v)
+        elif name.startswith("acc/"):
+            metrics[name] = v
+    for metric, values in per_key.items():
+        metrics[f"gen/{metric}"] = sum(values) / len(values)
+    metrics["resets"] = summary.get("resets_total", 0)
+    return metrics, timing
+
+
 def seed_globals(seed: int) -> None:
     """Global RNGs are not used for training decisions, but are seeded and checkpointed anyway."""
     random.seed(seed)
@@ -159,6 +196,11 @@ def train(cfg, engine=None) -> dict:
     from feda2v.profiling import StepProfiler
     from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
 
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    # An absent device is one line before anything is read or written; on CUDA the trainer sets
+    # the determinism switches (incl. CUBLAS_WORKSPACE_CONFIG) before the first kernel runs.
+    configure_determinism(resolve_device(cfg.train.device))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
@@ -182,10 +224,10 @@ def train(cfg, engine=None) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     reports = Path(cfg.train.reports_dir)
-    ensure_dir(cfg.profiler.dir)  # a DVC output, empty when profiling is off
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
     summary: dict = {}
+    downstream = None
     status = "FAILED"
     t_train = time.perf_counter()
     try:
@@ -194,19 +236,26 @@ def train(cfg, engine=None) -> dict:
                                      on_node=progress.node_done):
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
-                if result.downstream is not None:
-                    atomic_write_text(reports / "downstream.json", json.dumps(result.downstream, indent=2) + "\n")
+                downstream = result.downstream if result.downstream is not None else downstream
                 if checkpointer.due(result.round, rounds):
                     path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
+                    # reports follow the checkpoint: a failed save leaves the previous ones whole
+                    losses.commit()
+                    if downstream is not None:
+                        atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
                     tracker.log_artifact(str(path), "checkpoints")
                 progress.round_done(result)
                 summary = dict(result.metrics)
         summary["rounds"] = rounds
         summary["train_wall_seconds"] = time.perf_counter() - t_train
         summary["resets_total"] = len(federation.stores[federation.primary_store].events)
-        metrics_path = reports.parent / "train_metrics.json"
-        atomic_write_text(metrics_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        metrics, timing = split_summary(summary)
+        metrics_path, timing_path = Path(cfg.train.metrics_path), Path(cfg.train.timing_path)
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(timing_path, json.dumps(timing, indent=2, sort_keys=True) + "\n")
+        tracker.log_metrics({"train_wall_seconds": timing["train_wall_seconds"]}, step=rounds)
         tracker.log_artifact(str(metrics_path))
+        tracker.log_artifact(str(timing_path))
         for p in sorted(reports.glob("*")):
             if p.is_file():
                 tracker.log_artifact(str(p), "reports/train")
@@ -220,5 +269,4 @@ def train(cfg, engine=None) -> dict:
         return summary
     finally:
         progress.close()
-        losses.close()
         tracker.end(status)

@@ -52,7 +52,8 @@ class StepProfiler:
         self.traces: list[Path] = []
         self.summary_path: Path | None = None
         self._prof = None
-        self._ops: dict[str, list[float]] = {}  # name -> [self_cpu_us, cpu_total_us, calls]
+        # name -> [self_cpu_us, cpu_total_us, calls, self_device_us, device_total_us]
+        self._ops: dict[str, list[float]] = {}
         self._cycles = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -113,11 +114,13 @@ class StepProfiler:
         profile only covers its last cycle)."""
         self._cycles += 1
         for e in p.key_averages():
-            acc = self._ops.setdefault(e.key, [0.0, 0.0, 0, 0.0])
+            acc = self._ops.setdefault(e.key, [0.0, 0.0, 0, 0.0, 0.0])
             acc[0] += e.self_cpu_time_total
             acc[1] += e.cpu_time_total
             acc[2] += e.count
             acc[3] += getattr(e, "self_device_time_total", 0.0) or 0.0
+            # a record_function range has no kernels of its own: its CUDA time is its total
+            acc[4] += getattr(e, "device_time_total", 0.0) or 0.0
 
     def _phase_of(self, i: int) -> str:
         from torch.profiler import ProfilerAction
@@ -159,17 +162,18 @@ class StepProfiler:
                       "| operator | calls | self CPU (ms) | self % | total CPU (ms) |"
                       + (" self CUDA (ms) |" if cuda else ""),
                       "|---|---|---|---|---|" + ("---|" if cuda else "")]
-            for name, (self_us, tot_us, n, dev_us) in top:
+            for name, (self_us, tot_us, n, dev_us, _) in top:
                 lines.append(f"| `{name}` | {n} | {self_us / 1e3:.3f} | "
                              f"{100 * self_us / total_self:.1f} | {tot_us / 1e3:.3f} |"
                              + (f" {dev_us / 1e3:.3f} |" if cuda else ""))
             ranges = [r for r in RANGES if r in self._ops]
             if ranges:
-                lines += ["", "## Generator step ranges (total CPU time)", "",
-                          "| range | calls | total CPU (ms) |", "|---|---|---|"]
+                lines += ["", "## Generator step ranges (total CPU time" + (", total CUDA time" if cuda else "")
+                          + ")", "", "| range | calls | total CPU (ms) |" + (" total CUDA (ms) |" if cuda else ""),
+                          "|---|---|---|" + ("---|" if cuda else "")]
                 for r in ranges:
-                    _, tot_us, n, _ = self._ops[r]
-                    lines.append(f"| `{r}` | {n} | {tot_us / 1e3:.3f} |")
+                    _, tot_us, n, _, dev_tot = self._ops[r]
+                    lines.append(f"| `{r}` | {n} | {tot_us / 1e3:.3f} |" + (f" {dev_tot / 1e3:.3f} |" if cuda else ""))
             lines += ["", "## Traces", ""]
             lines += [f"- `{t.name}`" for t in self.traces]
             lines += ["", f"Open with `tensorboard --logdir {c.dir}` (PyTorch Profiler tab) or "

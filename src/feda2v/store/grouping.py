@@ -38,6 +38,15 @@ class Grouping:
         self.mask = torch.zeros(self.k * self.n_max, device=key_idx.device).index_fill_(0, flat_pos, 1.0)
         self.mask = self.mask.view(self.k, self.n_max)
 
+    def to(self, device: torch.device) -> "Grouping":
+        """Move the layout's index tensors (computed on the host from host labels) to ``device``;
+        a copy to the device, never a wait for it."""
+        if self.flat_pos is not None:
+            self.flat_pos = self.flat_pos.to(device, non_blocking=True)
+        self.mask = self.mask.to(device, non_blocking=True)
+        self.counts = self.counts.to(device, non_blocking=True)
+        return self
+
     def pad(self, t: Tensor) -> Tensor:
         """[B, ...] -> [K, n_max, ...] (zeros where a key has fewer samples)."""
         if self.flat_pos is None:

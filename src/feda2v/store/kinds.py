@@ -12,12 +12,16 @@ two equal).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from feda2v.errors import ConfigError
 from feda2v.models import ARCHITECTURES, constructor_args
-from feda2v.store.spec import DEFAULT_ARCH, StoreSpec
 from feda2v.store.steps import DISCRIMINATOR, GENERATOR, gan_step, vae_step
+
+if TYPE_CHECKING:  # spec.py imports this module (type defaults), so only for annotations
+    from feda2v.store.spec import StoreSpec
+
+DEFAULT_ARCH = "default"  # the architecture variant of every kind
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Kind:
     roles: tuple[str, ...]
     step: Callable[..., dict[str, dict[str, float]]]  # (store, grouping, keys, xs, cs, zs, node, round, *, gen)
     archs: Mapping[str, Mapping[str, RoleArch]]  # variant -> role -> architecture
+    # generator.optimizer settings left null in config take these (the type's own defaults)
+    optimizer_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def arch(self, variant: str) -> Mapping[str, RoleArch]:
         try:
@@ -46,16 +52,25 @@ class Kind:
                               f"{self.name}; known: {', '.join(self.archs)}") from None
 
 
+_VAE_OPTIMIZER = {"lr": 1e-3, "betas": (0.9, 0.999)}
+# GAN: beta1 0.5 (Radford et al., 2016, DCGAN) damps the momentum that makes the two players
+# overshoot each other; lr and beta2 measured on the instruments defaults (README, GAN section).
+_GAN_OPTIMIZER = {"lr": 1e-3, "betas": (0.5, 0.99)}
+
 KINDS: dict[str, Kind] = {k.name: k for k in (
     # "fedgfe*": the published FedA2V architectures (models/published.py), for migrated runs
     Kind("vae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("VAE")},
-                                          "fedgfe": {GENERATOR: RoleArch("FedgfeVAE")}}),
+                                          "fedgfe": {GENERATOR: RoleArch("FedgfeVAE")}}, _VAE_OPTIMIZER),
     Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")},
                                            "fedgfe": {GENERATOR: RoleArch("FedgfeCVAE")},
-                                           "fedgfe_multimodal": {GENERATOR: RoleArch("FedgfeMultiModalVAE")}}),
-    Kind("gan", (GENERATOR, DISCRIMINATOR), gan_step,
-         {DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("GANDiscriminator")},
-          "fedgfe": {GENERATOR: RoleArch("FedgfeGANGenerator"), DISCRIMINATOR: RoleArch("FedgfeGANDiscriminator")}}),
+                                           "fedgfe_multimodal": {GENERATOR: RoleArch("FedgfeMultiModalVAE")}},
+         _VAE_OPTIMIZER),
+    Kind("gan", (GENERATOR, DISCRIMINATOR), gan_step, {
+        DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("ProjectionDiscriminator")},
+        # the discriminator this project's GAN stores had before the projection one (still readable)
+        "concat": {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("GANDiscriminator")},
+        "fedgfe": {GENERATOR: RoleArch("FedgfeGANGenerator"), DISCRIMINATOR: RoleArch("FedgfeGANDiscriminator")},
+    }, _GAN_OPTIMIZER),
 )}
 
 TYPES: tuple[str, ...] = tuple(KINDS)

@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from feda2v.errors import CheckpointError, ConfigError
-
-DEFAULT_ARCH = "default"  # the architecture variant of every kind (see store/kinds.py)
+from feda2v.store.kinds import DEFAULT_ARCH, kind  # the kinds table (type defaults); DEFAULT_ARCH re-exported
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,32 @@ def _ordered_groups(groups: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((str(g), tuple(str(c) for c in cs)) for g, cs in items)
 
 
+GAN_SCHEDULES = ("alternating", "simultaneous")
+GAN_LOSSES = ("nonsaturating", "hinge")
+
+
+@dataclass(frozen=True)
+class GanSpec:
+    """The GAN's training schedule and objective (generator.gan in config; see store/steps.py)."""
+
+    schedule: str = "alternating"  # D step(s), then G step(s) against the updated D | simultaneous
+    d_steps: int = 1  # discriminator updates per batch (alternating)
+    g_steps: int = 1  # generator updates per batch (alternating)
+    loss: str = "nonsaturating"  # nonsaturating | hinge
+    r1_gamma: float = 1.0  # weight gamma of the R1 penalty gamma/2 * ||grad_x D(x_real)||^2 (0 = off)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "r1_gamma", float(self.r1_gamma))
+        if self.schedule not in GAN_SCHEDULES:
+            raise ConfigError(f"generator.gan.schedule: {self.schedule!r} is not one of {', '.join(GAN_SCHEDULES)}")
+        if self.loss not in GAN_LOSSES:
+            raise ConfigError(f"generator.gan.loss: {self.loss!r} is not one of {', '.join(GAN_LOSSES)}")
+        if int(self.d_steps) < 1 or int(self.g_steps) < 1:
+            raise ConfigError("generator.gan.d_steps and generator.gan.g_steps must be >= 1")
+        if not self.r1_gamma >= 0:
+            raise ConfigError(f"generator.gan.r1_gamma must be >= 0, got {self.r1_gamma}")
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     type: str
@@ -55,12 +80,15 @@ class StoreSpec:
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
     fusion_dim: int = 512  # the published multimodal VAE's condition projection (arch fedgfe_multimodal)
+    gan: GanSpec = field(default_factory=GanSpec)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         object.__setattr__(self, "class_groups", _ordered_groups(self.class_groups))
         if isinstance(self.optimizer, Mapping):
             object.__setattr__(self, "optimizer", OptimizerSpec(**dict(self.optimizer)))
+        if isinstance(self.gan, Mapping):
+            object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
         # What the prepared data decides (no config check has seen it):
         if not self.classes:
             raise ConfigError("the generator store needs at least one class")
@@ -79,6 +107,9 @@ class StoreSpec:
     def from_config(cls, cfg: Any, *, classes: Sequence[str], feature_dim: int, condition_dim: int) -> "StoreSpec":
         g = cfg.generator
         o = g.optimizer
+        type_defaults = kind(str(g.type)).optimizer_defaults
+        lr = type_defaults["lr"] if o.lr is None else o.lr
+        betas = type_defaults["betas"] if o.betas is None else o.betas
         return cls(
             type=str(g.type), arch=str(g.arch), granularity=str(g.granularity), classes=tuple(classes),
             feature_dim=int(feature_dim), condition_dim=int(condition_dim),
@@ -86,9 +117,11 @@ class StoreSpec:
             class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
-            optimizer=OptimizerSpec(name=str(o.name), lr=float(o.lr), betas=tuple(o.betas),
+            optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
+            gan=GanSpec(schedule=str(g.gan.schedule), d_steps=int(g.gan.d_steps), g_steps=int(g.gan.g_steps),
+                        loss=str(g.gan.loss), r1_gamma=float(g.gan.r1_gamma)),
         )
 
     def to_json(self) -> dict:
@@ -104,6 +137,10 @@ class StoreSpec:
         object, whose order the sorted header lost: ``key_order``, the store's recorded key list,
         restores it)."""
         d = dict(d)
+        if "gan" not in d:  # before the GAN schedule was configurable: simultaneous, no R1, concat D
+            d["gan"] = {"schedule": "simultaneous", "r1_gamma": 0.0}
+            if d.get("type") == "gan":
+                d.setdefault("arch", "concat")
         d.setdefault("arch", DEFAULT_ARCH)
         d.setdefault("fusion_dim", StoreSpec.fusion_dim)
         expected = set(cls.__dataclass_fields__)

@@ -96,7 +96,7 @@ def _trained_from_meta(tc: Mapping[str, Any], keys: Sequence[str]) -> tuple[dict
 
 
 class GeneratorStore:
-    def __init__(self, spec: StoreSpec, conditions: Tensor):
+    def __init__(self, spec: StoreSpec, conditions: Tensor, *, device: str | torch.device | None = None):
         self.spec = spec
         conditions = torch.as_tensor(conditions)
         want = (len(spec.classes), spec.condition_dim)
@@ -106,6 +106,8 @@ class GeneratorStore:
         self._key_of_class = self._resolve_keys(spec)
         self.keys: list[str] = self._ordered_keys(spec)
         index = {k: i for i, k in enumerate(self.keys)}
+        # On the host, always: a batch's layout (which keys, how many samples each) decides tensor
+        # shapes, so it is computed from host labels and only its index tensors go to the device.
         self._class_key_idx = torch.tensor([index[self._key_of_class[c]] for c in spec.classes], dtype=torch.long)
         self._kind = kinds.kind(spec.type)
         self._kind.arch(spec.arch)  # an unknown variant is refused before anything is built
@@ -132,6 +134,8 @@ class GeneratorStore:
         self._banks: dict[str, dict[str, Tensor]] = {}
         for role in self.roles:
             self._rebank(role)
+        if device is not None:  # built (and seeded) on the CPU, then moved: same values anywhere
+            self.to(device)
 
     # -- keys ----------------------------------------------------------------------------------
     @staticmethod
@@ -264,7 +268,7 @@ class GeneratorStore:
         if len(keys) == len(self.keys):
             out = {n: b.detach() for n, b in bank.items()}
         else:
-            idx = torch.tensor([self.keys.index(k) for k in keys], device=self._device)
+            idx = torch.tensor([self.keys.index(k) for k in keys]).to(self._device, non_blocking=True)
             out = {n: b.index_select(0, idx) for n, b in bank.items()}
         if grad:
             for t in out.values():
@@ -272,20 +276,25 @@ class GeneratorStore:
         return out
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(x on the store's device, y as host long indices). Labels belong on the host (the node
+        keeps them there): checking their range and laying the batch out then needs no device sync;
+        labels given on a device are copied back (one sync)."""
         if x.dim() != 2 or x.shape[1] != self.spec.feature_dim:
             raise DataError(f"generator batch x must be [n, {self.spec.feature_dim}], got {list(x.shape)}")
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise DataError(f"generator batch y must be [{x.shape[0]}] class indices, got {list(y.shape)}")
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise DataError(f"generator batch y must hold integer class indices, got {y.dtype}")
-        y = y.to(self._device, torch.long)
+        y = y.to("cpu", torch.long)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(self.spec.classes)):
             raise DataError(f"class index out of range [0, {len(self.spec.classes)}) in generator batch")
         return x.to(self._device, torch.float32), y
 
     def _noise(self, n: int, gen: torch.Generator) -> Tensor:
         # Drawn on the generator's device in batch order, so noise follows samples, not layout.
-        return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device)
+        # (non_blocking: a copy to the device must not wait for the device)
+        return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device,
+                                                                                          non_blocking=True)
 
     def train_batch(self, x: Tensor, y: Tensor, *, gen: torch.Generator, node: str, round: int
                     ) -> dict[str, dict[str, float]]:
@@ -294,10 +303,11 @@ class GeneratorStore:
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
                 return {}
-            grp = Grouping(self._class_key_idx[y], len(self.keys))
+            grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
-            xs, cs, zs = grp.pad(x), grp.pad(self._conditions[y]), grp.pad(noise)
+            cond = self._conditions[y.to(self._device, non_blocking=True)]
+            xs, cs, zs = grp.pad(x), grp.pad(cond), grp.pad(noise)
             return self._kind.step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
 
     # -- sampling ------------------------------------------------------------------------------
@@ -307,14 +317,14 @@ class GeneratorStore:
         class_idx = torch.as_tensor(class_idx)
         if class_idx.dim() != 1:
             raise DataError(f"class_idx must be a 1-D tensor of class indices, got shape {list(class_idx.shape)}")
-        y = class_idx.to(self._device, torch.long)
+        y = class_idx.to("cpu", torch.long)
         if y.numel() == 0:
             return torch.empty(0, self.spec.feature_dim, device=self._device)
         if int(y.min()) < 0 or int(y.max()) >= len(self.spec.classes):
             raise DataError(f"class index out of range [0, {len(self.spec.classes)}) in sample()")
-        grp = Grouping(self._class_key_idx[y], len(self.keys))
+        grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
         keys = [self.keys[i] for i in grp.active]
-        zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y])
+        zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y.to(self._device)])
         params = self._stacked(keys, GENERATOR, grad=False)
         out = self._modules[keys[0], GENERATOR].decode_stacked(params, zs, cs)
         return grp.unpad(out)
@@ -486,13 +496,15 @@ class GeneratorStore:
         self._reset_counts = {k: int(meta["reset_counts"][k]) for k in self.keys}
 
     @classmethod
-    def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> "GeneratorStore":
-        """Rebuild a store from ``state_dict()`` output (architecture and spec come from meta)."""
+    def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any], *,
+                   device: str | torch.device | None = None) -> "GeneratorStore":
+        """Rebuild a store from ``state_dict()`` output (architecture and spec come from meta), on
+        ``device`` (default CPU) whatever device wrote it: state tensors are always CPU tensors."""
         if "spec" not in meta:
             raise CheckpointError("store state: meta is missing 'spec'")
         if "conditions" not in tensors:
             raise CheckpointError("store state is missing tensor 'conditions'")
-        store = cls(StoreSpec.from_json(meta["spec"], key_order=meta.get("keys")), tensors["conditions"])
+        store = cls(StoreSpec.from_json(meta["spec"], key_order=meta.get("keys")), tensors["conditions"], device=device)
         store.load_state_dict(tensors, meta)
         return store
 
@@ -527,6 +539,5 @@ class GeneratorStore:
                     if f in st:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
-        self._class_key_idx = self._class_key_idx.to(device)
         self._device = device
         return self

@@ -348,8 +348,11 @@ class MlflowTracker(Tracker):
             self._call(f"logging artifact {p.name}", self.client.log_artifact,
                        self._run_id, str(p), artifact_path)
             return
+        # staging copies into TMPDIR, which can be full or read-only: a tracking failure like any other
+        staged = self._call(f"staging artifact {p.name}", self._stage, p)
+        if staged is None:
+            return
         t0 = time.perf_counter()
-        staged = self._stage(p)
         self._uploads.append((p.name, self._uploader().submit(self._upload, staged, artifact_path)))
         self.log_seconds += time.perf_counter() - t0
 

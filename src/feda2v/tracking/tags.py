@@ -46,29 +46,71 @@ def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
     return {k: _param_value(v) for k, v in flatten_dotted(_plain(cfg), prefix).items()}
 
 
+def pipeline_outputs(root: str | Path) -> list[str]:
+    """``dvc.lock`` and every path ``dvc.yaml`` (at the repo root ``root``) declares as a stage's
+    outs, metrics or plots: what a ``dvc repro`` rewrites, so never a reason to call a run dirty."""
+    import yaml
+
+    paths = ["dvc.lock"]
+    try:
+        spec = yaml.safe_load((Path(root) / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return paths
+    for stage in (spec.get("stages") or {}).values():
+        for field in ("outs", "metrics", "plots"):
+            for entry in (stage or {}).get(field) or []:
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                paths.append(str(path).rstrip("/"))
+    return paths
+
+
+def _is_under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r + "/") for r in roots)
+
+
 def git_info(cwd: str | Path | None = None, *, fallback_to_source: bool = False
              ) -> dict[str, str]:
-    """Commit and dirty flag of the repo around ``cwd``; "unknown" outside a git checkout
-    (with ``fallback_to_source``: then the checkout feda2v's own source lives in, if any).
+    """Commit, dirty flag and dirty files of the repo around ``cwd``; "unknown" outside a git
+    checkout (with ``fallback_to_source``: then the checkout feda2v's own source lives in, if any).
 
-    Dirty counts tracked files only: pipeline outputs (data, checkpoints, mlflow.db) are untracked
-    and would otherwise mark every run dirty.
+    Dirty means a tracked file differs from the commit, pipeline outputs aside: ``dvc.lock`` and
+    the outputs ``dvc.yaml`` declares are rewritten by every ``dvc repro`` (prepare rewrites the
+    lock before training starts), and untracked files (data, checkpoints, mlflow.db) are results,
+    not source. ``git_dirty_files`` names the differing files (comma-separated, cut to fit a tag).
     """
     def git(*args: str) -> str | None:
         try:
             r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return r.stdout.strip() if r.returncode == 0 else None
+        return r.stdout if r.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
         if fallback_to_source:
             return git_info(Path(__file__).resolve().parent)
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    dirty = "unknown" if status is None else ("true" if status else "false")
-    return {"git_commit": commit, "git_dirty": dirty}
+        return {"git_commit": "unknown", "git_dirty": "unknown", "git_dirty_files": ""}
+    top = git("rev-parse", "--show-toplevel")
+    status = git("status", "--porcelain=v1", "-z", "--untracked-files=no")
+    if status is None or top is None:
+        return {"git_commit": commit.strip(), "git_dirty": "unknown", "git_dirty_files": ""}
+    outputs = pipeline_outputs(top.strip())
+    files, entries = [], status.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        if entry[0] in "RC":  # a rename's or copy's source path follows as its own entry
+            i += 1
+        path = entry[3:]
+        if not _is_under(path, outputs):
+            files.append(path)
+    files = sorted(set(files))
+    listed = _param_value(",".join(files))
+    return {"git_commit": commit.strip(), "git_dirty": "true" if files else "false",
+            "git_dirty_files": listed}
 
 
 def run_tags(cfg: Mapping | DictConfig, *, stage: str, manifest_hash: str | None = None,

@@ -4,12 +4,14 @@
 2. ``infer_architecture`` (layouts.py): the published layout per role and its sizes;
 3. ``derive_plan``: the config (generator.arch=fedgfe...), the classes, the store key of every
    legacy module, the conditions; every choice the files cannot make is an override or an error;
-4. ``fill_store``: a store built from that config, every (key, role) filled from the files (or
+4. ``map_modules``, ``optimizer_config``, ``build_store``, ``fill_store``: the files' tensors in
+   this project's names, a store built from the config, every (key, role) filled from the files (or
    refused naming what is missing; only a GAN discriminator may start fresh, on request);
 5. ``write_migrated``: the checkpoint, through the run-state module, and the overrides that resume it.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +233,7 @@ def derive_plan(run: LegacyRun, arch: Architecture, opts: Options) -> Plan:
     gran = _granularity(run, user)
     key_of, classes, class_groups = _keys_and_classes(run, gran, user, prepared)
     dims = arch.sizes
-    cfgd: dict = {k: v for k, v in user.items()}
+    cfgd: dict = copy.deepcopy(dict(user))  # the user's overrides stay as given (conflict checks read them)
     _set(cfgd, "generator.type", arch.type, user=user)
     _set(cfgd, "generator.arch", arch.arch, user=user)
     _set(cfgd, "generator.granularity", gran, user=user)
@@ -242,6 +244,10 @@ def derive_plan(run: LegacyRun, arch: Architecture, opts: Options) -> Plan:
     if class_groups is not None:
         cfgd.setdefault("generator", {})["class_groups"] = class_groups
     _set(cfgd, "federation.mode", "generator_only", user=user)
+    if arch.type == "gan":  # the published update: D then G once per batch, BCE (non-saturating), no penalty
+        for dotted, value in (("schedule", "alternating"), ("d_steps", 1), ("g_steps", 1), ("loss", "nonsaturating"),
+                              ("r1_gamma", 0.0)):
+            _set(cfgd, f"generator.gan.{dotted}", value, user=user)
     # one store held by the server: the layout a migrated file has (client files included)
     _set(cfgd, "federation.sharing", "shared", user=user)
     if arch.arch == "fedgfe_multimodal" and run.get("diffusion_type") == "flux":
@@ -289,9 +295,9 @@ def _optimizer_sources(run: LegacyRun, plan: Plan) -> dict[int, tuple[Mapping, s
     return out
 
 
-def _float32(t: torch.Tensor, src: str, opts: Options, worst: list) -> torch.Tensor:
-    """float32 as the store trains; another float dtype only when asked (--to-float32), with the
-    largest rounding error reported."""
+def _float32(t: torch.Tensor, src: str, worst: list) -> torch.Tensor:
+    """float32 as the store trains; another float dtype is converted here and its rounding error
+    recorded (fill_store refuses unless --to-float32)."""
     if t.dtype == torch.float32:
         return t
     if not t.is_floating_point():
@@ -301,74 +307,38 @@ def _float32(t: torch.Tensor, src: str, opts: Options, worst: list) -> torch.Ten
     return t.to(torch.float32)
 
 
-def fill_store(run: LegacyRun, arch: Architecture, plan: Plan, opts: Options):
-    """The migrated store: built from the plan's config, every (key, role) from the files."""
-    from feda2v.config import load_config
-    from feda2v.store import GeneratorStore, StoreSpec
+@dataclass
+class Mapped:
+    """One (module, role) in this project's names: parameters, moments, hyper-parameters, step."""
 
-    try:
-        cfg = load_config(plan.config)
-        spec = StoreSpec.from_config(cfg, classes=plan.classes, feature_dim=arch.sizes["feature_dim"],
-                                     condition_dim=int(plan.conditions.shape[1]))
-        store = GeneratorStore(spec, plan.conditions)
-    except ConfigError as e:
-        raise CheckpointError(f"cannot build a store for the legacy checkpoint: {e}") from None
-    tensors, meta = store.state_dict()
+    src: str
+    optim_src: str | None
+    params: dict[str, torch.Tensor]
+    moments: dict[str, dict[str, torch.Tensor]] | None  # None: no optimizer state in the files
+    hyper: dict | None
+    step: int
+
+
+def map_modules(run: LegacyRun, arch: Architecture, plan: Plan, opts: Options) -> dict[tuple[int, str], Mapped]:
+    """Step 4a: every module's tensors and optimizer state under this project's names (float32,
+    or refused naming the first other dtype with the largest rounding error)."""
     free = _optimizer_sources(run, plan)
-    module_of = {key: i for i, key in plan.key_of.items()}
-    new_t = {"conditions": tensors["conditions"]}
+    out: dict[tuple[int, str], Mapped] = {}
     worst: list = []
-    no_state: list[str] = []
     dropped: list[str] = []
-    first_hyper: dict | None = None
-    for key in store.keys:
-        i = module_of.get(key)
-        for role in store.roles:
-            kr = f"{key}/{role}"
-            want = {n[len(f"{kr}/param/"):]: t for n, t in tensors.items() if n.startswith(f"{kr}/param/")}
-            m: Module | None = None if i is None else run.modules[i]
-            if m is None or role not in m.roles:
-                if role == DISCRIMINATOR and m is not None and opts.fresh_discriminator:
-                    new_t.update({f"{kr}/param/{n}": t for n, t in want.items()})
-                    plan.notes.append(f"{kr} is not in the legacy files: it starts from a fresh seeded "
-                                      "initialisation (--fresh-discriminator)")
-                    continue
-                if role == DISCRIMINATOR and m is not None:
-                    raise CheckpointError(f"the store needs '{kr}' but {m.label()} holds no GAN discriminator "
-                                          "(the published client does not save it); pass --fresh-discriminator "
-                                          "to start it from a fresh seeded initialisation")
-                raise CheckpointError(f"the store needs '{kr}' but no legacy file holds its generator "
-                                      f"(files: {run.names()})")
-            part = m.roles[role]
+    for i, m in enumerate(run.modules):
+        for role, part in m.roles.items():
             if i in free and role == GENERATOR:
                 part.optim, part.optim_src = free[i]
             lay = arch.layouts[role]
-            params = map_parameters(part, lay)
+            params = {n: _float32(t, f"{part.src}.{n}", worst) for n, t in map_parameters(part, lay).items()}
             dropped += [f"{part.src}.{n}" for n in unused_parameters(part, lay)]
-            if set(params) != set(want):
-                raise CheckpointError(f"legacy key '{part.src}' maps to {sorted(params)} but {kr} has {sorted(want)}")
-            for name, t in want.items():
-                if tuple(params[name].shape) != tuple(t.shape):
-                    raise CheckpointError(f"legacy key '{part.src}.{name}' has shape {list(params[name].shape)} but "
-                                          f"this project's {kr} needs {list(t.shape)}")
-                new_t[f"{kr}/param/{name}"] = _float32(params[name], f"{part.src}.{name}", opts, worst)
             mapped = map_optimizer(part, lay)
-            o = meta["optimizers"][kr]
-            if mapped is None:
-                no_state.append(kr)
-                o["step"] = 0
-                continue
-            moments, hyper, step = mapped
-            if hyper["name"] != o["name"]:
-                raise CheckpointError(f"legacy key '{part.optim_src}' is {hyper['name']} but the store uses {o['name']}")
-            o.update({k: v for k, v in hyper.items() if k != "name"})
-            o["step"] = step
-            if role == GENERATOR and first_hyper is None:
-                first_hyper = hyper
-            for name, st in moments.items():
+            moments, hyper, step = mapped if mapped is not None else (None, None, 0)
+            for name, st in (moments or {}).items():
                 for f in ("exp_avg", "exp_avg_sq"):
-                    new_t[f"{kr}/optim/{name}/{f}"] = _float32(st[f], f"{part.optim_src}.state.{name}.{f}", opts, worst)
-                new_t[f"{kr}/optim/{name}/step"] = st["step"]
+                    st[f] = _float32(st[f], f"{part.optim_src}.state.{name}.{f}", worst)
+            out[i, role] = Mapped(part.src, part.optim_src, params, moments, hyper, step)
     if worst:
         err, src, dtype = max(worst, key=lambda w: w[0])
         if not opts.to_float32:
@@ -379,14 +349,90 @@ def fill_store(run: LegacyRun, arch: Architecture, plan: Plan, opts: Options):
     if dropped:
         plan.notes.append(f"left out {len(dropped)} tensors of the multimodal VAE's untrained T5 branch (not part "
                           f"of its CLIP-conditioned function), e.g. '{dropped[0]}'")
-    if no_state:
+    return out
+
+
+def optimizer_config(plan: Plan, mapped: Mapping[tuple[int, str], Mapped], user: Mapping) -> None:
+    """Step 4b: the optimizer factory's settings (used by resets) are the first legacy generator
+    optimizer's; each key keeps its own legacy hyper-parameters in the store state."""
+    first = next((m.hyper for (_, role), m in sorted(mapped.items()) if role == GENERATOR and m.hyper), None)
+    if first is None:
+        plan.notes.append("no optimizer state in the legacy files: the optimizers start fresh with "
+                          "generator.optimizer from the config")
+        return
+    for f in ("name", "lr", "betas", "eps", "weight_decay"):
+        _set(plan.config, f"generator.optimizer.{f}", first[f], user=user)
+
+
+def build_store(plan: Plan, arch: Architecture):
+    """Step 4c: a store from the plan's config (its fresh state is the template to fill)."""
+    from feda2v.config import load_config
+    from feda2v.store import GeneratorStore, StoreSpec
+
+    try:
+        cfg = load_config(plan.config)
+        spec = StoreSpec.from_config(cfg, classes=plan.classes, feature_dim=arch.sizes["feature_dim"],
+                                     condition_dim=int(plan.conditions.shape[1]))
+        return cfg, GeneratorStore(spec, plan.conditions)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot build a store for the legacy checkpoint: {e}") from None
+
+
+def fill_store(store, run: LegacyRun, plan: Plan, mapped: Mapping[tuple[int, str], Mapped], opts: Options) -> None:
+    """Step 4d: every (key, role) of the store from the files, or refused naming what is missing
+    (only a GAN discriminator may start fresh, with --fresh-discriminator)."""
+    tensors, meta = store.state_dict()
+    module_of = {key: i for i, key in plan.key_of.items()}
+    new_t = {"conditions": tensors["conditions"]}
+    no_state: list[str] = []
+    for key in store.keys:
+        i = module_of.get(key)
+        for role in store.roles:
+            kr = f"{key}/{role}"
+            want = {n[len(f"{kr}/param/"):]: t for n, t in tensors.items() if n.startswith(f"{kr}/param/")}
+            got = None if i is None else mapped.get((i, role))
+            if got is None:
+                _missing(kr, role, None if i is None else run.modules[i], run, opts, plan)
+                new_t.update({f"{kr}/param/{n}": t for n, t in want.items()})
+                continue
+            if set(got.params) != set(want):
+                raise CheckpointError(f"legacy key '{got.src}' maps to {sorted(got.params)} but {kr} has {sorted(want)}")
+            for name, t in want.items():
+                if tuple(got.params[name].shape) != tuple(t.shape):
+                    raise CheckpointError(f"legacy key '{got.src}.{name}' has shape {list(got.params[name].shape)} "
+                                          f"but this project's {kr} needs {list(t.shape)}")
+                new_t[f"{kr}/param/{name}"] = got.params[name]
+            o = meta["optimizers"][kr]
+            o["step"] = got.step
+            if got.moments is None:
+                no_state.append(kr)
+                continue
+            if got.hyper["name"] != o["name"]:
+                raise CheckpointError(f"legacy key '{got.optim_src}' is {got.hyper['name']} but the store uses {o['name']}")
+            o.update({k: v for k, v in got.hyper.items() if k != "name"})
+            for name, st in got.moments.items():
+                for f in ("exp_avg", "exp_avg_sq", "step"):
+                    new_t[f"{kr}/optim/{name}/{f}"] = st[f]
+    if no_state and len(no_state) < len(meta["optimizers"]):
         plan.notes.append(f"no optimizer state in the legacy files for {', '.join(no_state[:3])}"
                           f"{'...' if len(no_state) > 3 else ''}: those optimizers start fresh")
     try:
         store.load_state_dict(new_t, meta)
     except Feda2vError as e:
         raise CheckpointError(f"legacy checkpoint does not fit this project's store: {e}") from None
-    return cfg, store, first_hyper
+
+
+def _missing(kr: str, role: str, m: Module | None, run: LegacyRun, opts: Options, plan: Plan) -> None:
+    """A (key, role) no file holds: only a GAN discriminator, only on request; else one line naming it."""
+    if role == DISCRIMINATOR and m is not None:
+        if not opts.fresh_discriminator:
+            raise CheckpointError(f"the store needs '{kr}' but {m.label()} holds no GAN discriminator (the "
+                                  "published client does not save it); pass --fresh-discriminator to start it "
+                                  "from a fresh seeded initialisation")
+        plan.notes.append(f"{kr} is not in the legacy files: it starts from a fresh seeded initialisation "
+                          "(--fresh-discriminator)")
+        return
+    raise CheckpointError(f"the store needs '{kr}' but no legacy file holds its generator (files: {run.names()})")
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,6 +514,7 @@ class Migrated:
     header: dict
     notes: list[str]
     overrides: list[str]  # resume overrides (empty when no default config was given)
+    resumable: bool  # a resume checks the prepared data's manifest: only with --prepared
 
 
 def migrate_legacy(legacy: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
@@ -492,15 +539,19 @@ def migrate_legacy(legacy: str | os.PathLike | Sequence[str | os.PathLike], out:
     run = merge_files([read_legacy(p) for p in paths])      # 1. read
     arch = infer_architecture(run)                            # 2. architecture
     plan = derive_plan(run, arch, opts)                       # 3. config, classes, keys
-    cfg, store, _ = fill_store(run, arch, plan, opts)         # 4. the store, every (key, role) accounted for
+    mapped = map_modules(run, arch, plan, opts)               # 4. the store, every (key, role) accounted for
+    optimizer_config(plan, mapped, opts.overrides)
+    cfg, store = build_store(plan, arch)
+    fill_store(store, run, plan, mapped, opts)
     resume: list[str] = []
     if default_config is not None:
         from feda2v.config import to_plain
 
         resume = resume_overrides(to_plain(cfg), default_config)
     header = write_migrated(out, cfg, store, run, arch, plan)  # 5. the file
-    if default_config is not None:
+    resumable = plan.prepared is not None
+    if default_config is not None and resumable:
         from feda2v.fsutil import atomic_write_text
 
         atomic_write_text(Path(str(out) + OVERRIDES_SUFFIX), "".join(f"{o}\n" for o in resume))
-    return Migrated(header, list(plan.notes), resume)
+    return Migrated(header, list(plan.notes), resume, resumable)
