@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro lock plots test test-fast bench compare clean
+.PHONY: setup repro lock plots exp test test-fast bench compare compare-generators clean
 
 setup:
 	@scripts/setup.sh
@@ -23,6 +23,12 @@ lock: setup
 plots: setup
 	python scripts/plots_offline.py
 
+# `dvc exp show` for a 120-column terminal: only what differs between experiments, the headline
+# metrics, no dependency hashes or dates (plain `dvc exp show` has a column per param and dependency)
+exp: setup
+	dvc exp show --no-pager --only-changed --precision 4 \
+	    --drop 'Created|^data/|^checkpoints$$|^reports/|^src/|precision|recall|resets'
+
 test: setup
 	python -m pytest -q
 
@@ -34,6 +40,9 @@ bench: setup
 
 compare: setup
 	python scripts/compare.py
+
+compare-generators: setup
+	python scripts/compare_generators.py
 
 clean:
 	rm -rf data/prepared data/cache checkpoints reports/train reports/profile reports/timing reports/multirun reports/dvc_plots

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(fluid-soundfont-gm timgm6mb-soundfont libfluidsynth3 dataset-fashion-mnist)
+# chromium: the headless browser of the MLflow UI test (tests/test_tracking_browser.py, Playwright
+# drives it at /usr/bin/chromium; no browser is downloaded).
+SYSTEM_PACKAGES=(fluid-soundfont-gm timgm6mb-soundfont libfluidsynth3 dataset-fashion-mnist chromium)
 PY=${PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.feda2v-stamp

@@ -32,6 +32,9 @@ BASE = ["data=digits", "data.nodes=3", "data.condition=onehot", "data.max_sample
         "evaluate.samples_per_class=20", "evaluate.knn_k=3"]
 
 
+LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train"]
+
+
 def _main(cmd: str):
     if cmd == "prepare":
         from feda2v.cli.prepare import main
@@ -329,6 +332,14 @@ CASES: list[Case] = [
     Case("resume-read-only-checkpoints", "train",
          lambda s, m: ["federation.rounds=3", "train.resume=latest", *_read_only("checkpoint.dir", "checkpoints")(s, m)],
          "Read-only file system"),
+    # (these fail after training: the run's own checkpoints and reports go to new folders)
+    Case("profiler-on-full-disk", "train", lambda s, m: [
+        *LATE, "profiler=enabled", "profiler.wait=0", "profiler.warmup=1", "profiler.active=1",
+        f"profiler.dir={m.full(s / 'full')}"], "No space left on device"),
+    Case("metrics-path-under-a-file", "train", lambda s, m: [*LATE, *_under_file("train.metrics_path", "m.json")(s, m)],
+         "a_file"),
+    Case("timing-path-is-a-directory", "train", lambda s, m: [*LATE, f"train.timing_path={s / 'reports'}"],
+         "Is a directory"),
     # --- evaluate -------------------------------------------------------------------------------
     Case("evaluate-missing-checkpoint", "evaluate", ["evaluate.checkpoint=nowhere.ckpt"], "nowhere.ckpt"),
     Case("evaluate-checkpoint-is-a-dir", "evaluate", ["evaluate.checkpoint=reports"], "reports"),
@@ -347,6 +358,8 @@ CASES: list[Case] = [
     Case("evaluate-reports-read-only", "evaluate", lambda s, m: [
         f"train.reports_dir={s / 'reports' / 'train'}", *_read_only("evaluate.reports_dir", "reports")(s, m)],
          "Read-only file system"),
+    Case("evaluate-plots-dir-is-a-file", "evaluate", lambda s, m: (
+        shutil.rmtree(s / "reports" / "plots"), _write(s / "reports" / "plots", "x"), [])[2], "plots"),
     Case("evaluate-torn-losses", "evaluate",
          _losses("round,node,key,metric,value\n1,node_0,unified,loss,0.5\n1,node_1,unif"), "losses.csv"),
     Case("evaluate-losses-other-columns", "evaluate", _losses("a,b\n1,2\n"), "losses.csv"),

@@ -457,6 +457,9 @@ REFUSALS = {
         lambda: [_client("unified", None, "generator_state_dict", *(lambda g, o: (g.state_dict(), o))(
             *R.trained(R.MultiModalVAEGenerator(D_IN, H, Z, CLIP, T5, FUSION, SEQ))), use_conditioned_vae=True)],
         "has optimizer state for 'generator_state_dict.t5_projection.0.weight'", {"prepared": True}),
+    "one client file of a per_class run, with --prepared": (
+        lambda: client_per_class_vae_files().files[:1], "no generator for class 'one' of the prepared data",
+        {"prepared": True}),
     "conditioned VAE without conditions": (lambda: server_unified_cvae().files, "pass --prepared DIR", {}),
     "unknown tensors": (lambda: [_vae_server(adapter_state_dict={"w": torch.zeros(2)})],
                         "legacy key 'adapter_state_dict' holds tensors", {}),
@@ -618,3 +621,24 @@ def test_cli_without_prepared_says_how_to_resume(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("feda2v: error: ") and err.count("\n") == 1 and "--bogus" in err
+
+
+def test_published_vae_initialises_like_published_also_on_reset():
+    """FedgfeVAE's init (construction and store resets) is the published one: Xavier-normal(gain 0.1)
+    weights, zero biases; the other published classes use torch's default bounds, as this project does."""
+    from feda2v.config import load_config
+    from feda2v.store import GeneratorStore, StoreSpec
+
+    cfg = load_config({"generator": {"type": "vae", "arch": "fedgfe", "hidden_dim": 256, "latent_dim": 8},
+                       "data": {"condition": "onehot"}})
+    store = GeneratorStore(StoreSpec.from_config(cfg, classes=CLASSES, feature_dim=512, condition_dim=10), torch.eye(10))
+    before = None
+    for state in ("built", "reset"):
+        m = store.module("unified")
+        w, b = m.encoder[0].weight.detach().clone(), m.encoder[0].bias.detach()
+        assert torch.count_nonzero(b) == 0
+        want = 0.1 * (2.0 / (512 + 256)) ** 0.5
+        assert abs(float(w.std()) / want - 1) < 0.02 and abs(float(w.mean())) < want / 10
+        assert before is None or not torch.equal(before, w)  # a reset redraws (seeded)
+        before = w
+        store.reset("unified", node="node0", round=1)

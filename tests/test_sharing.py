@@ -96,3 +96,21 @@ def test_fedavg_rounds_start_global_and_average_by_samples(tmp_path):
                SimpleNamespace(node="node/001", samples_per_key={"unified": 3})]
     mode.after_round(stores, results)
     assert torch.allclose(stores[SERVER].p["unified/w"], torch.full((2,), (2.0 * 1 + 5.0 * 3) / 4))
+
+
+def test_full_mode_without_a_server_store_is_refused_in_one_line(tmp_path):
+    """The strategy owns "no server-side store to distil from"; the Federation asks it."""
+    from feda2v.config import load_config
+    from feda2v.data import load_prepared, prepare
+    from feda2v.federation.server import Federation
+
+    raw = {"data": {"name": "digits", "nodes": 2, "condition": "onehot", "max_samples": 100,
+                    "prepared_dir": str(tmp_path / "p")},
+           "federation": {"mode": "full", "sharing": "local"}, "tracking": {"enabled": False}}
+    cfg = load_config(raw)
+    prepare(cfg)
+    with pytest.raises(ConfigError) as e:
+        Federation(cfg, load_prepared(tmp_path / "p"))
+    assert str(e.value).startswith("federation.mode=full needs sharing=shared or fedavg: with sharing=local")
+    assert "\n" not in str(e.value)
+

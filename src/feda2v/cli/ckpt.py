@@ -7,6 +7,7 @@ import sys
 
 from feda2v.cli._app import fail, tolerant_output
 from feda2v.errors import Feda2vError
+from feda2v.fsutil import output_error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         code = _run(args)
     except Feda2vError as e:
         fail(e, e.exit_code)
+    except OSError as e:  # an OS condition no code path named: still one line
+        fail(output_error(e.filename or "a file", e, "access"), 2)
     except KeyboardInterrupt:
         fail(KeyboardInterrupt("interrupted"), 130)
     sys.exit(code)

@@ -151,6 +151,12 @@ class TrackingConfig:
     experiment: str = "feda2v"
     run_name: Optional[str] = None  # default: built from config
     required: bool = False  # true: an unreachable server fails before training
+    # Which checkpoints a run uploads as artifacts: last (the final one), keep_last (those
+    # checkpoint.keep_last leaves on disk), all (every one written).
+    upload_checkpoints: str = "last"
+    # CPU, memory, disk and network as system/* metrics (every 2 s unless
+    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise).
+    system_metrics: bool = True
 
 
 @dataclass
@@ -208,6 +214,7 @@ CHOICES: Dict[str, tuple] = {
     "train.progress": ("auto", "bar", "lines", "off"),
     "data.progress": ("auto", "bar", "lines", "off"),
     "evaluate.progress": ("auto", "bar", "lines", "off"),
+    "tracking.upload_checkpoints": ("last", "keep_last", "all"),
 }
 
 # The published system's flag names, accepted as aliases (top level of a config or an override).

@@ -101,4 +101,6 @@ def make_conditions(kind: str, sentences: list[str], cache_dir: Path) -> tuple[n
     if kind == "text":
         emb, info = text_conditions(sentences, cache_dir)
         return emb, {"kind": "text", **info}
-    raise ConfigError(f"data.condition: {kind!r} is not one of text, onehot")
+    from feda2v.config.schema import CHOICES
+
+    raise ConfigError(f"data.condition: {kind!r} is not one of {', '.join(CHOICES['data.condition'])}")

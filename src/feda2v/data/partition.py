@@ -151,7 +151,10 @@ def make_partition(labels: np.ndarray, num_classes: int, nodes: int, part_cfg, s
         return dirichlet(labels, num_classes, nodes, part_cfg.alpha, seed)
     if scheme == "classes_per_node":
         return classes_per_node(labels, num_classes, nodes, part_cfg.classes_per_node, seed)
-    raise ConfigError(f"data.partition.scheme: {scheme!r} is not one of iid, dirichlet, classes_per_node")
+    from feda2v.config.schema import CHOICES
+
+    raise ConfigError(f"data.partition.scheme: {scheme!r} is not one of "
+                      f"{', '.join(CHOICES['data.partition.scheme'])}")
 
 
 def train_test_split(labels: np.ndarray, idx: np.ndarray, test_fraction: float, seed: int,

@@ -125,4 +125,6 @@ def load_source(cfg) -> Source:
         from feda2v.data.instruments import instruments
 
         return instruments(cfg)
-    raise ConfigError(f"data.name: {name!r} is not one of instruments, fashion_mnist, digits")
+    from feda2v.config.schema import CHOICES
+
+    raise ConfigError(f"data.name: {name!r} is not one of {', '.join(CHOICES['data.name'])}")

@@ -236,7 +236,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
 _MLFLOW_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
-def _log_to_mlflow(cfg, run_id, flat: dict, files: list[Path], step: int, notes: list[str]) -> None:
+def _log_to_mlflow(cfg, run_id, flat: dict, files: list[Path], step: int, notes: list[str],
+                   dataset: dict | None = None) -> None:
+    """Eval metrics into the training's run, against its LoggedModel and the evaluation data
+    (``dataset``: ``Tracker.log_dataset`` arguments); a repeated evaluation with the same results
+    adds no points."""
     if not cfg.tracking.enabled:
         notes.append("MLflow: tracking.enabled=false; nothing logged")
         return
@@ -254,11 +258,19 @@ def _log_to_mlflow(cfg, run_id, flat: dict, files: list[Path], step: int, notes:
             why = getattr(tracker, "reason", None) or "unreachable"
             notes.append(f"MLflow: run {run_id} at {cfg.tracking.uri} not available ({why}); nothing logged")
             return
-        tracker.log_metrics({"eval/" + _MLFLOW_NAME_BAD.sub("_", k): v for k, v in flat.items()}, step=step)
+        if dataset is not None:
+            tracker.log_dataset(**dataset, context="evaluation")
+        model_id = tracker.find_store_model()
+        logged = tracker.log_model_metrics(
+            {"eval/" + _MLFLOW_NAME_BAD.sub("_", k): v for k, v in flat.items()}, step=step,
+            model_id=model_id)
         for f in files:
             tracker.log_artifact(str(f), artifact_path="evaluate")
         tracker.end("FINISHED")
-        notes.append(f"MLflow: logged {len(flat)} metrics and {len(files)} files into run {run_id}")
+        same = f", {len(flat) - logged} unchanged" if logged < len(flat) else ""
+        # (no model id here: report.md shows these notes and must not vary between identical runs)
+        notes.append(f"MLflow: logged {logged} metrics{same} and {len(files)} files into run {run_id}"
+                     + (" and its store model" if model_id else ""))
     except Exception as e:  # tracking must not cost the user the evaluation itself
         if cfg.tracking.required:
             raise TrackingError(f"could not log the evaluation into MLflow run {run_id}: {e}") from e
@@ -347,14 +359,17 @@ def evaluate(cfg) -> dict:
 
     report_path = out / "report.md"
     outputs["report"] = report_path
+    # What MLflow did (run id, reachable or not, restored-from-cache checkpoints without provenance)
+    # is not part of the evaluation: report.md, a DVC output, is written before it and never says;
+    # the returned notes do (the CLI prints them).
     atomic_write_text(report_path, report.render(metrics, info, outputs, out, notes))
     flat = flatten({k: v for k, v in metrics.items() if k != "round"})
     run_id = header.get("mlflow_run_id") or (header.get("provenance") or {}).get("mlflow_run_id")
-    _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes)
-    # The copy on disk also says what happened with MLflow, but not the run id: report.md is a DVC
-    # output, and two identical runs must write the same bytes (the returned notes keep the id).
-    shown = [n.replace(f"run {run_id}", "the checkpoint's MLflow run") for n in notes] if run_id else notes
-    atomic_write_text(report_path, report.render(metrics, info, outputs, out, shown))
+    from feda2v.tracking.tags import prepared_dataset
+
+    _log_to_mlflow(cfg, run_id, flat, list(outputs.values()), metrics["round"], notes,
+                   # its own name: MLflow keeps one context per (dataset, run), training's
+                   prepared_dataset(prepared, cfg.data.prepared_dir, f"{cfg.data.name}/test"))
     return {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}, "notes": notes}
 
 

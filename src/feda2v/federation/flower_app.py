@@ -121,7 +121,8 @@ def decode_store(data: bytes, *, label: str) -> tuple[dict, dict]:
 def _pack(blob: bytes, fields: dict) -> RecordDict:
     rd = RecordDict()
     rd["state"] = ArrayRecord({"ckpt": Array("uint8", (len(blob),), STYPE, blob)})
-    rd["task"] = ConfigRecord({"json": json.dumps(fields, sort_keys=True)})
+    # insertion order kept: losses per key are summed in key order by the round metrics
+    rd["task"] = ConfigRecord({"json": json.dumps(fields)})
     return rd
 
 

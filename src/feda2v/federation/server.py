@@ -23,6 +23,38 @@ from feda2v.store import GeneratorStore, StoreSpec
 from feda2v.store.device import resolve_device
 
 
+# Per-round losses that do not depend on the key layout, so runs of any granularity and generator
+# type chart together. Each is a mean over the round's (node, key) losses weighted by the samples
+# the node trained that key on; name -> the per-key metrics summed, per generator family.
+KEY_INDEPENDENT_LOSSES = {
+    # what the generator's optimizer minimises: recon + beta*KL (VAE), the G loss (GAN)
+    "loss/generator": (("loss",), ("g_loss",)),
+    "loss/neg_elbo": (("recon", "kl"),),  # the VAE's negative ELBO: recon + KL at beta = 1
+    "loss/recon": (("recon",),),
+    "loss/kl": (("kl",),),
+    "loss/gan_g": (("g_loss",),),
+    "loss/gan_d": (("d_loss",),),
+}
+
+
+def key_independent_losses(node_results) -> dict:
+    """``loss/<name>`` (see ``KEY_INDEPENDENT_LOSSES``) for one round's node results; a name is
+    present only when the generator reports its parts."""
+    sums: dict = defaultdict(float)
+    weights: dict = defaultdict(float)
+    for r in node_results:
+        for key, ms in r.losses.items():
+            w = float(r.samples_per_key.get(key, 0))
+            if w <= 0:
+                continue
+            for name, alternatives in KEY_INDEPENDENT_LOSSES.items():
+                parts = next((a for a in alternatives if all(p in ms for p in a)), None)
+                if parts is not None:
+                    sums[name] += w * sum(ms[p] for p in parts)
+                    weights[name] += w
+    return {name: sums[name] / weights[name] for name in KEY_INDEPENDENT_LOSSES if weights[name]}
+
+
 @dataclass
 class RoundResult:
     round: int
@@ -192,7 +224,8 @@ class Federation:
                 for nd in self.data.nodes}
 
     def _round_metrics(self, result: RoundResult) -> dict:
-        """Per-key losses averaged over the round's node steps; resets; timing."""
+        """Per-key losses averaged over the round's node steps; key-independent losses (``loss/...``,
+        see ``KEY_INDEPENDENT_LOSSES``); resets; timing."""
         sums: dict = defaultdict(float)
         weights: dict = defaultdict(float)
         for r in result.nodes:
@@ -201,6 +234,7 @@ class Federation:
                     sums[f"{m}/{key}"] += v * r.steps
                     weights[f"{m}/{key}"] += r.steps
         metrics = {f"gen/{name}": sums[name] / weights[name] for name in sorted(sums) if weights[name]}
+        metrics.update(key_independent_losses(result.nodes))
         metrics["resets"] = float(sum(len(r.resets) for r in result.nodes))
         metrics["round_seconds"] = result.wall_seconds
         metrics["train_step_seconds"] = result.train_seconds

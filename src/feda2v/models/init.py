@@ -19,7 +19,12 @@ def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases: the bound of torch's default init,
     but drawn from an explicit generator so two stores built from one spec are identical.
     Values are drawn on CPU (the generator's device) and copied, so any module device works.
+    An architecture with its own initialisation (the published VAE's) defines ``init_from(gen)``.
     """
+    own = getattr(module, "init_from", None)
+    if callable(own):
+        own(gen)
+        return
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             bound = 1.0 / math.sqrt(sub.in_features)

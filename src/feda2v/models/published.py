@@ -17,6 +17,7 @@ caller passes the step's ``gen`` (masks drawn from it, so a resumed run draws th
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -90,6 +91,17 @@ class FedgfeVAE(_Base):
         self.encoder = _mlp([d, h, h, 2 * z], nn.ReLU, 0.2)
         self.decoder = _mlp([z, h, h, d], nn.ReLU, 0.2)
         init_parameters(self, gen or _default_gen())
+
+    @torch.no_grad()
+    def init_from(self, gen: torch.Generator) -> None:
+        """The published initialisation (its ``_initialize_weights``): Xavier-normal weights with
+        gain 0.1, zero biases; drawn from ``gen`` (construction and resets alike)."""
+        for sub in self.modules():
+            if isinstance(sub, nn.Linear):
+                std = 0.1 * math.sqrt(2.0 / (sub.in_features + sub.out_features))
+                draw = torch.empty(sub.weight.shape, dtype=sub.weight.dtype, device=gen.device)
+                sub.weight.copy_(draw.normal_(0.0, std, generator=gen))
+                sub.bias.zero_()
 
 
     @staticmethod

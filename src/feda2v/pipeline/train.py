@@ -194,7 +194,8 @@ def train(cfg, engine=None) -> dict:
     from feda2v.federation.engine import make_engine
     from feda2v.federation.server import Federation
     from feda2v.profiling import StepProfiler
-    from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags
+    from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags, unique_run_name
+    from feda2v.tracking.tags import prepared_dataset
 
     from feda2v.store.device import configure_determinism, resolve_device
 
@@ -220,9 +221,10 @@ def train(cfg, engine=None) -> dict:
 
     tracker = make_tracker(cfg)  # raises before training when tracking.required and unreachable
     name = default_run_name(cfg)
-    tracker.start(name, params=flatten(run_params(cfg)),
+    tracker.start(unique_run_name(cfg, resumed=bool(resumed_from)), params=flatten(run_params(cfg)),
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
+    tracker.log_dataset(**prepared_dataset(data, cfg.data.prepared_dir, cfg.data.name), context="training")
     reports = Path(cfg.train.reports_dir)
     losses = LossLog(reports, start_round)
     progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
@@ -243,7 +245,7 @@ def train(cfg, engine=None) -> dict:
                     losses.commit()
                     if downstream is not None:
                         atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
-                    tracker.log_artifact(str(path), "checkpoints")
+                    tracker.log_checkpoint(path)  # now or at the end: tracking.upload_checkpoints
                 progress.round_done(result)
                 summary = dict(result.metrics)
         summary["rounds"] = rounds

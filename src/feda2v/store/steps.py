@@ -75,7 +75,7 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
              node: str, round_: int, *, gen: torch.Generator | None = None) -> dict[str, dict[str, float]]:
     with record_function("generator_step/forward"):
         template = store._modules[keys[0], GENERATOR]
-        params = store._stacked(keys, GENERATOR)
+        params = store._stacked(grp.active, GENERATOR)
         # gen: the batch's generator, for architectures with dropout (drawn after the noise)
         recon, mu, logvar = template.forward_stacked(params, xs, cs, eps, gen=gen)
         rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
@@ -126,13 +126,13 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
     n = xs.shape[1]
     with record_function("generator_step/forward"):
-        g_params = store._stacked(keys, GENERATOR, grad=keep_fake)
+        g_params = store._stacked(grp.active, GENERATOR, grad=keep_fake)
         if keep_fake:
             fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         else:
             with torch.no_grad():
                 fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
-        d_params = store._stacked(keys, DISCRIMINATOR)
+        d_params = store._stacked(grp.active, DISCRIMINATOR)
         real = xs.detach().requires_grad_(True) if gs.r1_gamma > 0 else xs
         logits = d_tmpl.forward_stacked(d_params, torch.cat([real, fake.detach()], 1), torch.cat([cs, cs], 1), gen=gen)
         real_logit, fake_logit = logits[:, :n], logits[:, n:]
@@ -157,11 +157,11 @@ def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, z
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
     with record_function("generator_step/forward"):
         if kept is None:
-            g_params = store._stacked(keys, GENERATOR)
+            g_params = store._stacked(grp.active, GENERATOR)
             fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         else:
             fake, g_params = kept
-        d_params = store._stacked(keys, DISCRIMINATOR, grad=False)  # D constant: no D weight grads
+        d_params = store._stacked(grp.active, DISCRIMINATOR, grad=False)  # D constant: no D weight grads
         logit = d_tmpl.forward_stacked(d_params, fake, cs, gen=gen)
         g_loss = grp.masked_mean(gan_g_loss_per_sample(logit, store.spec.gan.loss))
     raise_non_finite(g_loss, keys, node, round_, "generator loss")
@@ -191,8 +191,8 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_, gen) -> dict[s
     gs = store.spec.gan
     with record_function("generator_step/forward"):
         g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
-        g_params = store._stacked(keys, GENERATOR)
-        d_params = store._stacked(keys, DISCRIMINATOR)
+        g_params = store._stacked(grp.active, GENERATOR)
+        d_params = store._stacked(grp.active, DISCRIMINATOR)
         fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
         n = xs.shape[1]
         logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake], 1), torch.cat([cs, cs], 1), gen=gen)

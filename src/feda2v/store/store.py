@@ -132,6 +132,7 @@ class GeneratorStore:
         # (each Parameter's data is a view of its row), so a step over all keys reads the stacked
         # weights without copying them; the optimizers still update each key's own Parameter.
         self._banks: dict[str, dict[str, Tensor]] = {}
+        self._bank_first: dict[str, list[nn.Parameter]] = {}
         for role in self.roles:
             self._rebank(role)
         if device is not None:  # built (and seeded) on the CPU, then moved: same values anywhere
@@ -245,30 +246,37 @@ class GeneratorStore:
             for row, pk in enumerate(per_key):
                 pk[i][1].data = bank[name][row]
         self._banks[role] = bank
+        self._bank_first[role] = [pk[0][1] for pk in per_key]  # what _bank checks, per key row
 
-    def _bank(self, role: str) -> dict[str, Tensor]:
-        """The role's bank, re-built if someone re-pointed a Parameter's data (e.g. module.to())."""
+    def _bank(self, role: str, rows: Sequence[int]) -> dict[str, Tensor]:
+        """The role's bank, re-built if a read key's Parameters were re-pointed (e.g. module.to()).
+
+        Only the rows being read are checked, one pointer per key (``module.to()`` re-points all of
+        a module's Parameters at once): a step's cost follows its active keys, not the store's size.
+        """
         bank = self._banks[role]
-        for i, (name, _) in enumerate(self._params[self.keys[0], role]):
-            b = bank[name]
-            for row, key in enumerate(self.keys):
-                p = self._params[key, role][i][1]
-                if p.data_ptr() != b[row].data_ptr() or p.device != b.device or p.shape != b.shape[1:]:
-                    self._rebank(role)
-                    return self._banks[role]
+        first = self._bank_first[role]
+        b = next(iter(bank.values()))
+        base, stride = b.data_ptr(), b.stride(0) * b.element_size()
+        for r in rows:
+            p = first[r]
+            if p.data_ptr() != base + r * stride or p.device != b.device:
+                self._rebank(role)
+                return self._banks[role]
         return bank
 
-    def _stacked(self, keys: Sequence[str], role: str, grad: bool = True) -> dict[str, Tensor]:
-        """{param name: [K, ...]} of the given keys' parameters, as fresh autograd leaves.
+    def _stacked(self, rows: Sequence[int], role: str, grad: bool = True) -> dict[str, Tensor]:
+        """{param name: [K, ...]} of the keys at ``rows`` (indices into ``self.keys``, ascending, as
+        ``Grouping.active``), as fresh autograd leaves.
 
         Gradients are taken w.r.t. these tensors (one per name) and split per key for the
         optimizers; with every key active this is the bank itself (no copy).
         """
-        bank = self._bank(role)
-        if len(keys) == len(self.keys):
+        bank = self._bank(role, rows)
+        if len(rows) == len(self.keys):
             out = {n: b.detach() for n, b in bank.items()}
         else:
-            idx = torch.tensor([self.keys.index(k) for k in keys]).to(self._device, non_blocking=True)
+            idx = torch.tensor(rows).to(self._device, non_blocking=True)
             out = {n: b.index_select(0, idx) for n, b in bank.items()}
         if grad:
             for t in out.values():
@@ -325,7 +333,7 @@ class GeneratorStore:
         grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
         keys = [self.keys[i] for i in grp.active]
         zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y.to(self._device)])
-        params = self._stacked(keys, GENERATOR, grad=False)
+        params = self._stacked(grp.active, GENERATOR, grad=False)
         out = self._modules[keys[0], GENERATOR].decode_stacked(params, zs, cs)
         return grp.unpad(out)
 

@@ -1,11 +1,11 @@
 """tracking part (see DESIGN.md): MLflow logging behind a small interface, with a no-op twin.
 
 ``make_tracker(cfg)`` -> MlflowTracker | NullTracker; ``open_run(cfg, run_id)`` logs into an
-existing run; ``flatten`` / ``run_tags`` / ``default_run_name`` build what a run is identified by.
-MLflow itself is imported only when tracking is on.
+existing run; ``flatten`` / ``run_tags`` / ``default_run_name`` / ``unique_run_name`` build what
+a run is identified by. MLflow itself is imported only when tracking is on.
 """
 from feda2v.tracking.base import NullTracker, Tracker
-from feda2v.tracking.tags import default_run_name, flatten, git_info, run_tags
+from feda2v.tracking.tags import default_run_name, flatten, git_info, run_tags, unique_run_name
 
 
 def make_tracker(cfg, **kw):
@@ -29,4 +29,5 @@ def __getattr__(name):  # lazy: importing MLflow costs ~1.5 s
 
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker", "TrackingUnavailableWarning",
-           "make_tracker", "open_run", "flatten", "run_tags", "git_info", "default_run_name"]
+           "make_tracker", "open_run", "flatten", "run_tags", "git_info", "default_run_name",
+           "unique_run_name"]

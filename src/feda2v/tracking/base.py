@@ -32,6 +32,14 @@ class Tracker:
     def log_store_model(self, checkpoint_path: str | Path) -> None:
         raise NotImplementedError
 
+    def log_checkpoint(self, path: str | Path) -> None:
+        """A checkpoint was written; uploaded now or at ``end`` by the upload policy."""
+        raise NotImplementedError
+
+    def log_dataset(self, name: str, digest: str, source: str | Path, *, context: str,
+                    schema: Mapping | None = None, profile: Mapping | None = None) -> None:
+        raise NotImplementedError
+
     def end(self, status: str = "FINISHED") -> None:
         raise NotImplementedError
 
@@ -61,6 +69,12 @@ class NullTracker(Tracker):
         pass
 
     def log_store_model(self, checkpoint_path) -> None:
+        pass
+
+    def log_checkpoint(self, path) -> None:
+        pass
+
+    def log_dataset(self, name, digest, source, *, context, schema=None, profile=None) -> None:
         pass
 
     def end(self, status: str = "FINISHED") -> None:

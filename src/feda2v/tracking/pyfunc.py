@@ -78,11 +78,10 @@ def parse_request(model_input: Any) -> list[tuple[str, int]]:
 
 @contextmanager
 def _quiet():
-    """MLflow nags (in colour) about input examples; the explicit signature below is what
-    serving needs."""
+    """MLflow nags (in colour) about type hints; the explicit signature below is what serving
+    needs."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(type hints|input example).*",
-                                category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
         yield
 
 
@@ -127,12 +126,20 @@ class StoreModel(mlflow.pyfunc.PythonModel):
 
 def _signature():
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "class"), ColSpec("long", "count")]),
+        outputs=Schema([ColSpec("string", "class"), ColSpec(Array("float"), "embedding")]),
         params=ParamSchema([ParamSpec("seed", "long", 0)]),
     )
+
+
+def input_example(classes: list[str]) -> pd.DataFrame:
+    """Two samples of the first class, one of the second: what the model page shows and what
+    MLflow predicts on once when the model is logged (so a model that cannot serve is known)."""
+    picked = list(classes[:2])
+    return pd.DataFrame({"class": picked, "count": [2, 1][:len(picked)]})
 
 
 def _pip_requirements() -> list[str]:
@@ -147,31 +154,54 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+def _checkpoint_facts(ckpt: Path, store: str | None) -> tuple[dict, dict]:
+    """(header, the store's meta) of a checkpoint the model is made from."""
+    from feda2v.checkpoint import read_checkpoint
+
+    _, header = read_checkpoint(ckpt)
+    name = store or header.get("primary_store") or "server"
+    return header, (header.get("stores") or {}).get(name) or {}
+
+
 def save_store_model(checkpoint_path: str | Path, path: str | Path, store: str | None = None):
     """Write the pyfunc model directory (no tracking server needed)."""
+    ckpt = Path(checkpoint_path).resolve()
+    _, meta = _checkpoint_facts(ckpt, store)
     with _quiet():
         mlflow.pyfunc.save_model(
-            path=str(path), python_model=_CODE,
-            artifacts={"checkpoint": str(Path(checkpoint_path).resolve())},
+            path=str(path), python_model=_CODE, artifacts={"checkpoint": str(ckpt)},
             model_config={"store": store} if store else None,
-            signature=_signature(), pip_requirements=_pip_requirements())
+            signature=_signature(), input_example=input_example(_classes_of(meta)),
+            pip_requirements=_pip_requirements())
 
 
 def log_store_model(checkpoint_path: str | Path, *, run_id: str, name: str = "store_model",
-                    store: str | None = None):
-    """Log the model into ``run_id`` on the current global tracking URI; returns ModelInfo.
+                    store: str | None = None, dataset: tuple[str, str] | None = None):
+    """Log the model into ``run_id`` on the current global tracking URI as an MLflow 3
+    LoggedModel; returns ModelInfo (``model_id``, ``model_uri``).
 
-    Requirements are given explicitly, so MLflow does not load the model in a subprocess to
-    infer them (slow, and the checkpoint may be large).
+    It carries the run's params (MLflow copies them), the run's metrics at the checkpoint's
+    round (logged at ``step`` = that round), an input example and an input/output signature,
+    and tags naming the generator and the dataset. Requirements are given explicitly, so MLflow
+    does not load the model in a subprocess to infer them (slow, and the checkpoint may be large).
     """
     from mlflow.models import Model
 
     ckpt = Path(checkpoint_path).resolve()  # latest.ckpt may be a link: log the file it names
     if not ckpt.is_file():
         raise DataError(f"checkpoint {ckpt} does not exist; cannot log the store model")
+    header, meta = _checkpoint_facts(ckpt, store)
+    spec = meta.get("spec") or {}
+    tags = {"feda2v.store": store or header.get("primary_store") or "server",
+            "feda2v.keys": len(meta.get("keys") or []),
+            "feda2v.generator": f"{spec.get('type')}/{spec.get('granularity')}"}
+    if dataset:
+        tags.update({"feda2v.dataset": dataset[0], "feda2v.dataset_digest": dataset[1]})
     with _quiet():
         return Model.log(
             None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=_CODE,
             artifacts={"checkpoint": str(ckpt)},
             model_config={"store": store} if store else None,
-            signature=_signature(), pip_requirements=_pip_requirements())
+            model_type="feda2v-generator-store", tags=tags, step=int(header.get("round", 0)),
+            signature=_signature(), input_example=input_example(_classes_of(meta)),
+            pip_requirements=_pip_requirements())

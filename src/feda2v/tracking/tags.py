@@ -146,3 +146,40 @@ def default_run_name(cfg: Mapping | DictConfig) -> str:
     gen, fed, data = c.get("generator", {}), c.get("federation", {}), c.get("data", {})
     return (f"{gen.get('type')}-{gen.get('granularity')}-{fed.get('sharing')}-"
             f"{data.get('name')}-s{c.get('seed')}")
+
+
+def unique_run_name(cfg: Mapping | DictConfig, *, resumed: bool = False,
+                    now: float | None = None) -> str:
+    """The MLflow run name: ``tracking.run_name`` if set, else ``default_run_name`` plus what
+    else tells runs of one config apart (rounds; ``prof`` when profiling, the engine when not
+    in-process, ``resume`` when resumed) and the UTC start time, e.g.
+    ``cvae-unified-shared-instruments-s0-r20-prof-20261201T075310Z``."""
+    import time
+
+    c = _plain(cfg)
+    if (c.get("tracking") or {}).get("run_name"):
+        return str(c["tracking"]["run_name"])
+    fed = c.get("federation") or {}
+    parts = [default_run_name(c), f"r{fed.get('rounds')}"]
+    if (c.get("profiler") or {}).get("enabled"):
+        parts.append("prof")
+    if fed.get("engine") not in (None, "inprocess"):
+        parts.append(str(fed["engine"]))
+    if resumed:
+        parts.append("resume")
+    parts.append(time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now)))
+    return "-".join(parts)
+
+
+def prepared_dataset(data: Any, prepared_dir: str | Path, name: str) -> dict:
+    """``Tracker.log_dataset`` arguments for a prepared folder (a ``PreparedData``): digest =
+    its manifest hash, source = the folder, a schema of what a sample is and a profile of counts."""
+    train = sum(int(len(n.train_y)) for n in data.nodes)
+    test = sum(int(len(n.test_y)) for n in data.nodes)
+    schema = {"features": {"dtype": "float32", "shape": [-1, int(data.feature_dim)]},
+              "label": {"dtype": "int64", "shape": [-1], "classes": list(data.classes)},
+              "condition": {"dtype": "float32", "shape": [len(data.classes), int(data.condition_dim)]}}
+    profile = {"classes": len(data.classes), "nodes": len(data.nodes), "train_samples": train,
+               "test_samples": test, "feature_dim": int(data.feature_dim)}
+    return {"name": str(name), "digest": str(data.manifest_hash), "source": str(prepared_dir),
+            "schema": schema, "profile": profile}

@@ -26,7 +26,10 @@ class Layout:
     role: str
     cls: str  # this project's architecture (models/published.py), same parameter names
     prefixes: tuple[str, ...]
+    published_type: str = "vae"  # the published system's generator_type for it
     unused: tuple[str, ...] = ()  # prefixes outside the function this project computes
+    # config the published training implies for this model (a migrated run trains on like it)
+    implies: tuple[tuple[str, Any], ...] = ()
 
     def param_names(self) -> list[str]:
         return [f"{p}.{w}" for p in self.prefixes for w in ("weight", "bias")]
@@ -51,8 +54,12 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
             "single_fusion.0", "single_fusion.1", "encoder.0", "encoder.3", "fc_mu", "fc_logvar",
             "decoder.0", "decoder.3", "decoder.6"),
            unused=("t5_projection", "fusion")),
-    Layout("GANGenerator", GENERATOR, "FedgfeGANGenerator", ("model.0", "model.2", "model.4")),
-    Layout("GANDiscriminator", DISCRIMINATOR, "FedgfeGANDiscriminator", ("model.0", "model.3", "model.6")),
+    # the published GAN update: D then G once per batch, BCE with logits (non-saturating G), no penalty
+    Layout("GANGenerator", GENERATOR, "FedgfeGANGenerator", ("model.0", "model.2", "model.4"), "gan",
+           implies=(("generator.gan.schedule", "alternating"), ("generator.gan.d_steps", 1),
+                    ("generator.gan.g_steps", 1), ("generator.gan.loss", "nonsaturating"),
+                    ("generator.gan.r1_gamma", 0.0))),
+    Layout("GANDiscriminator", DISCRIMINATOR, "FedgfeGANDiscriminator", ("model.0", "model.3", "model.6"), "gan"),
 )}
 
 
@@ -138,7 +145,7 @@ def infer_architecture(run: LegacyRun) -> Architecture:
     if DISCRIMINATOR in layouts and layouts[DISCRIMINATOR].kind() != (gtype, arch):
         raise CheckpointError(f"legacy discriminator {layouts[DISCRIMINATOR].name} does not belong with a {gen.name}")
     legacy_type = run.get("generator_type")
-    if legacy_type is not None and legacy_type != ("gan" if gtype == "gan" else "vae"):
+    if legacy_type is not None and legacy_type != gen.published_type:
         raise CheckpointError(f"legacy key 'generator_type' says {legacy_type!r} but the tensors are a {gen.name}")
     return Architecture(layouts, dims, gtype, arch)
 

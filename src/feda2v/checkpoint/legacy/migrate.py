@@ -244,10 +244,8 @@ def derive_plan(run: LegacyRun, arch: Architecture, opts: Options) -> Plan:
     if class_groups is not None:
         cfgd.setdefault("generator", {})["class_groups"] = class_groups
     _set(cfgd, "federation.mode", "generator_only", user=user)
-    if arch.type == "gan":  # the published update: D then G once per batch, BCE (non-saturating), no penalty
-        for dotted, value in (("schedule", "alternating"), ("d_steps", 1), ("g_steps", 1), ("loss", "nonsaturating"),
-                              ("r1_gamma", 0.0)):
-            _set(cfgd, f"generator.gan.{dotted}", value, user=user)
+    for dotted, value in arch.layouts[GENERATOR].implies:  # e.g. the published GAN update rule
+        _set(cfgd, dotted, value, user=user)
     # one store held by the server: the layout a migrated file has (client files included)
     _set(cfgd, "federation.sharing", "shared", user=user)
     if arch.arch == "fedgfe_multimodal" and run.get("diffusion_type") == "flux":

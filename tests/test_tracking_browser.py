@@ -1,0 +1,128 @@
+"""The README's MLflow UI walk-through, in a real browser (issue 18): `mlflow ui` on 127.0.0.1 over
+a store with two runs that differ in generator type and granularity; the runs table, tick both,
+Compare; the common per-round loss chart and the eval metrics are on screen. Saves
+reports/mlflow_compare.png (the README's picture). Headless Chromium is Debian's `chromium`
+package, driven by Playwright's Python package (no `playwright install`)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+mlflow = pytest.importorskip("mlflow")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import ROOT  # noqa: E402
+from mlflow_runs import RUNS, train_two_runs  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = ROOT / "reports" / "mlflow_compare.png"
+COMMON_LOSS = "loss/generator"
+EVAL_METRIC = "eval/overall/tstr_acc"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} missing (apt-get install chromium; scripts/setup.sh does)")
+    work = tmp_path_factory.mktemp("ui")
+    out = train_two_runs(work)
+    port = _free_port()
+    log = open(work / "ui.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri",
+         f"sqlite:///{out['db']}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow ui exited: {(work / 'ui.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mlflow ui did not start: {(work / 'ui.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        client = mlflow.MlflowClient(f"sqlite:///{out['db']}")
+        yield {"url": url, "client": client, "exp": client.get_experiment_by_name("compare")}
+    finally:
+        # stop the server by its PID (its own session: the workers go with it)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        log.close()
+
+
+def test_compare_two_runs_shows_common_loss_chart_and_eval_metrics(ui, tmp_path):
+    exp = ui["exp"]
+    runs = ui["client"].search_runs([exp.experiment_id])
+    assert len(runs) == len(RUNS)
+    names = sorted(r.info.run_name for r in runs)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1800, "height": 1000})
+            # 1. the README's link straight to the runs table (MLflow's "Model training" view)
+            page.goto(f"{ui['url']}/#/experiments/{exp.experiment_id}/runs"
+                      "?workflowType=machine_learning")
+            page.get_by_text(f"{len(RUNS)} matching runs").wait_for(timeout=90_000)
+            for name in names:
+                page.get_by_text(name).first.wait_for(timeout=30_000)
+            # 2. tick both runs, press Compare
+            boxes = page.locator(".ag-selection-checkbox")
+            assert boxes.count() == len(RUNS)
+            for i in range(boxes.count()):
+                boxes.nth(i).click()
+            page.get_by_role("button", name="Compare").first.click()
+            page.wait_for_url("**/compare-runs**", timeout=60_000)
+            page.get_by_text(f"Comparing {len(RUNS)} Runs").first.wait_for(timeout=60_000)
+            # 3. the eval metrics are in the comparison's metric table
+            page.get_by_text(EVAL_METRIC).first.wait_for(timeout=60_000)
+            metric_links = page.locator('a[title="Plot chart"]')
+            shown = set(metric_links.all_inner_texts())
+            assert EVAL_METRIC in shown and "eval/overall/frechet" in shown, shown
+            page.screenshot(path=str(tmp_path / "compare_table.png"), full_page=True)
+            # 4. the common per-round loss: the table is virtual, scroll to its row, open its chart
+            target = metric_links.filter(has_text=COMMON_LOSS)
+            for _ in range(80):
+                if target.count():
+                    break
+                metric_links.last.hover()
+                page.mouse.wheel(0, 200)
+                page.wait_for_timeout(150)
+            assert target.count(), f"{COMMON_LOSS} not in the comparison's metrics"
+            target.first.click()
+            page.wait_for_url("**/metric?**", timeout=60_000)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+            # one chart, both runs on it (the legend names each run with the metric)
+            for name in names:
+                page.get_by_text(f"{name} ({COMMON_LOSS})").first.wait_for(timeout=30_000)
+            assert page.get_by_text("Completed Runs").count()
+            page.screenshot(path=str(tmp_path / "loss_chart.png"))
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tmp_path / "loss_chart.png", SCREENSHOT)
+        finally:
+            browser.close()
