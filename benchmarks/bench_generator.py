@@ -1,58 +1,164 @@
-"""Generator step vs the machine's limit: samples/s and GFLOP/s of VAE/cVAE/GAN steps at batch
-64..2048, against the measured float32 matmul rate; and where the time goes (profiler top ops)."""
+"""Generator step vs its peer and the machine's limit, for VAE/cVAE/GAN (unified) at several batches.
+
+Side by side in one run (the machine may be shared: only ratios measured together are claims):
+- the store's step (``train_batch``: stacked parameters, custom grouped backward, fused AdamW);
+- the peer: one plain ``nn.Module`` per role trained the textbook way (forward, ``backward()``,
+  ``torch.optim.AdamW(fused=True)``) doing the same update (for the GAN the same alternating
+  schedule, loss and R1 penalty);
+- FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``: *useful* = what the plain step
+  executes, *executed* = what the store's step executes (their ratio shows wasted gradient work);
+- the float32 GEMM rate of this machine at the very GEMM shapes of the plain step (each recorded
+  matmul replayed alone), and the share of it the store's step reaches per useful FLOP.
+"""
 from __future__ import annotations
 
+import copy
+import statistics
+import time
+
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from common import make_batch, make_store, matmul_gflops, median_time
+from common import make_batch, make_store
 
-
-def linear_shapes(module: torch.nn.Module) -> list[tuple[int, int]]:
-    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def step_flops(store, batch: int) -> float:
-    """Matmul FLOPs of one training step: forward 2*B*in*out per linear layer, backward twice that.
-    A GAN step runs D on real and fake for the D update and G then D for the G update."""
-    g = sum(i * o for i, o in linear_shapes(store.module("unified", "generator")))
-    if "discriminator" not in store.roles:
-        return 6.0 * batch * g
-    d = sum(i * o for i, o in linear_shapes(store.module("unified", "discriminator")))
-    d_step = 2 * batch * g + 6.0 * 2 * batch * d  # G forward (no grad), D fwd+bwd on real and fake
-    g_step = 6.0 * batch * g + 6.0 * batch * d    # G fwd+bwd through D
-    return d_step + g_step
+_GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+          torch.ops.aten.baddbmm.default}
 
 
-def top_ops(store, x, y) -> list[dict]:
-    gen = torch.Generator().manual_seed(0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
-            store.train_batch(x, y, gen=gen, node="bench", round=0)
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    return [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3)} for e in rows]
+class _RecordGemms(TorchDispatchMode):
+    """Records (op, argument shapes) of every matrix multiply that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _GEMMS:
+            self.calls.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+class PlainStep:
+    """The peer: the store's unified key as plain modules with their own fused torch AdamW."""
+
+    def __init__(self, store):
+        o = store.spec.optimizer
+        self.spec = store.spec
+        self.mods = {r: copy.deepcopy(store.module("unified", r)) for r in store.roles}
+        self.opts = {r: torch.optim.AdamW(m.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                          weight_decay=o.weight_decay, fused=True) for r, m in self.mods.items()}
+        self.steps = 0
+
+    def _update(self, role, loss):
+        self.opts[role].zero_grad(set_to_none=True)
+        loss.backward()
+        self.opts[role].step()
+
+    def __call__(self, x, c, z):
+        s = self.spec
+        if s.type != "gan":
+            m = self.mods["generator"]
+            recon, mu, logvar = m(x, c if s.type == "cvae" else None, eps=z)
+            rec = (recon - x).pow(2).sum(1).mean()
+            kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+            beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
+            self._update("generator", rec + beta * kl)
+        else:
+            G, D, gamma = self.mods["generator"], self.mods["discriminator"], s.gan.r1_gamma
+            fake = G(z, c)
+            real = x.detach().requires_grad_(gamma > 0)
+            real_logit, fake_logit = D(real, c), D(fake.detach(), c)
+            d_loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+            if gamma > 0:
+                (g,) = torch.autograd.grad(real_logit.sum(), real, create_graph=True)
+                d_loss = d_loss + gamma / 2 * g.pow(2).sum(1).mean()
+            self._update("discriminator", d_loss)
+            for p in D.parameters():
+                p.requires_grad_(False)  # the G step takes no D weight gradients
+            self._update("generator", F.softplus(-D(fake, c)).mean())
+            for p in D.parameters():
+                p.requires_grad_(True)
+        self.steps += 1
+
+
+def _side_by_side(fns, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each fn, their runs interleaved (a load change hits all of them alike)."""
+    times = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            if i >= warmup:
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def _flops(fn) -> int:
+    """FlopCounterMode's count of ``fn``. Its dispatch mode only: the module tracker it also enters
+    hooks every nn.Module, which breaks the R1 penalty's ``autograd.grad(create_graph=True)``."""
+    fc = FlopCounterMode(display=False)
+    with _FlopCounterMode(fc):
+        fn()
+    return int(fc.get_total_flops())
+
+
+def _gemm_replay(fn):
+    """(replay, flops): the float32 GEMMs ``fn`` executes, at their shapes, each run alone."""
+    rec = _RecordGemms()
+    with rec:
+        fn()
+    operands = [(op, [torch.randn(s) for s in shapes]) for op, shapes in rec.calls]
+    replay = lambda: [op(*args) for op, args in operands]  # noqa: E731
+    return replay, _flops(replay)
 
 
 def run(quick: bool = False) -> dict:
-    peak = matmul_gflops(1024 if quick else 2048, 3 if quick else 10)
-    batches = [64, 256] if quick else [64, 128, 256, 512, 1024, 2048]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(quick: bool) -> dict:
+    batches = [64, 256] if quick else [64, 256, 1024, 2048]
+    repeats = 3 if quick else 15
     table = []
-    where = {}
     for gtype in ("vae", "cvae", "gan"):
-        store = make_store(gtype)
-        gen = torch.Generator().manual_seed(0)
         for b in batches:
+            store = make_store(gtype)
+            plain = PlainStep(store)
+            gen = torch.Generator().manual_seed(0)
             x, y = make_batch(b)
-            t = median_time(lambda: store.train_batch(x, y, gen=gen, node="bench", round=0),
-                            3 if quick else 20)
-            gflops = step_flops(store, b) / t / 1e9
-            table.append({"type": gtype, "batch": b, "step_ms": t * 1e3, "samples_per_s": b / t,
-                          "gflops": gflops, "share_of_matmul_peak": gflops / peak})
-        where[gtype] = top_ops(store, *make_batch(batches[-1]))
+            c = store.conditions[y]
+            z = torch.randn(b, store.spec.latent_dim, generator=torch.Generator().manual_seed(1))
+            store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
+            plain_step = lambda: plain(x, c, z)  # noqa: E731
+            executed, useful = _flops(store_step), _flops(plain_step)
+            replay, gemm_flops = _gemm_replay(plain_step)
+            t_store, t_plain, t_gemm = _side_by_side([store_step, plain_step, replay], repeats)
+            rate = gemm_flops / t_gemm / 1e9
+            table.append({"type": gtype, "batch": b, "store_ms": t_store * 1e3, "plain_ms": t_plain * 1e3,
+                          "store_over_plain": t_store / t_plain, "useful_gflop": useful / 1e9,
+                          "executed_gflop": executed / 1e9, "executed_over_useful": executed / useful,
+                          "useful_gflops_per_s": useful / t_store / 1e9, "gemm_rate_same_shapes": rate,
+                          "share_of_gemm_rate": useful / t_store / 1e9 / rate})
     largest = [r for r in table if r["batch"] == batches[-1]]
-    summary = (f"float32 matmul peak {peak:.1f} GFLOP/s (one thread); at batch {batches[-1]}: "
-               + ", ".join(f"{r['type']} {r['share_of_matmul_peak']:.0%}" for r in largest)
-               + " of it (target >= 50%). Where the time goes at that batch (profiler, self CPU): "
-               + "; ".join(f"{t}: " + ", ".join(f"{o['op']} {o['self_share']:.0%}" for o in ops[:4])
-                           for t, ops in where.items()))
-    return {"summary": summary, "matmul_peak_gflops": peak, "table": table, "top_ops": where}
+    summary = ("One thread, side by side. Store step / plain module + fused AdamW (same update): "
+               + ", ".join(f"{r['type']}@{r['batch']} {r['store_over_plain']:.2f}x" for r in table)
+               + f". Executed / useful FLOPs (FlopCounterMode): "
+               + ", ".join(f"{r['type']} {r['executed_over_useful']:.3f}" for r in largest)
+               + f". At batch {batches[-1]} per useful FLOP the step reaches "
+               + ", ".join(f"{r['type']} {r['share_of_gemm_rate']:.0%}" for r in largest)
+               + " of the GEMM rate measured at the same shapes.")
+    return {"summary": summary, "table": table}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -27,6 +27,10 @@ if [[ ${CHECK:-0} == 1 ]]; then
 fi
 # what the repro changed or added among the files git sees (tracked outputs, DVC's .gitignores)
 git status --porcelain --untracked-files=all | cut -c4- | while read -r f; do
+  if [[ ! -e $f ]]; then
+    echo "relock: $f is no longer written: git rm it"
+    continue
+  fi
   mkdir -p "$here/$(dirname "$f")"
   cp "$f" "$here/$f"
   echo "relock: updated $f"

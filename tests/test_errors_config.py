@@ -90,6 +90,8 @@ BAD = {
     "tracking.experiment": "",
     "tracking.run_name": "",
     "tracking.required": "maybe",
+    "tracking.system_metrics": "maybe",
+    "tracking.upload_checkpoints": "some",
     "profiler.enabled": "maybe",
     "profiler.wait": -1,
     "profiler.warmup": -1,

@@ -32,7 +32,8 @@ BASE = ["data=digits", "data.nodes=3", "data.condition=onehot", "data.max_sample
         "evaluate.samples_per_class=20", "evaluate.knn_k=3"]
 
 
-LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train"]
+LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train", "train.metrics_path=rep_new/m.json",
+        "train.timing_path=rep_new/t.json"]
 
 
 def _main(cmd: str):
@@ -590,14 +591,12 @@ def test_mlflow_staging_on_a_full_tmpdir_is_one_line_when_required(project, tmp_
         full = mounts.full(tmp_path / "tmpdir")
         monkeypatch.setattr(tempfile, "tempdir", str(full))
         code, out, err = run_cli("train", ["tracking=sqlite", "tracking.required=true",
-                                           f"tracking.uri={uri}",
-                                           "checkpoint.dir=ck_new", "train.reports_dir=rep_new"],
-                                    sandbox, capsys)
+                                           f"tracking.uri={uri}", *LATE], sandbox, capsys)
         after = digest([sandbox])
     finally:
         mounts.close()
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and "staging artifact" in lines[0], err
-    assert "No space left on device" in lines[0]
+    assert "No space left on device" in lines[0], lines[0]
     assert not [p for p, h in before.items() if after.get(p) != h]
     assert (sandbox / "ck_new" / "latest.ckpt").is_file()  # training's own output is kept

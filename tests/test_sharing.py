@@ -105,6 +105,7 @@ def test_full_mode_without_a_server_store_is_refused_in_one_line(tmp_path):
     from feda2v.federation.server import Federation
 
     raw = {"data": {"name": "digits", "nodes": 2, "condition": "onehot", "max_samples": 100,
+                    "partition": {"scheme": "iid"},
                     "prepared_dir": str(tmp_path / "p")},
            "federation": {"mode": "full", "sharing": "local"}, "tracking": {"enabled": False}}
     cfg = load_config(raw)

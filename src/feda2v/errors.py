@@ -40,3 +40,18 @@ class TrackingError(Feda2vError):
 
 class OutputError(Feda2vError):
     """A report, metrics, plot or data file cannot be written (no space, read-only, a file in the way)."""
+
+
+class RunDirError(Feda2vError):
+    """An output directory belongs to another run: it is locked by a running one, or holds another
+    run's checkpoints or reports and this run was not told to resume or to start over."""
+
+
+class TrainingStopped(Feda2vError):
+    """SIGTERM or SIGINT stopped training at a safe point; the last complete checkpoint is kept.
+    Exits with the shell's code for the signal (128 + its number: 143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(message)

@@ -56,8 +56,9 @@ class CheckpointManager:
         return self.save_with_header(round_, tensors, header)[0]
 
     def save_with_header(self, round_: int, tensors: Mapping[str, torch.Tensor],
-                         header: Mapping[str, Any]) -> tuple[Path, dict]:
-        """``save``, also returning the full header written (with its checksums)."""
+                         header: Mapping[str, Any], *, replaces: tuple[Path, ...] = ()) -> tuple[Path, dict]:
+        """``save``, also returning the full header written (with its checksums). ``replaces``:
+        files of an earlier run to delete once this one is complete and ``latest`` names it."""
         if type(round_) is not int or round_ < 0:
             raise CheckpointError(f"checkpoint round must be an integer >= 0, got {round_!r}")
         if "round" in header and header["round"] != round_:
@@ -70,6 +71,9 @@ class CheckpointManager:
         path = self.dir / round_filename(round_)
         full = write_checkpoint(path, tensors, {**header, "round": round_})
         self._point_latest(path)
+        for old in replaces:
+            if old != path and old != self.latest_path:
+                old.unlink(missing_ok=True)
         self._prune(keep=path)
         return path, full
 

@@ -31,12 +31,14 @@ def _load(path: Path) -> dict:
 
 
 def record(checkpoint: Path, header_sha256: str, provenance: Mapping[str, Any]) -> None:
-    """Add ``checkpoint``'s entry; drop entries of files no longer in the directory. A failure to
+    """Add ``checkpoint``'s entry; drop the entries of files no longer there. A failure to
     write the sidecar never costs the checkpoint: it only makes its provenance unknown."""
     side = checkpoint.parent / SIDECAR
     entries = _load(side)
+    # entries of files gone (pruned, replaced by this one) go
     entries = {h: e for h, e in entries.items()
-               if isinstance(e, dict) and (checkpoint.parent / str(e.get("file", ""))).is_file()}
+               if isinstance(e, dict) and e.get("file") != checkpoint.name
+               and (checkpoint.parent / str(e.get("file", ""))).is_file()}
     entries[header_sha256] = {"file": checkpoint.name, "provenance": dict(provenance)}
     text = json.dumps({"feda2v_provenance": _FORMAT, "checkpoints": entries}, indent=1, sort_keys=True)
     try:

@@ -72,9 +72,11 @@ def library_versions() -> dict:
     import feda2v
     from feda2v.numerics import numeric_facts
 
+    # the thread count is how the run was operated (train.threads, in the provenance sidecar),
+    # not a code path: runs with other thread counts train the same bytes (issue 13)
+    cpu = {k: v for k, v in numeric_facts().items() if k != "torch_threads"}
     return {"feda2v": feda2v.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version(),
-            "cpu": numeric_facts()}
+            "safetensors": safetensors.__version__, "python": platform.python_version(), "cpu": cpu}
 
 
 def _drop(tree: dict, dotted: str) -> None:
@@ -330,6 +332,18 @@ class Checkpointer:
         self.manifest_hash = manifest_hash
         self.every = int(cfg.checkpoint.every)
         self.manager = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+        self._replaces: tuple[Path, ...] = ()  # another run's files, deleted after our first save
+
+    def existing(self) -> list[Path]:
+        """Checkpoint files already in the directory (round files, then ``latest``)."""
+        found = [p for _, p in self.manager.round_files()]
+        return found + ([self.latest_path] if self.latest_path.is_file() else [])
+
+    def start_over(self) -> list[Path]:
+        """Replace the checkpoints in the directory: nothing is deleted now; they go once this
+        run's first checkpoint is complete and ``latest`` names it. Returns them."""
+        self._replaces = tuple(self.existing())
+        return list(self._replaces)
 
     @property
     def latest_path(self) -> Path:
@@ -343,7 +357,8 @@ class Checkpointer:
         if state.round != round_:
             raise CheckpointError(f"the federation has completed round {state.round}, not {round_}")
         tensors, header = pack_run_state(state)
-        path, full = self.manager.save_with_header(round_, tensors, header)
+        path, full = self.manager.save_with_header(round_, tensors, header, replaces=self._replaces)
+        self._replaces = ()
         prov.record(path, full["header_sha256"], {**(provenance or {}), "operational": self.operational})
         return path
 

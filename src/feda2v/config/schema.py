@@ -138,6 +138,9 @@ class TrainConfig:
     # torch intra-op threads for training (0 = torch's default). The generators are small MLPs:
     # one thread is fastest here, and more threads contend badly on a shared 2-core machine.
     threads: int = 1
+    # A fresh run refuses a checkpoint.dir / reports_dir holding another run's results; true
+    # replaces them (deleted only once this run's first checkpoint is complete).
+    start_over: bool = False
     # Where the store, the federation, the full-mode classifier, evaluation and sampling run:
     # auto (cuda when available) | cpu | cuda | cuda:N. cpu by default: the same config then gives
     # the same bytes on every machine (a GPU run differs from a CPU run in the last bits).

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,11 @@ import numpy as np
 import torch
 
 from feda2v.config import to_plain
+from feda2v.errors import DataError, RunDirError, TrainingStopped
 from feda2v.fsutil import atomic_write_text, ensure_dir, output_error, remove_quietly, writing
+
+# Training reports in train.reports_dir that belong to one run (a fresh run refuses a folder holding them).
+REPORT_FILES = ("losses.csv", "round_losses.csv", "downstream.json")
 
 def run_params(cfg) -> dict:
     """The run's MLflow params: the resolved config, minus where it was resumed from."""
@@ -186,9 +191,82 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_manifest(cfg, manifest: dict) -> None:
+    """The data config must describe the prepared data it trains on (else the checkpoint's
+    config would record false values): one line naming the key and both values.
+
+    ``seed`` is not compared: it also seeds training, and sweeping training seeds over one
+    prepared data set is a supported multirun (the header's data_manifest_hash names the data)."""
+    d = cfg.data
+    part = manifest.get("partition") or {}
+    pairs = [("data.name", d.name, manifest.get("source")), ("data.nodes", d.nodes, manifest.get("nodes")),
+             ("data.condition", d.condition, manifest.get("condition")),
+             ("data.partition.scheme", d.partition.scheme, part.get("scheme")),
+             ("data.test_fraction", d.test_fraction, manifest.get("test_fraction")),
+             ("data.max_samples", d.max_samples, manifest.get("max_samples"))]
+    if d.partition.scheme == "dirichlet":
+        pairs.append(("data.partition.alpha", d.partition.alpha, part.get("alpha")))
+    if d.partition.scheme == "classes_per_node":
+        pairs.append(("data.partition.classes_per_node", d.partition.classes_per_node, part.get("classes_per_node")))
+    if d.name == "instruments":
+        pairs.append(("data.instruments.classes", d.instruments.classes, len(manifest.get("classes") or [])))
+    for key, mine, theirs in pairs:
+        if theirs is None and key in ("data.test_fraction", "data.max_samples"):
+            continue  # not recorded by older manifests
+        if mine != theirs:
+            raise DataError(f"{key}={mine!r} but the prepared data in {d.prepared_dir} was made with "
+                            f"{theirs!r}; re-run feda2v-prepare with this config or set {key}={theirs!r}")
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def train(cfg, engine=None) -> dict:
     """Run (or resume) the federation; returns the final summary metrics. ``engine``: one built by
-    the caller (the Flower deployment job injects one on its Grid); default from the config."""
+    the caller (the Flower deployment job injects one on its Grid); default from the config.
+
+    The run owns checkpoint.dir and train.reports_dir (locked) from start to end; SIGTERM/SIGINT
+    stop it at the next safe point with ``latest`` intact (TrainingStopped, exit 143/130)."""
+    from feda2v.checkpoint.rundir import RunDirs
+    from feda2v.pipeline.stopping import StopOnSignal
+
+    last = {"path": None, "round": None}  # the last complete checkpoint, for the stop message
+
+    def stopped(signum: int) -> str:
+        if last["path"] is None:
+            return f"stopped by {_signal_name(signum)} before any checkpoint was written; nothing to resume"
+        return (f"stopped by {_signal_name(signum)}; {last['path']} (round {last['round']}) is the last "
+                "complete checkpoint; continue with train.resume=latest")
+
+    with StopOnSignal(stopped) as stop, \
+            RunDirs({"checkpoint.dir": cfg.checkpoint.dir, "train.reports_dir": cfg.train.reports_dir}):
+        return _train(cfg, stop, last, engine)
+
+
+def _refuse_used_dirs(cfg, checkpointer, reports: Path) -> None:
+    """A fresh run never replaces another run's results unless told to (train.start_over)."""
+    used = [p.name for p in checkpointer.existing()]
+    old_reports = [f for f in REPORT_FILES if (reports / f).is_file()]
+    if not (used or old_reports):
+        return
+    if not cfg.train.start_over:
+        what, where, files = (("checkpoint.dir", cfg.checkpoint.dir, used) if used
+                              else ("train.reports_dir", cfg.train.reports_dir, old_reports))
+        raise RunDirError(
+            f"{what}={where} holds another run's {'checkpoints' if used else 'reports'} "
+            f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); resume it with "
+            "train.resume=latest, replace it with train.start_over=true (nothing is deleted before "
+            f"this run's first checkpoint), or choose another {what}")
+    # Old checkpoints go once the first new one is complete; the reports are only ever replaced
+    # right after a checkpoint (LossLog.commit), so they follow.
+    checkpointer.start_over()
+
+
+def _train(cfg, stop, last: dict, engine=None) -> dict:
     from feda2v.checkpoint import Checkpointer
     from feda2v.data import load_prepared
     from feda2v.federation.engine import make_engine
@@ -205,15 +283,20 @@ def train(cfg, engine=None) -> dict:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
+    check_manifest(cfg, data.manifest)
     engine = engine or make_engine(cfg.federation.engine)
     seed_globals(cfg.seed)
     federation = Federation(cfg, data)
     checkpointer = Checkpointer(cfg, data.manifest_hash)
+    reports = Path(cfg.train.reports_dir)
     start_round, resumed_from = 1, None
     if cfg.train.resume:
         path, state = checkpointer.restore(cfg.train.resume, federation)
         start_round, resumed_from = state.round + 1, str(path)
+        last.update(path=checkpointer.latest_path, round=state.round)
         print(f"resuming from {path} after round {state.round}", flush=True)
+    else:
+        _refuse_used_dirs(cfg, checkpointer, reports)
     rounds = cfg.federation.rounds
     if start_round > rounds:
         print(f"nothing to do: the checkpoint already has {start_round - 1} rounds (federation.rounds={rounds})")
@@ -225,14 +308,14 @@ def train(cfg, engine=None) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     tracker.log_dataset(**prepared_dataset(data, cfg.data.prepared_dir, cfg.data.name), context="training")
-    reports = Path(cfg.train.reports_dir)
-    losses = LossLog(reports, start_round)
-    progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
+    status = "FAILED"
+    progress = None
     summary: dict = {}
     downstream = None
-    status = "FAILED"
-    t_train = time.perf_counter()
     try:
+        losses = LossLog(reports, start_round)
+        progress = Progress(cfg.train.progress, rounds, start_round, len(federation.participants(start_round)))
+        t_train = time.perf_counter()
         with StepProfiler(cfg.profiler, name) as profiler:
             for result in engine.run(federation, start_round, rounds, on_step=profiler.step,
                                      on_node=progress.node_done):
@@ -240,11 +323,13 @@ def train(cfg, engine=None) -> dict:
                 tracker.log_metrics(result.metrics, step=result.round)
                 downstream = result.downstream if result.downstream is not None else downstream
                 if checkpointer.due(result.round, rounds):
-                    path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
-                    # reports follow the checkpoint: a failed save leaves the previous ones whole
-                    losses.commit()
-                    if downstream is not None:
-                        atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
+                    with stop.critical():  # a signal waits until latest names the new file
+                        path = checkpointer.save(result.round, federation, provenance(cfg, tracker))
+                        last.update(path=checkpointer.latest_path, round=result.round)
+                        # reports follow the checkpoint: a failed save leaves the previous ones whole
+                        losses.commit()
+                        if downstream is not None:
+                            atomic_write_text(reports / "downstream.json", json.dumps(downstream, indent=2) + "\n")
                     tracker.log_checkpoint(path)  # now or at the end: tracking.upload_checkpoints
                 progress.round_done(result)
                 summary = dict(result.metrics)
@@ -259,7 +344,7 @@ def train(cfg, engine=None) -> dict:
         tracker.log_artifact(str(metrics_path))
         tracker.log_artifact(str(timing_path))
         for p in sorted(reports.glob("*")):
-            if p.is_file():
+            if p.is_file() and not p.name.startswith("."):  # not the run lock
                 tracker.log_artifact(str(p), "reports/train")
         tracker.log_artifact(str(Path(cfg.data.prepared_dir) / "manifest.json"), "data")
         if profiler.enabled and profiler.out_dir.exists():
@@ -269,6 +354,10 @@ def train(cfg, engine=None) -> dict:
         tracker.log_store_model(str(checkpointer.latest_path))
         status = "FINISHED"
         return summary
+    except TrainingStopped:
+        status = "KILLED"
+        raise
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         tracker.end(status)

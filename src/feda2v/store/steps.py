@@ -23,6 +23,7 @@ from feda2v.models.losses import (
     vae_kl_per_sample,
     vae_recon_per_sample,
 )
+from feda2v.models.functional import StackedParams
 from feda2v.store.grouping import Grouping
 from feda2v.store.optim import grouped_step, step_tensor
 
@@ -132,15 +133,23 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
         else:
             with torch.no_grad():
                 fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
-        d_params = store._stacked(grp.active, DISCRIMINATOR)
-        real = xs.detach().requires_grad_(True) if gs.r1_gamma > 0 else xs
-        logits = d_tmpl.forward_stacked(d_params, torch.cat([real, fake.detach()], 1), torch.cat([cs, cs], 1), gen=gen)
-        real_logit, fake_logit = logits[:, :n], logits[:, n:]
+        d_params = StackedParams(store._stacked(grp.active, DISCRIMINATOR))
+        if gs.r1_gamma > 0:  # real and fake apart: R1's input-gradient pass then runs over the real half only
+            real = xs.detach().requires_grad_(True)
+            real_logit = d_tmpl.forward_stacked(d_params, real, cs, gen=gen)
+            fake_logit = d_tmpl.forward_stacked(d_params, fake.detach(), cs, gen=gen)
+        else:  # one D forward over both halves
+            logits = d_tmpl.forward_stacked(d_params, torch.cat([xs, fake.detach()], 1), torch.cat([cs, cs], 1), gen=gen)
+            real_logit, fake_logit = logits[:, :n], logits[:, n:]
         per_sample = gan_d_loss_per_sample(real_logit, fake_logit, gs.loss)
         if gs.r1_gamma > 0:
             # R1 (Mescheder et al., 2018): penalise D's gradient on real data, which pulls D's
             # landscape flat around the data and makes the alternating game converge locally.
-            (grad_real,) = torch.autograd.grad((real_logit * grp.mask).sum(), real, create_graph=True)
+            d_params.input_grads_only = True  # this pass needs D's input gradient, not its weights'
+            try:
+                (grad_real,) = torch.autograd.grad((real_logit * grp.mask).sum(), real, create_graph=True)
+            finally:
+                d_params.input_grads_only = False
             per_sample = per_sample + (0.5 * gs.r1_gamma) * r1_per_sample(grad_real)
         d_loss = grp.masked_mean(per_sample)
     raise_non_finite(d_loss, keys, node, round_, "discriminator loss")

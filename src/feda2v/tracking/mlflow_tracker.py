@@ -530,13 +530,17 @@ class MlflowTracker(Tracker):
 
         if self._staging is None:
             self._staging = tempfile.TemporaryDirectory(prefix="feda2v-mlflow-")
-        folder = Path(self._staging.name) / str(len(self._uploads))
-        folder.mkdir()
+        # a folder of its own per artifact (a failed staging leaves none behind to collide with)
+        folder = Path(tempfile.mkdtemp(dir=self._staging.name))
         staged = folder / p.name  # same name: MLflow names the artifact after the file
         try:
-            os.link(p, staged)
-        except OSError:  # another file system: a copy is the snapshot
-            shutil.copy2(p, staged)
+            try:
+                os.link(p, staged)
+            except OSError:  # another file system: a copy is the snapshot
+                shutil.copy2(p, staged)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return staged
 
     def _uploader(self):
