@@ -79,6 +79,7 @@ BAD = {
     "checkpoint.every": 0,
     "checkpoint.keep_last": 0,
     "train.resume": "",
+    "train.start_over": "maybe",
     "train.reports_dir": "",
     "train.progress": "fancy",
     "train.metrics_path": "",

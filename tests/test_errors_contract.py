@@ -323,7 +323,8 @@ CASES: list[Case] = [
     # --- train's write paths ------------------------------------------------------------------
     Case("reports-dir-is-a-file", "train", _file("train.reports_dir"), "a_file"),
     Case("reports-dir-under-a-file", "train", _under_file("train.reports_dir"), "a_file"),
-    Case("profiler-dir-is-a-file-enabled", "train", lambda s, m: ["profiler=enabled", *_file("profiler.dir")(s, m)],
+    Case("profiler-dir-is-a-file-enabled", "train",
+         lambda s, m: [*LATE, "profiler=enabled", *_file("profiler.dir")(s, m)],
          "a_file"),
     Case("checkpoint-dir-is-a-file", "train", _file("checkpoint.dir"), "a_file"),
     Case("reports-on-full-disk", "train", _full("train.reports_dir"), "No space left on device"),
@@ -527,7 +528,8 @@ def test_resume_over_a_torn_loss_report_rebuilds_it(project, tmp_path, capsys):
     dropped with a note; resume continues and the report holds every row it could verify."""
     straight = tmp_path / "straight"
     shutil.copytree(project, straight)
-    code, _, err = run_cli("train", ["federation.rounds=3", "checkpoint.dir=ck3"], straight, capsys)
+    code, _, err = run_cli("train", ["federation.rounds=3", "checkpoint.dir=ck3", "train.start_over=true"],
+                           straight, capsys)
     assert code == 0, err
     want = _rows(straight / "reports" / "train" / "losses.csv")
 

@@ -139,10 +139,27 @@ def test_runs_carry_source_user_dataset_and_system_metrics(runs):
 
 
 @pytest.mark.slow
-def test_default_run_uploads_only_its_last_checkpoint(runs):
+def test_default_run_uploads_only_its_last_checkpoint_once(runs):
     for run in runs["runs"].values():
         arts = [a.path for a in runs["client"].list_artifacts(run.info.run_id, "checkpoints")]
-        assert [a for a in arts if a.endswith(".ckpt")] == [f"checkpoints/round_{ROUNDS:06d}.ckpt"], arts
+        assert not [a for a in arts if a.endswith(".ckpt")], arts  # the model holds it
+        model_id = run.outputs.model_outputs[0].model_id
+        assert run.data.tags["feda2v.final_checkpoint"] == \
+            f"models:/{model_id} (artifacts/latest.ckpt)"
+
+
+def test_final_checkpoint_is_uploaded_when_no_model_holds_it(tmp_path):
+    cfg = load_config({"tracking": {"uri": f"sqlite:///{tmp_path}/m.db", "experiment": "nomodel",
+                                    "system_metrics": False}})
+    tracker = make_tracker(cfg)
+    tracker.start("no-model")
+    p = tmp_path / "round_000001.ckpt"
+    p.write_bytes(b"x" * 64)
+    tracker.log_checkpoint(p)
+    tracker.end("FAILED")  # e.g. the run failed before its model was logged
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "checkpoints")] == \
+        ["checkpoints/round_000001.ckpt"]
 
 
 @pytest.mark.slow

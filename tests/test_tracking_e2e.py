@@ -71,8 +71,19 @@ def test_multirun_makes_one_complete_run_per_job(trained, tmp_path):
                  if "mlartifacts" not in p.parts]
         assert len(found) == 1, found
         ckpt = found[0]
-        got = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{ckpt.name}",
-                                             str(tmp_path / seed)))
+        # tracking.upload_checkpoints=last: the final checkpoint is uploaded once, in the store
+        # model, and the run says so; no second copy under checkpoints/
+        assert run.data.tags["feda2v.final_checkpoint"].startswith("models:/m-")
+        assert not [a for a in client.list_artifacts(run.info.run_id, "checkpoints")
+                    if a.path.endswith(".ckpt")]
+        model_id = run.data.tags["feda2v.final_checkpoint"].split()[0].removeprefix("models:/")
+        mlflow.set_tracking_uri(client.tracking_uri)  # how a user resolves models:/ URIs
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}",
+                                                              dst_path=str(tmp_path / seed)))
+        finally:
+            mlflow.set_tracking_uri(None)
+        got = folder / "artifacts" / "latest.ckpt"
         assert hashlib.sha256(got.read_bytes()).digest() == \
             hashlib.sha256(ckpt.read_bytes()).digest()
         v = subprocess.run([cli("feda2v-ckpt"), "verify", str(got)], capture_output=True,

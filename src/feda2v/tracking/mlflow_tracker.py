@@ -17,7 +17,8 @@ Design points (README "Experiment tracking (MLflow)" has the user side):
 - Runs carry MLflow's own source tags (user, entry point, source type) besides feda2v's; the
   experiment is tagged as a model-development experiment so the UI opens on its runs table.
 - Checkpoints are uploaded by policy (``tracking.upload_checkpoints``: last | keep_last | all);
-  deferred ones are uploaded when the run ends.
+  deferred ones are uploaded when the run ends, except the one the store model already holds
+  (the run's ``feda2v.final_checkpoint`` tag says where it is).
 """
 from __future__ import annotations
 
@@ -363,6 +364,8 @@ class MlflowTracker(Tracker):
         self.system_metrics = system_metrics
         self._system_monitor = None
         self.model_id: str | None = None  # the LoggedModel of this run (log_store_model)
+        self._model_ckpt = None  # (dev, inode, size, sha256 thunk) of the checkpoint it holds
+        self._model_ckpt_name = ""
         self.dataset: tuple[str, str] | None = None  # (name, digest) of the logged input data
         self._run_id: str | None = None
         self._owns_run = True
@@ -482,7 +485,20 @@ class MlflowTracker(Tracker):
         self._pending_checkpoints = []
         keep = 1 if self.upload_checkpoints == "last" else self.keep_last
         for p in alive[-keep:]:
+            if self._in_model(p):  # uploaded once already, as the store model's artifact
+                self._call("tagging the run", self.client.set_tag, self._run_id,
+                           "feda2v.final_checkpoint", f"{self.model_uri} (artifacts/{self._model_ckpt_name})")
+                continue
             self.log_artifact(p, "checkpoints")
+
+    def _in_model(self, path: Path) -> bool:
+        """Whether ``path`` holds the very bytes the store model was logged with."""
+        if self._model_ckpt is None or self.model_uri is None:
+            return False
+        st, (dev, ino, size, digest) = path.stat(), self._model_ckpt
+        if (st.st_dev, st.st_ino) == (dev, ino):  # latest.ckpt is a hard link of the round file
+            return True
+        return st.st_size == size and _sha256(path) == digest()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         def _log():
@@ -581,6 +597,10 @@ class MlflowTracker(Tracker):
                 info = log_store_model(checkpoint_path, run_id=self._run_id, name=name,
                                        dataset=self.dataset)
             self.model_uri, self.model_id = info.model_uri, info.model_id
+            ckpt = Path(checkpoint_path).resolve()
+            st = ckpt.stat()
+            self._model_ckpt = (st.st_dev, st.st_ino, st.st_size, lambda: _sha256(ckpt))
+            self._model_ckpt_name = ckpt.name
 
         self._call("logging the store model", _log)
 
@@ -669,3 +689,13 @@ def _tensor_schema(schema: Mapping) -> str:
 
     return json.dumps(TensorDatasetSchema(
         features=spec("features"), targets=spec("label") if "label" in schema else None).to_dict())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
