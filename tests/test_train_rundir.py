@@ -168,11 +168,18 @@ def test_identical_runs_with_tracking_write_identical_bytes(tmp_path, prepared, 
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="numerics.PINNED_ENV MKL_CBWR=AVX2,STRICT makes MKL's results depend on "
+                   "the thread count (COMPATIBLE or unset do not); strict: remove this mark with the fix")
 def test_other_thread_counts_train_the_same_bytes(tmp_path, prepared):
-    """train.threads is operational: the checkpoint (header and tensors) must not depend on it."""
-    run_in(tmp_path / "one", prepared, train={"threads": 1})
-    run_in(tmp_path / "two", prepared, train={"threads": 2})
-    a, b = tmp_path / "one/ckpt/latest.ckpt", tmp_path / "two/ckpt/latest.ckpt"
+    """train.threads is operational: the checkpoint (header and tensors) must not depend on it.
+    Through the console script, so the numerics pins are in force as for every user."""
+    for threads in (1, 2):
+        where = tmp_path / f"t{threads}"
+        where.mkdir()
+        out = subprocess.run(train_cmd(prepared, 2, "tracking=none", f"train.threads={threads}"), cwd=where,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    a, b = tmp_path / "t1/ckpt/latest.ckpt", tmp_path / "t2/ckpt/latest.ckpt"
     assert diff_checkpoints(a, b, strict=True) == []
     assert a.read_bytes() == b.read_bytes()
 
