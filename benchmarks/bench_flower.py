@@ -1,8 +1,10 @@
 """Flower engine vs in-process engine on the same config, side by side: per-round wall time, the
-cost of one node visit (message hop), the simulation's start-up/shutdown, and whether both engines
-end in the identical state (they must)."""
+cost of one node visit (message hop), the simulation's start-up/shutdown, whether both engines end
+in the identical state (they must), and the bytes one visit's message carries (the slice of the keys
+the node trains) for unified and per_class stores."""
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -22,8 +24,75 @@ def _config(prepared: Path, rounds: int, sharing: str, max_samples: int):
     })
 
 
+def _store_state(fed) -> dict:
+    return {f"{name}/{k}": v for name, store in fed.stores.items() for k, v in store.state_dict()[0].items()}
+
+
+def _visit_bytes(fed) -> dict:
+    """Bytes of round 1's visit messages: the slice each node is sent, against the whole store."""
+    from feda2v.federation.flower_app import encode_store, visit_keys
+    from feda2v.federation.node import node_name
+
+    sent = []
+    for nd in fed.participants(1):
+        store = fed.store_for(node_name(nd.node_id))
+        keys = visit_keys(store, fed.classes, fed.data.manifest["counts"]["train"][nd.node_id])
+        sent.append(len(encode_store(store, store_name="x", round_=1, node="x", keys=keys)))
+    whole = len(encode_store(fed.store_for(node_name(fed.participants(1)[0].node_id)), store_name="x",
+                             round_=1, node="x"))
+    return {"visit_message_bytes_median": statistics.median(sent), "whole_store_bytes": whole}
+
+
+def message_bytes() -> list[dict]:
+    """Per-visit message size of a 20-class GAN store (the issue's case) when a node holds 4
+    classes: unified (1 key: the whole store) and per_class (4 of 20 keys travel)."""
+    from common import make_store
+    from feda2v.federation.flower_app import encode_store, visit_keys
+
+    rows = []
+    for granularity in ("unified", "per_class"):
+        store = make_store("gan", granularity, classes=20)
+        counts = [50 if i < 4 else 0 for i in range(20)]
+        keys = visit_keys(store, [f"c{i}" for i in range(20)], counts)
+        rows.append({"granularity": granularity, "type": "gan", "classes": 20, "node_classes": 4,
+                     "keys_sent": len(keys), "keys_total": len(store.keys),
+                     "visit_message_bytes": len(encode_store(store, store_name="x", round_=1, node="x", keys=keys)),
+                     "whole_store_bytes": len(encode_store(store, store_name="x", round_=1, node="x"))})
+    return rows
+
+
+def deployed(rounds: int = 3) -> dict:
+    """scripts/flower_deploy.sh on this machine (SuperLink + 2 SuperNodes on 127.0.0.1, shared relay,
+    digits): its round lines give the deployed and the in-process round time of the same config;
+    per visit = round / 2 nodes. Where a deployed visit's seconds go (Flower 1.42): the SuperNode
+    starts a fresh `flwr-clientapp` process per message (pull one task, run, exit), which imports
+    torch and feda2v and reads its own partition; the server pulls replies every poll_s."""
+    import os
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, ROUNDS=str(rounds), LINK_PORT=os.environ.get("BENCH_LINK_PORT", "18711"),
+                   NODE_PORT0=os.environ.get("BENCH_NODE_PORT0", "19711"))
+        t0 = time.perf_counter()
+        out = subprocess.run(["bash", str(root / "scripts" / "flower_deploy.sh"), tmp], env=env,
+                             capture_output=True, text=True, timeout=900)
+        total = time.perf_counter() - t0
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        return {"error": (text.strip().splitlines() or ["no output"])[-1]}
+    secs = [float(m) for m in re.findall(r"round \d+/\d+: .*? ([\d.]+)s$", text, re.M)]
+    dep, ip = secs[:rounds], secs[rounds:2 * rounds]  # flwr run's rounds come first, then in-process
+    later = lambda xs: statistics.median(xs[1:] or xs)  # noqa: E731
+    return {"nodes": 2, "rounds": rounds, "deployed_round_s_median": later(dep),
+            "inprocess_round_s_median": later(ip), "deployed_round_s_first": dep[0],
+            "deployed_per_visit_s": later(dep) / 2, "inprocess_per_visit_s": later(ip) / 2,
+            "deployed_overhead_per_visit_s": (later(dep) - later(ip)) / 2, "script_total_s": total,
+            "identical_state": "bit-identical" in text}
+
+
 def _drive(engine, cfg, data) -> dict:
-    from feda2v.federation.flower_app import encode_store
     from feda2v.federation.server import Federation
 
     fed = Federation(cfg, data)
@@ -41,11 +110,7 @@ def _drive(engine, cfg, data) -> dict:
         hops += len(res.nodes)
         t_prev = time.perf_counter()
     total = time.perf_counter() - t_start
-    state, _ = fed.state_dict()
-    from feda2v.federation.node import node_name
-
-    visited = fed.store_for(node_name(fed.participants(1)[0].node_id))  # what one visit carries
-    payload = len(encode_store(visited, store_name="x", round_=0, node="x"))
+    state = _store_state(fed)
     steady = walls[1:] or walls
     return {
         "round_s_first": walls[0],
@@ -57,7 +122,7 @@ def _drive(engine, cfg, data) -> dict:
         "total_s": total,
         "shutdown_s": total - sum(gaps),  # after the last round (Ray shutdown)
         "hops": hops,
-        "store_message_bytes": payload,
+        **_visit_bytes(fed),
         "_state": state,
     }
 
@@ -95,7 +160,18 @@ def run(quick: bool = False) -> dict:
                f"identical final state: {all(r['identical_state'] for r in table)}; in-process is "
                f"{fl['round_s_median_after_first'] / ip['round_s_median_after_first']:.0f}x faster per round "
                f"(target >= 20x)")
-    return {"summary": summary, "table": table}
+    if not quick and os.environ.get("BENCH_FLOWER_DEPLOY", "1") != "0":
+        dep = deployed()
+        if "error" not in dep:
+            summary += (f"; deployed (2 SuperNodes on this machine): {dep['deployed_per_visit_s']:.2f} s per visit "
+                        f"against {dep['inprocess_per_visit_s'] * 1e3:.0f} ms in-process "
+                        f"(+{dep['deployed_overhead_per_visit_s']:.2f} s)")
+        table.append({"engine": "flower-deployment", "sharing": "shared", **dep})
+    sizes = message_bytes()
+    summary += "; visit message, 20-class GAN, node with 4 classes: " + ", ".join(
+        f"{r['granularity']} {r['visit_message_bytes'] / 1e6:.2f} MB of {r['whole_store_bytes'] / 1e6:.2f} MB"
+        for r in sizes)
+    return {"summary": summary, "table": table, "message_bytes": sizes}
 
 
 if __name__ == "__main__":

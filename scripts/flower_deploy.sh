@@ -67,7 +67,9 @@ raw = {"seed": 0,
        "generator": {"hidden_dim": 32, "latent_dim": 8},
        "federation": {"rounds": rounds, "sharing": "shared", "engine": "flower"},
        "checkpoint": {"dir": "ckpt"}, "train": {"progress": "lines"}, "tracking": {"enabled": False}}
+from feda2v.data.sites import write_site_bundles
 prepare(load_config(raw))
+write_site_bundles(f"{work}/prepared", f"{work}/sites")  # what each SuperNode holds: its partition only
 with open(f"{work}/config.json", "w") as f:
     json.dump(to_plain(load_config(raw)), f, indent=1)
 EOF
@@ -93,7 +95,7 @@ packages = ["."]
 publisher = "feda2v"
 
 [tool.flwr.app.components]
-serverapp = "feda2v.federation.flower_app:server_app"
+serverapp = "feda2v.pipeline.flower_job:server_app"
 clientapp = "feda2v.federation.flower_app:client_app"
 
 [tool.flwr.app.config]
@@ -116,16 +118,23 @@ PIDS+=($!); echo "flower_deploy: SuperLink PID $! on 127.0.0.1:$LINK_PORT (insec
 wait_port "$LINK_PORT"
 for i in 0 1; do
   flower-supernode --insecure --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port $((NODE_PORT0 + i)) \
-    --node-config "partition-id=$i num-partitions=2" >"$WORK/logs/supernode$i.log" 2>&1 &
+    --node-config "partition-id=$i num-partitions=2 data-dir=\"$WORK/sites/node_00$i\"" \
+    >"$WORK/logs/supernode$i.log" 2>&1 &
   PIDS+=($!); echo "flower_deploy: SuperNode $i PID $! (partition-id=$i, runtime port $((NODE_PORT0 + i)))"
 done
 
-# 4. the run: the whole training job (rounds, checkpoints, reports) runs inside the ServerApp
+# 4. the run: the whole training job (rounds, checkpoints, reports) runs inside the ServerApp.
+#    `flwr run --stream` exits 0 even when the ServerApp failed: the job's own finish line decides.
 t0=$(date +%s.%N)
 flwr run "$WORK/app" feda2v-local --stream \
-  --run-config "config-json=\"$WORK/config.json\" workdir=\"$WORK/deploy\"" 2>&1 | tee "$WORK/logs/flwr_run.log"
+  --run-config "config-json=\"$WORK/config.json\" workdir=\"$WORK/deploy\"" 2>&1 | tee "$WORK/logs/flwr_run.log" || true
 t1=$(date +%s.%N)
 echo "flower_deploy: flwr run took $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
+if ! grep -q "feda2v: flower deployment run finished" "$WORK/logs/flwr_run.log"; then
+  line=$(grep -m1 "feda2v: error:" "$WORK/logs/flwr_run.log" || true)
+  echo "${line:-feda2v: error: the Flower deployment run did not finish; see $WORK/logs}" >&2
+  exit 1
+fi
 
 # 5. the same config in-process, then compare (exit non-zero unless bit-identical)
 (cd "$WORK/inprocess" && "$VENV/bin/python" - "$WORK" <<'EOF'

@@ -66,6 +66,7 @@ def fast_dir(tmp_path):
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slow  # a sweep: tens of seconds on a busy 2-core machine
 def test_every_writable_header_length_pattern_reads_back(fast_dir):
     """The writer pads its header to a multiple of 8, so 8192 of the 65,536 low-16-bit patterns
     can occur: each one, written by the writer, reads back on the wire and from a file."""
@@ -102,6 +103,7 @@ def _framed_with_trailing_spaces(n: int) -> bytes:
     return struct.pack("<Q", n) + _BASE_RAW + b" " * (n - len(_BASE_RAW)) + _BASE_PAYLOAD
 
 
+@pytest.mark.slow
 def test_no_header_length_pattern_is_taken_for_a_pickle(fast_dir):
     """All 65,536 low-16-bit patterns, on the wire and from a file: a framed container is never
     called a pickle; the patterns the writer cannot produce are refused for what they are."""

@@ -135,14 +135,6 @@ def test_visit_refuses_misrouted_or_foreign_data(prepared, tmp_path):
         visit(blob, dict(task, manifest_hash="0" * 64), 0)
 
 
-def test_full_mode_is_refused_clearly(prepared):
-    from feda2v.federation.engine import make_engine
-
-    fed = _federation(prepared, federation={"mode": "full"})
-    with pytest.raises(ConfigError, match="generator_only"):
-        next(make_engine("flower").run(fed, 1, 1))
-
-
 # -- slow: the Flower simulation runtime (Ray) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def flower_shared(prepared, tmp_path_factory):
@@ -186,3 +178,18 @@ def test_simulation_fedavg_matches_in_process(prepared, tmp_path):
     train_in(tmp_path / "ip", prepared, "inprocess", **sections)
     train_in(tmp_path / "fl", prepared, "flower", **sections)
     assert diff_checkpoints(tmp_path / "ip" / "ckpt" / "latest.ckpt", tmp_path / "fl" / "ckpt" / "latest.ckpt") == []
+
+
+@pytest.mark.slow
+def test_simulation_full_mode_matches_in_process(prepared, tmp_path):
+    """full mode: node classifiers train on the Flower nodes, the server averages and distils."""
+    sections = {"federation": {"mode": "full", "sharing": "fedavg"}}
+    train_in(tmp_path / "ip", prepared, "inprocess", **sections)
+    train_in(tmp_path / "fl", prepared, "flower", **sections)
+    a, b = tmp_path / "ip" / "ckpt" / "latest.ckpt", tmp_path / "fl" / "ckpt" / "latest.ckpt"
+    assert diff_checkpoints(a, b) == []
+    tensors, _ = read_checkpoint(b)
+    assert any(k.startswith("classifier/") for k in tensors)
+    assert (tmp_path / "ip" / "reports" / "train" / "downstream.json").read_bytes() == \
+           (tmp_path / "fl" / "reports" / "train" / "downstream.json").read_bytes()
+

@@ -34,7 +34,7 @@ RNG_PREFIX = "rng/"
 # Config that says how a run is operated, not what state it trains: kept out of the checkpoint
 # (it lives in the provenance sidecar), so the same state gives the same bytes.
 OPERATIONAL = ("checkpoint", "train", "tracking", "profiler", "evaluate", "federation.engine",
-               "data.prepared_dir", "data.instruments.cache_dir")
+               "federation.flower", "data.prepared_dir", "data.instruments.cache_dir", "data.site_bundles_dir")
 # Config that may differ between a checkpoint and the run resuming it (format 1 files still carry
 # the operational keys, so they are skipped as well).
 RESUME_FREE = OPERATIONAL + ("federation.rounds",)
@@ -288,9 +288,13 @@ def capture_federation(federation, *, config: dict, data_manifest_hash: str | No
     classifier = None
     if federation.classifier is not None:
         classifier = (dict(federation.classifier.state_dict()), dict(federation.classifier.kwargs))
+    # rounds that went on without a lost node (Flower, on_node_failure=skip): absent when none
+    missing = getattr(federation, "missing", None)
+    extra = {"missing_nodes": {str(r): list(n) for r, n in sorted(missing.items())}} if missing else {}
     return RunState(config=config, round=int(federation.round), stores=stores,
                     primary_store=federation.primary_store, classifier=classifier,
-                    rng=capture_rng() if with_rng else None, data_manifest_hash=data_manifest_hash)
+                    rng=capture_rng() if with_rng else None, data_manifest_hash=data_manifest_hash,
+                    extra=extra)
 
 
 def load_federation(federation, state: RunState, *, restore_globals: bool = True) -> None:
@@ -311,6 +315,8 @@ def load_federation(federation, state: RunState, *, restore_globals: bool = True
         except RuntimeError as e:
             raise CheckpointError(f"classifier state does not fit: {str(e).splitlines()[0]}") from None
     federation.round = state.round
+    if hasattr(federation, "missing"):
+        federation.missing = {int(r): list(n) for r, n in (state.extra.get("missing_nodes") or {}).items()}
     if restore_globals and state.rng is not None:
         restore_rng(*state.rng)
 

@@ -18,6 +18,11 @@ def task(cfg) -> None:
         f"features {m['feature_dim']}-d, condition {m['condition']} {m['condition_dim']}-d -> {path} "
         f"(hash {m['hash'][:12]}) in {report['seconds']:.1f} s{cached}"
     )
+    if cfg.data.site_bundles_dir:  # what each site needs alone: its partition, conditions, entry
+        from feda2v.data.sites import write_site_bundles
+
+        sites = write_site_bundles(path, cfg.data.site_bundles_dir)
+        print(f"site bundles: {len(sites)} under {cfg.data.site_bundles_dir} (one per partition)")
 
 
 def main() -> None:

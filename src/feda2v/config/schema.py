@@ -38,6 +38,9 @@ class DataConfig:
     condition: str = "text"  # text (MiniLM sentence embedding of the class name) | onehot
     max_samples: int = 0  # 0 = all; caps large sources (fashion_mnist) for quick runs
     prepared_dir: str = "data/prepared"
+    # feda2v-prepare also writes one bundle per site (its partition, the conditions, its manifest
+    # entry) under DIR/node_NNN/, for federations whose nodes hold only their own data (Flower)
+    site_bundles_dir: Optional[str] = None
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
     progress: str = "auto"  # auto (bar on a terminal, else quiet) | bar | lines | off
 
@@ -83,6 +86,20 @@ class GeneratorConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """federation.engine=flower: Flower's timing and what a lost node means (operational: neither
+    enters the checkpoint's config nor blocks a resume)."""
+
+    reply_timeout_s: float = 600.0  # longest wait for one visit's reply before the node counts as lost
+    poll_s: float = 0.05  # interval between the server's pulls for replies
+    connect_timeout_s: float = 120.0  # wait for SuperNodes to connect (start, and rejoin under 'wait')
+    # fail: stop the run (non-zero exit, one line); skip: finish the round without the node and
+    # record it; wait: re-send to the node's partition (a restarted node rejoins) up to `retries` times
+    on_node_failure: str = "fail"
+    retries: int = 2
+
+
+@dataclass
 class FederationConfig:
     mode: str = "generator_only"  # generator_only | full
     sharing: str = "shared"  # shared | local | fedavg
@@ -101,6 +118,7 @@ class FederationConfig:
     distill: bool = True  # full mode: fine-tune the global classifier on synthetic samples each round
     synthetic_per_class: str = "auto"  # auto (= real training count per class) | an integer
     distill_epochs: int = 1
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 
 @dataclass
@@ -195,6 +213,7 @@ CHOICES: Dict[str, tuple] = {
     "federation.sharing": ("shared", "local", "fedavg"),
     "federation.engine": ("inprocess", "flower"),
     "federation.reset_on_class_change": ("new_classes", "changed", "never"),
+    "federation.flower.on_node_failure": ("fail", "skip", "wait"),
     "train.progress": ("auto", "bar", "lines", "off"),
     "data.progress": ("auto", "bar", "lines", "off"),
     "evaluate.progress": ("auto", "bar", "lines", "off"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from feda2v.data import audio
-from feda2v.data.sources import Source
+from feda2v.data.source import Source
 from feda2v.errors import ConfigError, DataError
 from feda2v.fsutil import atomic_write_bytes
 from feda2v.seeding import numpy_generator

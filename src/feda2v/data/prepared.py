@@ -256,14 +256,8 @@ def _check_shape_fields(path: Path, m: dict) -> None:
         raise _bad(path, f"has a malformed {MANIFEST} (nodes, classes, dims or counts)")
 
 
-def load_prepared(path) -> PreparedData:
-    """Read and verify a prepared dir: every file's sha256, the files-map hash, tensor shapes and
-    dtypes, and per-node per-class counts against the manifest. DataError on any mismatch."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    path = Path(path)
+def read_manifest(path: Path) -> dict:
+    """``manifest.json`` of a prepared dir, checked: fields, format, shapes, files-map hash."""
     if not path.is_dir():
         raise _bad(path, "is missing")
     mpath = path / MANIFEST
@@ -284,42 +278,70 @@ def load_prepared(path) -> PreparedData:
     files = manifest["files"]
     if not isinstance(files, dict) or files_hash(files) != manifest["hash"]:
         raise _bad(path, f"has a {MANIFEST} whose files map does not match its hash (edited or damaged)")
-    nodes_n = manifest["nodes"]
-    expected = [CONDITIONS] + [node_file(i) for i in range(nodes_n)]
+    expected = [CONDITIONS] + [node_file(i) for i in range(manifest["nodes"])]
     absent = [f for f in expected if f not in files]
     if absent:
         raise _bad(path, f"has a {MANIFEST} that does not list {absent[0]}")
+    return manifest
 
-    def read(name: str) -> dict[str, torch.Tensor]:
-        fp = path / name
-        if not fp.is_file():
-            raise _bad(path, f"is missing {name}")
-        b = fp.read_bytes()
-        if hashlib.sha256(b).hexdigest() != files[name]:
-            raise _bad(path, f"has a corrupted {name} (sha256 differs from the manifest)")
-        try:
-            return load(b)
-        except (SafetensorError, ValueError, RuntimeError) as e:
-            raise _bad(path, f"has an unreadable {name} ({e})") from None
 
+def read_verified(path: Path, name: str, sha256: str, bad=None) -> dict:
+    """One safetensors file of prepared data, its sha256 checked; ``bad(what)`` builds the error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    bad = bad or (lambda what: _bad(path, what))
+    fp = path / name
+    if not fp.is_file():
+        raise bad(f"is missing {name}")
+    b = fp.read_bytes()
+    if hashlib.sha256(b).hexdigest() != sha256:
+        raise bad(f"has a corrupted {name} (sha256 differs from the manifest)")
+    try:
+        return load(b)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise bad(f"has an unreadable {name} ({e})") from None
+
+
+def check_conditions(t: dict, C: int, cdim: int, bad):
+    import torch
+
+    cond = t.get("conditions")
+    if cond is None or cond.dtype != torch.float32 or tuple(cond.shape) != (C, cdim):
+        raise bad(f"has {CONDITIONS} without a float32 [{C}, {cdim}] 'conditions' tensor")
+    return cond
+
+
+def check_node(i: int, t: dict, C: int, fdim: int, counts: dict, bad) -> NodeData:
+    """Node ``i``'s tensors against dims and the manifest's per-class ``counts`` ({split: row})."""
+    import torch
+
+    for split in ("train", "test"):
+        x, y = t.get(f"{split}_x"), t.get(f"{split}_y")
+        ok = (x is not None and y is not None and x.dtype == torch.float32 and y.dtype == torch.int64
+              and x.dim() == 2 and x.shape[1] == fdim and y.shape == (x.shape[0],))
+        if not ok:
+            raise bad(f"has {node_file(i)} without float32 {split}_x [n, {fdim}] and int64 {split}_y [n]")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+            raise bad(f"has {node_file(i)} with {split} labels outside the {C} classes")
+        if torch.bincount(y, minlength=C).tolist() != counts[split]:
+            raise bad(f"has {node_file(i)} whose {split} class counts differ from the manifest")
+    return NodeData(i, t["train_x"], t["train_y"], t["test_x"], t["test_y"])
+
+
+def load_prepared(path) -> PreparedData:
+    """Read and verify a prepared dir: every file's sha256, the files-map hash, tensor shapes and
+    dtypes, and per-node per-class counts against the manifest. DataError on any mismatch."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    bad = lambda what: _bad(path, what)  # noqa: E731
     classes = list(manifest["classes"])
     C, fdim, cdim = len(classes), manifest["feature_dim"], manifest["condition_dim"]
-    cond = read(CONDITIONS).get("conditions")
-    if cond is None or cond.dtype != torch.float32 or tuple(cond.shape) != (C, cdim):
-        raise _bad(path, f"has {CONDITIONS} without a float32 [{C}, {cdim}] 'conditions' tensor")
-    nodes = []
-    for i in range(nodes_n):
-        t = read(node_file(i))
-        for split in ("train", "test"):
-            x, y = t.get(f"{split}_x"), t.get(f"{split}_y")
-            ok = (x is not None and y is not None and x.dtype == torch.float32 and y.dtype == torch.int64
-                  and x.dim() == 2 and x.shape[1] == fdim and y.shape == (x.shape[0],))
-            if not ok:
-                raise _bad(path, f"has {node_file(i)} without float32 {split}_x [n, {fdim}] and int64 {split}_y [n]")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
-                raise _bad(path, f"has {node_file(i)} with {split} labels outside the {C} classes")
-            if torch.bincount(y, minlength=C).tolist() != manifest["counts"][split][i]:
-                raise _bad(path, f"has {node_file(i)} whose {split} class counts differ from the manifest")
-        nodes.append(NodeData(i, t["train_x"], t["train_y"], t["test_x"], t["test_y"]))
+    cond = check_conditions(read_verified(path, CONDITIONS, files[CONDITIONS]), C, cdim, bad)
+    counts = manifest["counts"]
+    nodes = [check_node(i, read_verified(path, node_file(i), files[node_file(i)]), C, fdim,
+                        {s: counts[s][i] for s in ("train", "test")}, bad)
+             for i in range(manifest["nodes"])]
     return PreparedData(classes=classes, conditions=cond, nodes=nodes, manifest=manifest,
                         manifest_hash=manifest["hash"], feature_dim=fdim, condition_dim=cdim)

@@ -21,7 +21,12 @@ class InProcessEngine:
 def make_engine(name: str):
     if name == "inprocess":
         return InProcessEngine()
-    if name == "flower":  # optional extra; Flower itself is imported only when the engine runs
+    if name == "flower":  # optional extra: imported only when asked for
+        try:
+            import flwr  # noqa: F401
+        except ImportError:
+            raise ConfigError("federation.engine=flower needs the Flower extra (flwr is not installed); install "
+                              "it with: pip install -e '.[flower]' (or use federation.engine=inprocess)") from None
         from feda2v.federation.flower_engine import FlowerEngine
 
         return FlowerEngine()

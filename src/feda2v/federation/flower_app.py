@@ -1,57 +1,113 @@
 """Flower (Message API) side of ``federation.engine=flower``: the ClientApp, the wire format and the
-server's round driver. Flower 1.42: ``flwr.clientapp.ClientApp``, ``flwr.serverapp.{Grid,ServerApp}``,
+server's round driver. Flower 1.42: ``flwr.clientapp.ClientApp``, ``flwr.serverapp.Grid``,
 ``flwr.app.{Message,RecordDict,ArrayRecord,ConfigRecord}``.
 
-What travels: for every node visit the server sends the store the node trains (``server`` in shared
-relay; the node's own store in local/fedavg) as one feda2v checkpoint container (the exact bytes
-``write_checkpoint`` would put in a file, integrity-checked on receipt), plus a small JSON task. The
-ClientApp rebuilds the store with ``GeneratorStore.from_state``, runs the very same
-``train_generators`` with the same derived seeds, and replies with the new store bytes and its
-NodeResult. The server loads the reply into the Federation's store in place, so checkpoints, logging
-and resume stay on the server, exactly as with the in-process engine.
+What travels: for every node visit the server sends the **slice** of the store the node trains
+(``server`` in shared relay; the node's own store in local/fedavg) that holds only the keys of the
+classes in that node's partition (per the manifest's counts), parameters and optimizer state, as one
+feda2v checkpoint container (integrity-checked on receipt), plus a small JSON task. The ClientApp
+fills the slice into a fresh store of the same spec, runs the very same ``train_generators`` with the
+same derived seeds, and replies with the trained slice and its NodeResult. The server validates the
+reply (the node, its keys only, its samples per key) and merges it into the Federation's store in
+place, so checkpoints, logging and resume stay on the server, bit-identical to the in-process engine.
 
-Per-node state: Flower clients are stateless between messages, and the federation checkpoint holds
-every node's store (local/fedavg), so the server keeps the authoritative copy and sends it with each
-visit. Nothing the next visit needs is left in ``context.state``; the ClientApp only caches the
-prepared data it loaded (read-only, verified by manifest hash).
+Data locality: a node reads only its own partition (``data/sites.py:load_partition``) from the
+directory named by its node config ``data-dir`` (a site bundle or a prepared dir), else from the
+server's ``data.prepared_dir`` path (simulation, one machine).
+
+A lost node (no reply within ``federation.flower.reply_timeout_s``, or an error reply) is handled by
+``federation.flower.on_node_failure``: ``fail`` stops the run with one line; ``skip`` finishes the
+round without it (``Federation.missing`` records who); ``wait`` re-sends the visit to whichever node
+then serves that partition (a restarted SuperNode rejoins by its partition-id), ``retries`` times.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from typing import Callable, Optional
 
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from feda2v.checkpoint.container import checkpoint_bytes, read_checkpoint_bytes
 from feda2v.errors import ConfigError, DataError, Feda2vError
 
+log = logging.getLogger("feda2v.flower")
+
 MSG_TRAIN = "train.generators"  # ClientApp @app.train("generators")
 MSG_QUERY = "query.partition"  # ClientApp @app.query("partition")
+MSG_CLASSIFIER = "train.classifier"  # ClientApp @app.train("classifier") (full mode)
 WIRE_KIND = "feda2v-store-message"
+CLASSIFIER_KIND = "feda2v-classifier-message"
 STYPE = "feda2v.checkpoint"  # Array stype: raw checkpoint-container bytes, not .npy
 
 
-def flwr_modules():
-    """Import Flower lazily: it is an optional extra (`pip install -e .[flower]`)."""
-    try:
-        from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-        from flwr.clientapp import ClientApp
-        from flwr.serverapp import Grid, ServerApp
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError(f"federation.engine=flower needs the Flower extra ({e.name} is not installed); "
-                          "install it with: pip install -e '.[flower]' (or use federation.engine=inprocess)") from None
-    return {"Array": Array, "ArrayRecord": ArrayRecord, "ConfigRecord": ConfigRecord, "Context": Context,
-            "Message": Message, "RecordDict": RecordDict, "ClientApp": ClientApp, "Grid": Grid,
-            "ServerApp": ServerApp}
+# -- store slices: the keys one visit trains -------------------------------------------------------
+def visit_keys(store, classes: list[str], train_counts: list[int]) -> list[str]:
+    """The keys a node trains: those of the classes it holds training samples of (store key order)."""
+    held = {store.key_for_class(c) for c, n in zip(classes, train_counts) if n > 0}
+    return [k for k in store.keys if k in held]
+
+
+def expected_samples(store, classes: list[str], train_counts: list[int]) -> dict[str, int]:
+    """``samples_per_key`` a node must report: its training samples per key (what FedAvg weighs)."""
+    out: dict[str, int] = {}
+    for c, n in zip(classes, train_counts):
+        if n > 0:
+            out[store.key_for_class(c)] = out.get(store.key_for_class(c), 0) + int(n)
+    return out
+
+
+def _of_keys(name: str, keys) -> bool:
+    return any(name.startswith(k + "/") for k in keys)
+
+
+def store_slice(store, keys: list[str], *, with_events: bool = False) -> tuple[dict, dict]:
+    """(tensors, meta) of ``keys`` only: their parameters, optimizer state, counters and trained
+    classes. ``events`` (the reset log, which training never reads): none when the server lends a
+    slice; with ``with_events`` the store's resets of those keys, which on a node's fresh store are
+    exactly the visit's own (what the server appends)."""
+    tensors, meta = store.state_dict()
+    events = [e for e in meta["events"] if e["key"] in keys] if with_events else []
+    kr = {f"{k}/{r}" for k in keys for r in meta["roles"]}
+    return ({n: t for n, t in tensors.items() if _of_keys(n, keys)},
+            {"spec": meta["spec"], "keys": list(keys), "roles": meta["roles"],
+             "arch": {n: a for n, a in meta["arch"].items() if n in kr},
+             "optimizers": {n: o for n, o in meta["optimizers"].items() if n in kr},
+             "trained_classes": {k: meta["trained_classes"][k] for k in keys},
+             "reset_counts": {k: meta["reset_counts"][k] for k in keys}, "events": events})
+
+
+def merge_slice(store, tensors: dict, meta: dict) -> None:
+    """Load a slice into ``store`` (other keys untouched; the slice's resets appended to the log).
+    All-or-nothing: the store's strict loader checks the merged state before changing anything."""
+    keys = list(meta["keys"])
+    full_t, full_m = store.state_dict()
+    full_t = {n: t for n, t in full_t.items() if not _of_keys(n, keys)}
+    full_t.update(tensors)
+    full_m["optimizers"].update(meta["optimizers"])
+    for field in ("trained_classes", "reset_counts"):
+        full_m[field].update({k: meta[field][k] for k in keys})
+    full_m["events"] = full_m["events"] + list(meta["events"])
+    store.load_state_dict(full_t, full_m)
 
 
 # -- wire format ----------------------------------------------------------------------------------
-def encode_store(store, *, store_name: str, round_: int, node: str) -> bytes:
-    tensors, meta = store.state_dict()
-    header = {"kind": WIRE_KIND, "store_name": store_name, "round": round_, "node": node, "store": meta}
+def encode_store(store, *, store_name: str, round_: int, node: str, keys: Optional[list] = None,
+                 with_events: bool = False) -> bytes:
+    """The whole store (``keys=None``: the exact bytes ``write_checkpoint`` would write) or the slice
+    of ``keys`` (header ``keys`` lists them; ``with_events``: see ``store_slice``)."""
+    if keys is None:
+        tensors, meta = store.state_dict()
+        header = {"kind": WIRE_KIND, "store_name": store_name, "round": round_, "node": node, "store": meta}
+    else:
+        tensors, meta = store_slice(store, keys, with_events=with_events)
+        header = {"kind": WIRE_KIND, "store_name": store_name, "round": round_, "node": node, "store": meta,
+                  "keys": list(keys)}
     return checkpoint_bytes(tensors, header)
 
 
@@ -62,10 +118,11 @@ def decode_store(data: bytes, *, label: str) -> tuple[dict, dict]:
     return tensors, header
 
 
-def _pack(m, blob: bytes, fields: dict):
-    rd = m["RecordDict"]()
-    rd["state"] = m["ArrayRecord"]({"ckpt": m["Array"]("uint8", (len(blob),), STYPE, blob)})
-    rd["task"] = m["ConfigRecord"]({"json": json.dumps(fields, sort_keys=True)})
+def _pack(blob: bytes, fields: dict) -> RecordDict:
+    rd = RecordDict()
+    rd["state"] = ArrayRecord({"ckpt": Array("uint8", (len(blob),), STYPE, blob)})
+    # insertion order kept: losses per key are summed in key order by the round metrics
+    rd["task"] = ConfigRecord({"json": json.dumps(fields)})
     return rd
 
 
@@ -91,25 +148,21 @@ def node_result_from_json(d: dict):
 
 
 # -- ClientApp (runs on every SuperNode / simulated node) -----------------------------------------
-_DATA_CACHE: dict = {}
+_DATA_CACHE: dict = {}  # (data dir, partition) -> SiteData: read and verified once per process
 _DATA_LOCK = threading.Lock()
 
 
-def _node_data(prepared_dir: str, manifest_hash: str, partition: int):
-    from feda2v.data import load_prepared
+def _node_data(data_dir: str, manifest_hash: str, partition: int):
+    """This node's partition only (never another site's file), verified against the server's
+    manifest hash."""
+    from feda2v.data.sites import load_partition
 
     with _DATA_LOCK:
-        data = _DATA_CACHE.get(prepared_dir)
-        if data is None or data.manifest_hash != manifest_hash:
-            data = load_prepared(prepared_dir)
-            _DATA_CACHE[prepared_dir] = data
-    if data.manifest_hash != manifest_hash:
-        raise DataError(f"this node's prepared data at {prepared_dir} has manifest hash {data.manifest_hash[:12]}, "
-                        f"the server trains on {manifest_hash[:12]}; prepare the same data on every node")
-    by_id = {nd.node_id: nd for nd in data.nodes}
-    if partition not in by_id:
-        raise DataError(f"prepared data at {prepared_dir} has no partition {partition}")
-    return data, by_id[partition]
+        site = _DATA_CACHE.get((data_dir, partition))
+        if site is None or site.manifest_hash != manifest_hash:
+            site = load_partition(data_dir, partition, manifest_hash=manifest_hash)
+            _DATA_CACHE[data_dir, partition] = site
+    return site
 
 
 def partition_id(context) -> int:
@@ -123,51 +176,97 @@ def partition_id(context) -> int:
 
 
 def handle_query(msg, context):
-    m = flwr_modules()
-    rd = m["RecordDict"]()
-    rd["node"] = m["ConfigRecord"]({"partition-id": partition_id(context), "pid": os.getpid()})
-    return m["Message"](rd, reply_to=msg)
+    rd = RecordDict()
+    rd["node"] = ConfigRecord({"partition-id": partition_id(context), "pid": os.getpid()})
+    return Message(rd, reply_to=msg)
 
 
-def visit(blob: bytes, task: dict, partition: int) -> tuple[bytes, dict]:
-    """A node's whole part of one visit, Flower aside: store bytes in -> trained store bytes out."""
+def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+    """A node's whole part of one visit, Flower aside: store bytes in -> trained store bytes out.
+    ``data_dir``: where this node's partition is (default: the task's ``prepared_dir``)."""
     from feda2v.federation.node import train_generators
-    from feda2v.store import GeneratorStore
+    from feda2v.store import GeneratorStore, StoreSpec
 
     if partition != task["node_id"]:  # routing guard: never train partition A's data as node B
         raise Feda2vError(f"message for node {task['node_id']} delivered to partition {partition}")
     if task.get("threads", 0) > 0:
         torch.set_num_threads(int(task["threads"]))
-    data, nd = _node_data(task["prepared_dir"], task["manifest_hash"], partition)
+    site = _node_data(data_dir or task["prepared_dir"], task["manifest_hash"], partition)
     tensors, header = decode_store(blob, label=f"store message for node {partition}")
     # clone: tensors are views into the received buffer; the store must own its memory
-    store = GeneratorStore.from_state({k: v.clone() for k, v in tensors.items()}, header["store"])
-    res = train_generators(store, nd, classes=list(data.classes), seed=task["seed"], round_=task["round"],
-                           local_epochs=task["local_epochs"], batch_size=task["batch_size"],
-                           reset_on_change=task["reset_on_change"])
-    out = encode_store(store, store_name=task["store_name"], round_=task["round"], node=res.node)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    keys = header.get("keys")
+    if keys is None:  # the whole store
+        store = GeneratorStore.from_state(tensors, header["store"])
+    else:  # a slice: the other keys of this fresh store are never trained, never sent back
+        store = GeneratorStore(StoreSpec.from_json(header["store"]["spec"]), site.conditions)
+        merge_slice(store, tensors, header["store"])
+        trains = {store.key_for_class(site.classes[c]) for c in set(site.node.train_y.tolist())}
+        if not trains <= set(keys):
+            raise Feda2vError(f"store message for node {partition} lacks keys {sorted(trains - set(keys))} "
+                              "that this partition trains (server and node disagree on the data)")
+    res = train_generators(store, site.node, classes=list(site.classes), seed=task["seed"],
+                           round_=task["round"], local_epochs=task["local_epochs"],
+                           batch_size=task["batch_size"], reset_on_change=task["reset_on_change"])
+    out = encode_store(store, store_name=task["store_name"], round_=task["round"], node=res.node, keys=keys,
+                       with_events=True)
     return out, node_result_to_json(res)
 
 
 def handle_train(msg, context):
-    """ClientApp @train("generators"): rebuild the lent store from the message, train, send back."""
-    m = flwr_modules()
+    """ClientApp @train("generators"): fill the lent slice into a store, train, send it back."""
     blob, task = _unpack(msg.content)
-    out, result = visit(blob, task, partition_id(context))
-    return m["Message"](_pack(m, out, {"node_result": result}), reply_to=msg)
+    data_dir = context.node_config.get("data-dir")
+    out, result = visit(blob, task, partition_id(context), str(data_dir) if data_dir else None)
+    return Message(_pack(out, {"node_result": result}), reply_to=msg)
 
 
-def build_client_app():
-    m = flwr_modules()
-    app = m["ClientApp"]()
-    app.train("generators")(handle_train)
-    app.query("partition")(handle_query)
-    return app
+def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+    """Full mode, a node's part: train the classifier it is sent on its own partition (the very
+    ``train_classifier`` call and seed of the in-process engine); reply its state and weight."""
+    from feda2v.federation.node import node_name, train_classifier
+    from feda2v.models.classifier import Classifier
+    from feda2v.seeding import torch_generator
+
+    if partition != task["node_id"]:
+        raise Feda2vError(f"message for node {task['node_id']} delivered to partition {partition}")
+    if task.get("threads", 0) > 0:
+        torch.set_num_threads(int(task["threads"]))
+    site = _node_data(data_dir or task["prepared_dir"], task["manifest_hash"], partition)
+    tensors, header = read_checkpoint_bytes(blob, label=f"classifier message for node {partition}")
+    if header.get("kind") != CLASSIFIER_KIND:
+        raise Feda2vError(f"classifier message for node {partition} has kind {header.get('kind')!r}")
+    model = Classifier(**header["kwargs"])
+    model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    nd = site.node
+    train_classifier(model, nd.train_x, nd.train_y, lr=task["lr"], epochs=task["epochs"],
+                     batch_size=task["batch_size"],
+                     gen=torch_generator(task["seed"], "classifier", task["round"], partition))
+    out = checkpoint_bytes({k: v.detach().clone() for k, v in model.state_dict().items()},
+                           {"kind": CLASSIFIER_KIND, "kwargs": header["kwargs"], "round": task["round"],
+                            "node": node_name(partition)})
+    return out, {"node": node_name(partition), "weight": float(len(nd.train_y))}
+
+
+def handle_classifier(msg, context):
+    """ClientApp @train("classifier"): full mode's node classifier step."""
+    blob, task = _unpack(msg.content)
+    data_dir = context.node_config.get("data-dir")
+    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None)
+    return Message(_pack(out, {"classifier_result": result}), reply_to=msg)
+
+
+# The ClientApp component of `flwr run` (the ServerApp is pipeline/flower_job.py:server_app).
+client_app = ClientApp()
+client_app.train("generators")(handle_train)
+client_app.train("classifier")(handle_classifier)
+client_app.query("partition")(handle_query)
 
 
 def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
     """What a node needs besides the store: the seeds and loop sizes of ``train_generators`` and
-    where its prepared data is (absolute path; checked against the server's manifest hash)."""
+    the server's prepared-data path (used where the node config names no ``data-dir``) and manifest
+    hash (the node's data must belong to it)."""
     cfg = federation.cfg
     fed = cfg.federation
     return {"node_id": int(node_id), "round": int(round_), "seed": int(cfg.seed), "store_name": store_name,
@@ -178,141 +277,261 @@ def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
 
 
 # -- server side: drive one round of a Federation over a Grid ------------------------------------
+class NodeLost(Exception):
+    """A visit got no usable answer (timeout, error reply, node gone): the failure policy decides."""
+
+
 class GridRounds:
     """Runs ``Federation`` rounds with node visits as Flower messages.
 
     ``Federation.run_round`` does everything (participants, store routing, FedAvg merge, metrics)
-    but the node visit itself, which ``visits`` sends over the Grid.
+    but the node visit itself, which ``visits`` sends over the Grid. Settings: ``federation.flower``.
     """
 
-    def __init__(self, grid, federation, *, timeout_s: float = 600.0, poll_s: float = 0.01,
-                 min_nodes: Optional[int] = None, connect_timeout_s: float = 120.0):
-        self.m = flwr_modules()
+    def __init__(self, grid, federation, *, poll_s: Optional[float] = None):
         self.grid, self.fed = grid, federation
-        self.timeout_s, self.poll_s = timeout_s, poll_s
-        self.routes = self._discover(min_nodes or len(federation.data.nodes), connect_timeout_s)
-
-    # Flower node ids are random: route by each node's partition-id (asked once, in a query round).
-    def _discover(self, need: int, wait_s: float) -> dict[int, int]:
-        t0 = time.monotonic()
-        while len(ids := sorted(self.grid.get_node_ids())) < need:
-            if time.monotonic() - t0 > wait_s:
-                raise Feda2vError(f"only {len(ids)} Flower node(s) connected after {wait_s:.0f}s, "
-                                  f"the federation needs {need}; start more SuperNodes")
-            time.sleep(0.2)
-        msgs = [self.m["Message"](self.m["RecordDict"](), dst_node_id=nid, message_type=MSG_QUERY)
-                for nid in ids]
-        routes: dict[int, int] = {}
-        for reply in self._exchange(msgs):
-            pid = int(reply.content["node"]["partition-id"])
-            if pid in routes:
-                raise ConfigError(f"two Flower nodes claim partition-id {pid}; give each SuperNode its own")
-            routes[pid] = reply.metadata.src_node_id
-        missing = sorted(nd.node_id for nd in self.fed.data.nodes if nd.node_id not in routes)
+        self.opts = federation.cfg.federation.flower
+        self.timeout_s = float(self.opts.reply_timeout_s)
+        self.poll_s = float(self.opts.poll_s if poll_s is None else poll_s)
+        self.routes: dict[int, int] = {}  # partition id -> Flower node id (random; a restart changes it)
+        self._queried: set[int] = set()  # node ids that told their partition
+        self._silent: set[int] = set()  # node ids that did not answer the partition query
+        n = len(federation.data.nodes)
+        self._refresh_routes(need=set(range(n)), wait_s=float(self.opts.connect_timeout_s), strict=True)
+        missing = sorted(set(range(n)) - set(self.routes))
         if missing:
-            raise ConfigError(f"no Flower node serves partition-id {missing}; start SuperNodes with "
-                              f"--node-config \"partition-id=N\" for N in 0..{len(self.fed.data.nodes) - 1}")
-        return routes
+            raise ConfigError(f"no Flower node serves partition-id {missing} after "
+                              f"{self.opts.connect_timeout_s:.0f}s; start SuperNodes with "
+                              f"--node-config \"partition-id=N\" for N in 0..{n - 1}")
 
-    def _exchange(self, msgs: list) -> list:
-        """Push messages, poll until every reply is in; replies in the order of ``msgs``."""
+    # Route by each node's partition-id, asked of every node id not seen before.
+    def _refresh_routes(self, need: set = frozenset(), wait_s: float = 0.0, strict: bool = False) -> None:
+        """Learn the partition of every node id not seen before; ``need``: wait up to ``wait_s``
+        until these partitions are served. ``strict`` (start-up): two nodes on one partition is an
+        error; later the newer node takes the partition over (a restarted SuperNode)."""
+        end = time.monotonic() + wait_s
+        while True:
+            ids = set(self.grid.get_node_ids())
+            self.routes = {p: nid for p, nid in self.routes.items() if nid in ids}
+            # a node that did not answer before is asked again only when a partition is awaited
+            new = sorted(ids - self._queried - (set() if need else self._silent))
+            if new:
+                msgs = [Message(RecordDict(), dst_node_id=nid, message_type=MSG_QUERY) for nid in new]
+                ask_s = max(end - time.monotonic(), min(self.timeout_s, 10.0))
+                for nid, reply in zip(new, self._exchange(msgs, timeout_s=ask_s)):
+                    if isinstance(reply, str):
+                        self._silent.add(nid)
+                        continue
+                    self._queried.add(nid)
+                    self._silent.discard(nid)
+                    pid = int(reply.content["node"]["partition-id"])
+                    if strict and pid in self.routes:
+                        raise ConfigError(f"two Flower nodes claim partition-id {pid}; give each "
+                                          "SuperNode its own")
+                    self.routes[pid] = nid
+            if need <= set(self.routes) or time.monotonic() >= end:
+                return
+            time.sleep(min(0.2, max(self.poll_s, 0.01)))
+
+    def _exchange(self, msgs: list, timeout_s: Optional[float] = None) -> list:
+        """Push messages, poll until every reply is in or the timeout passes; per message (in
+        order) its reply, or a string saying why there is none."""
+        if not msgs:
+            return []
         ids = list(self.grid.push_messages(msgs))
         if len(ids) != len(msgs):
             raise Feda2vError(f"Flower accepted {len(ids)} of {len(msgs)} messages")
         want = {mid: i for i, mid in enumerate(ids)}
         got: dict[int, object] = {}
-        end = time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        end = time.monotonic() + timeout_s
         while len(got) < len(ids):
             for reply in self.grid.pull_messages([mid for mid in ids if want[mid] not in got]):
                 got[want[reply.metadata.reply_to_message_id]] = reply
             if len(got) < len(ids):
                 if time.monotonic() > end:
-                    raise Feda2vError(f"{len(ids) - len(got)} Flower node(s) did not reply within {self.timeout_s:.0f}s")
+                    break
                 time.sleep(self.poll_s)
-        out = [got[i] for i in range(len(ids))]
-        for msg, reply in zip(msgs, out):
-            if reply.has_error():
-                raise Feda2vError(f"Flower node {msg.metadata.dst_node_id} failed: {reply.error.reason}")
+        out = []
+        for i in range(len(ids)):
+            reply = got.get(i)
+            if reply is None:
+                out.append(f"did not reply within {timeout_s:.0f}s")
+            elif reply.has_error():
+                out.append(f"failed: {reply.error.reason}")
+            else:
+                out.append(reply)
         return out
 
-    def _visit_msg(self, store_name: str, store, nd, round_: int):
+    # -- one visit: message out, reply validated and merged ---------------------------------------
+    def _plan(self, nd, store_name: str, round_: int):
         from feda2v.federation.node import node_name
 
-        blob = encode_store(store, store_name=store_name, round_=round_, node=node_name(nd.node_id))
-        task = make_task(self.fed, nd.node_id, round_, store_name)
-        return self.m["Message"](_pack(self.m, blob, task), dst_node_id=self.routes[nd.node_id],
-                                 message_type=MSG_TRAIN, group_id=str(round_))
+        store = self.fed.stores[store_name]
+        counts = self.fed.data.manifest["counts"]["train"][nd.node_id]
+        keys = visit_keys(store, self.fed.classes, counts)
+        return {"kind": "store", "nd": nd, "name": node_name(nd.node_id), "store_name": store_name,
+                "store": store, "keys": keys, "samples": expected_samples(store, self.fed.classes, counts),
+                "round": round_}
 
-    def _apply(self, reply, store, store_name: str):
-        blob, task = _unpack(reply.content)
-        tensors, header = decode_store(blob, label=f"reply for store {store_name}")
-        if header["store_name"] != store_name:
-            raise Feda2vError(f"reply carries store {header['store_name']!r}, expected {store_name!r}")
-        store.load_state_dict({k: v.clone() for k, v in tensors.items()}, header["store"])
-        return node_result_from_json(task["node_result"])
+    def _classifier_plan(self, nd, round_: int, start: dict):
+        from feda2v.federation.node import node_name
+
+        return {"kind": "classifier", "nd": nd, "name": node_name(nd.node_id), "round": round_, "start": start,
+                "weight": float(sum(self.fed.data.manifest["counts"]["train"][nd.node_id]))}
+
+    def _message(self, plan):
+        nid = self.routes.get(plan["nd"].node_id)
+        if nid is None:
+            return None
+        if plan["kind"] == "classifier":
+            fed = self.fed.cfg.federation
+            blob = checkpoint_bytes({k: v.detach().cpu() for k, v in plan["start"].items()}, {"kind": CLASSIFIER_KIND, "round": plan["round"],
+                                                    "node": plan["name"],
+                                                    "kwargs": dict(self.fed.classifier.kwargs)})
+            task = dict(make_task(self.fed, plan["nd"].node_id, plan["round"], ""), lr=float(fed.classifier_lr),
+                        epochs=int(fed.local_epochs))
+            kind = MSG_CLASSIFIER
+        else:
+            blob = encode_store(plan["store"], store_name=plan["store_name"], round_=plan["round"],
+                                node=plan["name"], keys=plan["keys"])
+            task = make_task(self.fed, plan["nd"].node_id, plan["round"], plan["store_name"])
+            kind = MSG_TRAIN
+        return Message(_pack(blob, task), dst_node_id=nid, message_type=kind, group_id=str(plan["round"]))
+
+    def _send(self, plans: list) -> list:
+        """One exchange for ``plans``: per plan its reply, or NodeLost."""
+        msgs = [self._message(p) for p in plans]
+        sent = [m for m in msgs if m is not None]
+        replies = iter(self._exchange(sent))
+        out = []
+        for p, m in zip(plans, msgs):
+            r = next(replies) if m is not None else "is not connected"
+            if isinstance(r, str):
+                out.append(NodeLost(f"node {p['name']} (partition {p['nd'].node_id}) {r}"))
+            else:
+                out.append(r)
+        return out
+
+    @staticmethod
+    def _refuser(plan):
+        def refuse(what: str) -> Feda2vError:
+            return Feda2vError(f"node {plan['name']} (partition {plan['nd'].node_id}) sent an invalid reply: "
+                               f"{what}; refused (is that SuperNode running this feda2v version on its own partition?)")
+        return refuse
+
+    def _apply_classifier(self, reply, plan):
+        """Validate a classifier reply: the node, the start state's names and shapes, its weight."""
+        refuse = self._refuser(plan)
+        try:
+            blob, task = _unpack(reply.content)
+            tensors, header = read_checkpoint_bytes(blob, label=f"classifier reply of node {plan['name']}")
+            result = task["classifier_result"]
+        except (Feda2vError, KeyError, TypeError, ValueError) as e:
+            raise refuse(str(e)) from None
+        if (header.get("kind"), header.get("node"), result.get("node")) != (CLASSIFIER_KIND, plan["name"], plan["name"]):
+            raise refuse(f"it answers for {result.get('node')!r} ({header.get('kind')!r}), expected {plan['name']!r}")
+        shapes = {k: tuple(v.shape) for k, v in plan["start"].items()}
+        if {k: tuple(v.shape) for k, v in tensors.items()} != shapes:
+            raise refuse("its classifier state has other tensors or shapes than it was sent")
+        if float(result.get("weight", -1)) != plan["weight"]:
+            raise refuse(f"weight {result.get('weight')} differs from its partition's {plan['weight']:.0f} samples")
+        return plan["name"], {k: v.clone() for k, v in tensors.items()}, plan["weight"]
+
+    def _apply(self, reply, plan):
+        """Validate a reply against what was sent, then merge it into the store."""
+        if plan["kind"] == "classifier":
+            return self._apply_classifier(reply, plan)
+        name, keys = plan["name"], plan["keys"]
+        refuse = self._refuser(plan)
+
+        try:
+            blob, task = _unpack(reply.content)
+            tensors, header = decode_store(blob, label=f"reply of node {name}")
+            res = node_result_from_json(task["node_result"])
+        except (Feda2vError, KeyError, TypeError, ValueError) as e:
+            raise refuse(str(e)) from None
+        if (header.get("store_name"), header.get("node"), header.get("keys")) != (plan["store_name"], name, keys):
+            raise refuse(f"it answers for store {header.get('store_name')!r} of {header.get('node')!r} with keys "
+                         f"{header.get('keys')}, expected {plan['store_name']!r} of {name!r} with {keys}")
+        if res.node != name:
+            raise refuse(f"its result names {res.node!r}")
+        foreign = sorted(n for n in tensors if not _of_keys(n, keys))
+        meta = header["store"]
+        if foreign or list(meta.get("keys", [])) != keys:
+            raise refuse(f"it carries state of keys it was not lent ({', '.join(foreign[:3]) or meta.get('keys')})")
+        if {k: int(v) for k, v in res.samples_per_key.items()} != plan["samples"]:
+            raise refuse(f"samples_per_key {res.samples_per_key} differs from its partition's {plan['samples']}")
+        bad_events = [e for e in meta.get("events", [])
+                      if e.get("node") != name or e.get("round") != plan["round"] or e.get("key") not in keys]
+        if bad_events:
+            raise refuse(f"it reports resets of other nodes, rounds or keys ({bad_events[0]})")
+        try:
+            merge_slice(plan["store"], {k: v.clone() for k, v in tensors.items()}, meta)
+        except Feda2vError as e:
+            raise refuse(str(e)) from None
+        return res
+
+    def _lost_node(self, err: NodeLost, plan, attempt: int) -> bool:
+        """The failure policy for one lost visit: True = send again, False = skip it; or raise."""
+        policy = self.opts.on_node_failure
+        if policy == "skip":
+            print(f"feda2v: warning: {err}; round {plan['round']} goes on without it "
+                  "(federation.flower.on_node_failure=skip)", flush=True)
+            return False
+        if policy == "wait" and attempt < int(self.opts.retries):
+            print(f"feda2v: warning: {err}; waiting for partition {plan['nd'].node_id} to rejoin "
+                  f"(retry {attempt + 1} of {self.opts.retries})", flush=True)
+            self.routes.pop(plan["nd"].node_id, None)
+            self._refresh_routes(need={plan["nd"].node_id}, wait_s=float(self.opts.connect_timeout_s))
+            return True
+        tried = f" after {attempt} retries" if policy == "wait" else ""
+        raise Feda2vError(f"{err}{tried}; the run stops (federation.flower.on_node_failure={policy}; "
+                          "'skip' finishes rounds without a lost node, 'wait' lets it rejoin)")
+
+    def _visit_all(self, plans: list) -> list:
+        """Results of ``plans`` in order (None for a skipped visit), retrying per the policy."""
+        results: list = [None] * len(plans)
+        todo, attempt = list(range(len(plans))), 0
+        while todo:
+            replies = self._send([plans[i] for i in todo])
+            again = []
+            for i, r in zip(todo, replies):
+                if isinstance(r, NodeLost):
+                    if self._lost_node(r, plans[i], attempt):
+                        again.append(i)
+                else:
+                    results[i] = r
+            # merge in visit order (FedAvg and logs see the in-process order)
+            todo, attempt = again, attempt + 1
+        return [None if r is None else self._apply(r, p) for r, p in zip(results, plans)]
 
     def visits(self, round_: int, visits: list, on_step=None):
-        """``Federation.run_round``'s node step over Flower; yields NodeResults in visit order.
-        Shared relay is sequential (each node trains what the previous one returned); local/fedavg
-        visits are independent, so they are sent together and answered in parallel."""
-        if self.fed.cfg.federation.sharing == "shared":
-            for nd, store_name in visits:
-                store = self.fed.stores[store_name]
-                (reply,) = self._exchange([self._visit_msg(store_name, store, nd, round_)])
-                yield self._apply(reply, store, store_name)
+        """``Federation.run_round``'s node step over Flower; yields NodeResults in visit order (a
+        skipped visit yields nothing). Sequential modes (shared relay) send one visit at a time,
+        each training what the previous one returned; the others send all visits together."""
+        self._refresh_routes()  # a node restarted since the last round takes its partition back
+        plans = [self._plan(nd, sn, round_) for nd, sn in visits]
+        if self.fed.sharing.sequential:
+            for p in plans:
+                (res,) = self._visit_all([p])
+                if res is not None:
+                    yield res
             return
-        msgs = [self._visit_msg(sn, self.fed.stores[sn], nd, round_) for nd, sn in visits]
-        for (nd, store_name), reply in zip(visits, self._exchange(msgs)):
-            yield self._apply(reply, self.fed.stores[store_name], store_name)
+        for res in self._visit_all(plans):
+            if res is not None:
+                yield res
+
+    def classifiers(self, round_: int, participants: list, start: dict):
+        """``Federation.run_round``'s full-mode node classifier step over Flower (sent together,
+        merged in participant order); yields (node name, state, weight) per node that answered."""
+        plans = [self._classifier_plan(nd, round_, start) for nd in participants
+                 if sum(self.fed.data.manifest["counts"]["train"][nd.node_id]) > 0]
+        for res in self._visit_all(plans):
+            if res is not None:
+                yield res
 
     def run_round(self, round_: int, on_node: Optional[Callable[[object], None]] = None):
         """``Federation.run_round`` with node visits over Flower (bit-identical results)."""
-        return self.fed.run_round(round_, on_node=on_node, train_visits=self.visits)
-
-
-# -- ServerApp for deployment (`flwr run`): the whole training job runs inside it ------------------
-_ACTIVE = threading.local()
-
-
-def active_grid():
-    """The Grid of the ServerApp this thread runs in (deployment), else None."""
-    return getattr(_ACTIVE, "grid", None)
-
-
-def deployment_main(grid, context) -> None:
-    """`flwr run` entry: run config ``config-json`` = path of a resolved feda2v config (JSON/YAML,
-    paths absolute), optional ``workdir``. Runs ``feda2v.pipeline.train.train`` with this Grid."""
-    from omegaconf import OmegaConf
-
-    from feda2v.config import load_config
-    from feda2v.pipeline.train import train
-
-    path = context.run_config.get("config-json")
-    if not path:
-        raise ConfigError("flwr run needs --run-config 'config-json=\"/abs/path/config.json\"'")
-    raw = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
-    raw.setdefault("federation", {})["engine"] = "flower"
-    cfg = load_config(raw)
-    workdir = context.run_config.get("workdir")
-    if workdir:
-        os.chdir(str(workdir))
-    _ACTIVE.grid = grid
-    try:
-        summary = train(cfg)
-        print(f"feda2v: flower deployment run finished: {json.dumps(summary, sort_keys=True, default=str)}", flush=True)
-    finally:
-        _ACTIVE.grid = None
-
-
-def build_server_app():
-    app = flwr_modules()["ServerApp"]()
-    app.main()(deployment_main)
-    return app
-
-
-# Module attributes for `flwr run` (pyproject [tool.flwr.app.components]); None without Flower.
-try:
-    client_app = build_client_app()
-    server_app = build_server_app()
-except ConfigError:  # pragma: no cover - Flower extra not installed
-    client_app = server_app = None
+        return self.fed.run_round(round_, on_node=on_node, train_visits=self.visits,
+                                  train_classifiers=self.classifiers)

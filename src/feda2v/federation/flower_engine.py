@@ -7,11 +7,11 @@ Two ways to run:
   it hands the RoundResult to this generator and waits until the caller has checkpointed/logged,
   so the caller sees exactly the in-process engine's interface.
 - deployment (``flwr run`` against a SuperLink): the whole training job runs inside the ServerApp
-  (``flower_app.deployment_main``) and this engine uses that ServerApp's Grid directly.
+  (``pipeline/flower_job.py``), which builds this engine with its Grid (``FlowerEngine(grid=...)``).
 
-Supported: ``federation.mode=generator_only`` with ``sharing`` shared | local | fedavg, all
-bit-identical to the in-process engine (visits are applied in the in-process order). Not supported:
-``mode=full`` (its classifier step reads node data at the server; run it with engine=inprocess).
+Supported: ``federation.mode`` generator_only and full (node classifiers train on their nodes, are
+averaged on the server, which distils on synthetic samples), with ``sharing`` shared | local |
+fedavg, all bit-identical to the in-process engine (visits are applied in the in-process order).
 Profiler steps: generator steps run on the Flower nodes, so ``on_step`` is never called here.
 """
 from __future__ import annotations
@@ -22,33 +22,24 @@ import queue
 import threading
 from typing import Callable, Iterator, Optional
 
-from feda2v.errors import ConfigError
 
 log = logging.getLogger("feda2v.flower")
-
-
-def check_supported(cfg) -> None:
-    if cfg.federation.mode != "generator_only":
-        raise ConfigError(f"federation.engine=flower supports federation.mode=generator_only only "
-                          f"(got {cfg.federation.mode}): the full-mode classifier step reads node data at "
-                          "the server; use federation.engine=inprocess for mode=full")
 
 
 class FlowerEngine:
     name = "flower"
 
-    def __init__(self, *, num_cpus: Optional[int] = None, client_cpus: float = 1.0,
-                 poll_s: float = 0.005, timeout_s: float = 600.0):
+    def __init__(self, *, grid=None, num_cpus: Optional[int] = None, client_cpus: float = 1.0):
+        """Timeouts, poll interval and the failure policy come from ``federation.flower``."""
+        self.grid = grid  # a deployment ServerApp's Grid; None = run Flower's simulation runtime
         self.num_cpus = num_cpus
         self.client_cpus = client_cpus
-        self.poll_s, self.timeout_s = poll_s, timeout_s
         self.startup_seconds: Optional[float] = None  # simulation start -> first node reachable
 
     def run(self, federation, start_round: int, end_round: int,
             on_step: Optional[Callable[[], None]] = None,
             on_node: Optional[Callable[[object], None]] = None) -> Iterator:
         """Yield each round's RoundResult; the caller checkpoints/logs between rounds."""
-        check_supported(federation.cfg)
         from feda2v.checkpoint import capture_rng, restore_rng
 
         # Importing and running Flower/Ray draws from this process's global RNGs (rich seeds an id
@@ -58,11 +49,8 @@ class FlowerEngine:
         rng = capture_rng()
         from feda2v.federation import flower_app
 
-        flower_app.flwr_modules()  # clear ConfigError now if the extra is missing
-        grid = flower_app.active_grid()
-        if grid is not None:  # inside a deployment ServerApp: talk to the real SuperNodes
-            rounds = flower_app.GridRounds(grid, federation, poll_s=max(self.poll_s, 0.05),
-                                           timeout_s=self.timeout_s)
+        if self.grid is not None:  # inside a deployment ServerApp: talk to the real SuperNodes
+            rounds = flower_app.GridRounds(self.grid, federation)
             for r in range(start_round, end_round + 1):
                 result = rounds.run_round(r, on_node=on_node)
                 restore_rng(*rng)  # heartbeat/retry threads draw from `random`
@@ -77,7 +65,8 @@ class FlowerEngine:
         from feda2v.checkpoint import restore_rng
         from feda2v.federation import flower_app
 
-        m = flower_app.flwr_modules()
+        from flwr.serverapp import ServerApp
+
         rng_tensors, rng_json = rng
         results: queue.Queue = queue.Queue()
         go: queue.Queue = queue.Queue()
@@ -85,7 +74,7 @@ class FlowerEngine:
 
         def server_main(grid, context) -> None:
             try:
-                rounds = flower_app.GridRounds(grid, federation, poll_s=self.poll_s, timeout_s=self.timeout_s)
+                rounds = flower_app.GridRounds(grid, federation)
                 self.startup_seconds = time.perf_counter() - t0
                 for r in range(start_round, end_round + 1):
                     results.put(("round", rounds.run_round(r, on_node=on_node)))
@@ -94,7 +83,7 @@ class FlowerEngine:
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 results.put(("error", e))
 
-        server_app = m["ServerApp"]()
+        server_app = ServerApp()
         server_app.main()(server_main)
         n_nodes = len(federation.data.nodes)
         cpus = self.num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))

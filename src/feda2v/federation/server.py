@@ -1,8 +1,7 @@
-"""The federation's state and one round of it: ownership modes, routing, aggregation, distillation.
+"""The federation's state and one round of it: routing, aggregation, distillation.
 
-Ownership (DESIGN.md): ``shared`` -> one store held by the server, lent to nodes in turn (relay);
-``local`` -> one store per node; ``fedavg`` -> each node trains its own copy (its optimizer state stays
-with the node), the server averages parameters per key, weighted by the samples each node trained on.
+Which stores exist, which one a node trains and what happens around a round's visits belong to the
+sharing mode (``federation/sharing.py``); this module only asks it.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch
 from feda2v.errors import ConfigError
 from feda2v.federation.aggregate import average_state
 from feda2v.federation.node import accuracy, node_name, train_classifier, train_generators
+from feda2v.federation.sharing import sharing_mode
 from feda2v.models.classifier import Classifier
 from feda2v.seeding import numpy_generator, torch_generator
 from feda2v.store import GeneratorStore, StoreSpec
@@ -63,6 +63,7 @@ class RoundResult:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     downstream: Optional[dict] = None
+    missing: list = field(default_factory=list)  # participants whose visit was lost (Flower, skip policy)
 
 
 class Federation:
@@ -70,36 +71,35 @@ class Federation:
 
     def __init__(self, cfg, data):
         fed = cfg.federation
-        if fed.mode == "full" and fed.sharing == "local":
-            raise ConfigError("federation.mode=full needs sharing=shared or fedavg: "
-                              "with sharing=local no server-side generator exists to distil from")
+        self.sharing = sharing_mode(fed.sharing)
+        if fed.mode == "full" and not self.sharing.has_server_store:
+            raise ConfigError(f"federation.mode=full needs sharing=shared or fedavg: with "
+                              f"sharing={self.sharing.name} no server-side generator exists to distil from")
         self.cfg, self.data = cfg, data
         self.device = resolve_device(cfg.train.device)  # node data stays on the host; visits move it
         self.classes = list(data.classes)
         self.spec = StoreSpec.from_config(cfg, classes=self.classes, feature_dim=data.feature_dim,
                                           condition_dim=data.condition_dim)
         names = [node_name(n.node_id) for n in data.nodes]
-        self.stores: dict[str, GeneratorStore] = {}
-        if fed.sharing in ("shared", "fedavg"):
-            self.stores["server"] = GeneratorStore(self.spec, data.conditions, device=self.device)
-        if fed.sharing in ("local", "fedavg"):
-            for name in names:
-                self.stores[name] = GeneratorStore(self.spec, data.conditions, device=self.device)
+        self.stores: dict[str, GeneratorStore] = {
+            name: GeneratorStore(self.spec, data.conditions, device=self.device)
+            for name in self.sharing.store_names(names)}
         self.classifier = None
         if fed.mode == "full":
             self.classifier = Classifier(data.feature_dim, len(self.classes), fed.classifier_hidden)
             self.classifier.init_seeded(cfg.seed, "classifier")
             self.classifier.to(self.device)
         self.round = 0  # rounds completed
+        self.missing: dict[int, list[str]] = {}  # round -> participants lost in it (engine failure policy)
 
     # -- routing -------------------------------------------------------------------------
     @property
     def primary_store(self) -> str:
-        """The store evaluate and the MLflow model use: the server's, or node 0's in local mode."""
-        return "server" if "server" in self.stores else next(iter(self.stores))
+        """The store evaluate and the MLflow model use (the sharing mode decides)."""
+        return self.sharing.primary_store(list(self.stores))
 
     def store_name_for(self, node: str) -> str:
-        return "server" if self.cfg.federation.sharing == "shared" else node
+        return self.sharing.store_name_for(node)
 
     def store_for(self, node: str) -> GeneratorStore:
         return self.stores[self.store_name_for(node)]
@@ -123,51 +123,11 @@ class Federation:
                 local_epochs=fed.local_epochs, batch_size=fed.batch_size,
                 reset_on_change=fed.reset_on_class_change, on_step=on_step)
 
-    def run_round(self, round_: int, on_step: Optional[Callable[[], None]] = None,
-                  on_node: Optional[Callable[[object], None]] = None,
-                  train_visits: Optional[Callable] = None) -> RoundResult:
-        """One round: route participants to stores, train them (``train_visits``, in-process by
-        default), then aggregate, distil (full mode) and summarise."""
-        t_start = time.perf_counter()
+    def train_classifiers(self, round_: int, participants: list, start: dict):
+        """Full mode, in-process: each participant with training data trains the classifier from
+        ``start``; yields (node name, state, weight = its training samples), in participant order.
+        Engines that run the nodes elsewhere (Flower) pass their own function to ``run_round``."""
         fed = self.cfg.federation
-        result = RoundResult(round=round_)
-        visits = [(nd, self.store_name_for(node_name(nd.node_id))) for nd in self.participants(round_)]
-        if fed.sharing == "fedavg":  # every participant starts from the global parameters
-            global_params = self.stores["server"].parameter_tensors()
-            for _, store_name in visits:
-                self.stores[store_name].load_parameter_tensors(global_params)
-        for res in (train_visits or self.train_visits)(round_, visits, on_step):
-            result.nodes.append(res)
-            result.train_seconds += res.train_seconds
-            if on_node is not None:
-                on_node(res)
-        if fed.sharing == "fedavg":
-            self._fedavg_generators(result.nodes)
-        if self.classifier is not None:
-            result.downstream = self._full_mode_round(round_, [nd for nd, _ in visits])
-        self.round = round_
-        result.wall_seconds = time.perf_counter() - t_start
-        result.metrics = self._round_metrics(result)
-        return result
-
-    def _fedavg_generators(self, node_results) -> None:
-        server = self.stores["server"]
-        merged = server.parameter_tensors()
-        node_params = {r.node: self.stores[r.node].parameter_tensors() for r in node_results}
-        for key in server.keys:
-            trained = [(r.node, r.samples_per_key[key]) for r in node_results if r.samples_per_key.get(key)]
-            if not trained:
-                continue  # nobody trained this key: keep the global parameters
-            names = [n for n in merged if n.startswith(key + "/")]
-            states = [{n: node_params[node][n] for n in names} for node, _ in trained]
-            merged.update(average_state(states, [w for _, w in trained]))
-        server.load_parameter_tensors(merged)
-
-    def _full_mode_round(self, round_: int, participants) -> dict:
-        """FedAvg of node classifiers, then server fine-tuning on synthetic samples per class."""
-        fed = self.cfg.federation
-        start = {k: v.clone() for k, v in self.classifier.state_dict().items()}
-        states, weights = [], []
         for nd in participants:
             if len(nd.train_y) == 0:
                 continue
@@ -175,8 +135,51 @@ class Federation:
             train_classifier(self.classifier, nd.train_x, nd.train_y, lr=fed.classifier_lr,
                              epochs=fed.local_epochs, batch_size=fed.batch_size,
                              gen=torch_generator(self.cfg.seed, "classifier", round_, nd.node_id))
-            states.append({k: v.clone() for k, v in self.classifier.state_dict().items()})
-            weights.append(float(len(nd.train_y)))
+            yield (node_name(nd.node_id), {k: v.clone() for k, v in self.classifier.state_dict().items()},
+                   float(len(nd.train_y)))
+
+    def run_round(self, round_: int, on_step: Optional[Callable[[], None]] = None,
+                  on_node: Optional[Callable[[object], None]] = None,
+                  train_visits: Optional[Callable] = None,
+                  train_classifiers: Optional[Callable] = None) -> RoundResult:
+        """One round: route participants to stores, train them (``train_visits``, in-process by
+        default), then aggregate, distil (full mode: node classifiers by ``train_classifiers``) and
+        summarise."""
+        t_start = time.perf_counter()
+        result = RoundResult(round=round_)
+        visits = [(nd, self.store_name_for(node_name(nd.node_id))) for nd in self.participants(round_)]
+        self.sharing.before_round(self.stores, visits)
+        for res in (train_visits or self.train_visits)(round_, visits, on_step):
+            result.nodes.append(res)
+            result.train_seconds += res.train_seconds
+            if on_node is not None:
+                on_node(res)
+        done = {r.node for r in result.nodes}
+        result.missing = [node_name(nd.node_id) for nd, _ in visits if node_name(nd.node_id) not in done]
+        self.sharing.after_round(self.stores, result.nodes)
+        if self.classifier is not None:
+            result.downstream, lost = self._full_mode_round(
+                round_, [nd for nd, _ in visits if node_name(nd.node_id) in done],
+                train_classifiers or self.train_classifiers)
+            result.missing += [n for n in lost if n not in result.missing]
+        if result.missing:
+            self.missing[round_] = list(result.missing)
+        self.round = round_
+        result.wall_seconds = time.perf_counter() - t_start
+        result.metrics = self._round_metrics(result)
+        result.metrics["nodes_missing"] = float(len(result.missing))
+        return result
+
+    def _full_mode_round(self, round_: int, participants, train_classifiers) -> tuple[dict, list]:
+        """FedAvg of node classifiers, then server fine-tuning on synthetic samples per class.
+        Returns the downstream report and the participants whose classifier visit was lost."""
+        fed = self.cfg.federation
+        start = {k: v.clone() for k, v in self.classifier.state_dict().items()}
+        trained = list(train_classifiers(round_, participants, start))
+        states, weights = [st for _, st, _ in trained], [w for _, _, w in trained]
+        answered = {n for n, _, _ in trained}
+        lost = [node_name(nd.node_id) for nd in participants
+                if len(nd.train_y) and node_name(nd.node_id) not in answered]
         self.classifier.load_state_dict(average_state(states, weights) if states else start)
         test_x, test_y = self._global_test()
         before = accuracy(self.classifier, test_x, test_y)
@@ -195,7 +198,7 @@ class Federation:
             "synthetic_samples": synthetic,
             "per_node": {n: {"fedavg": per_node_before[n], "distilled": per_node_after[n]}
                          for n in per_node_before},
-        }
+        }, lost
 
     def _synthetic_set(self, round_: int):
         store = self.stores[self.primary_store]

@@ -225,8 +225,9 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def train(cfg) -> dict:
-    """Run (or resume) the federation; returns the final summary metrics.
+def train(cfg, engine=None) -> dict:
+    """Run (or resume) the federation; returns the final summary metrics. ``engine``: one built by
+    the caller (the Flower deployment job injects one on its Grid); default from the config.
 
     The run owns checkpoint.dir and train.reports_dir (locked) from start to end; SIGTERM/SIGINT
     stop it at the next safe point with ``latest`` intact (TrainingStopped, exit 143/130)."""
@@ -243,7 +244,7 @@ def train(cfg) -> dict:
 
     with StopOnSignal(stopped) as stop, \
             RunDirs({"checkpoint.dir": cfg.checkpoint.dir, "train.reports_dir": cfg.train.reports_dir}):
-        return _train(cfg, stop, last)
+        return _train(cfg, stop, last, engine)
 
 
 def _refuse_used_dirs(cfg, checkpointer, reports: Path) -> None:
@@ -265,7 +266,7 @@ def _refuse_used_dirs(cfg, checkpointer, reports: Path) -> None:
     checkpointer.start_over()
 
 
-def _train(cfg, stop, last: dict) -> dict:
+def _train(cfg, stop, last: dict, engine=None) -> dict:
     from feda2v.checkpoint import Checkpointer
     from feda2v.data import load_prepared
     from feda2v.federation.engine import make_engine
@@ -283,7 +284,7 @@ def _train(cfg, stop, last: dict) -> dict:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
     check_manifest(cfg, data.manifest)
-    engine = make_engine(cfg.federation.engine)
+    engine = engine or make_engine(cfg.federation.engine)
     seed_globals(cfg.seed)
     federation = Federation(cfg, data)
     checkpointer = Checkpointer(cfg, data.manifest_hash)

@@ -12,12 +12,16 @@ two equal).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from feda2v.errors import ConfigError
 from feda2v.models import ARCHITECTURES, constructor_args
-from feda2v.store.spec import DEFAULT_ARCH, StoreSpec
 from feda2v.store.steps import DISCRIMINATOR, GENERATOR, gan_step, vae_step
+
+if TYPE_CHECKING:  # spec.py imports this module (type defaults), so only for annotations
+    from feda2v.store.spec import StoreSpec
+
+DEFAULT_ARCH = "default"  # the architecture variant of every kind
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ optimizer's own state entries.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +17,9 @@ from torch.optim.adam import adam as functional_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
 from feda2v.errors import ConfigError
-from feda2v.store.spec import OptimizerSpec
+
+if TYPE_CHECKING:  # annotations only: spec.py sits above this module (spec -> kinds -> steps -> optim)
+    from feda2v.store.spec import OptimizerSpec
 
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}

@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from feda2v.errors import CheckpointError, ConfigError
-
-DEFAULT_ARCH = "default"  # the architecture variant of every kind (see store/kinds.py)
+from feda2v.store.kinds import DEFAULT_ARCH, kind  # the kinds table (type defaults); DEFAULT_ARCH re-exported
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,6 @@ class StoreSpec:
 
     @classmethod
     def from_config(cls, cfg: Any, *, classes: Sequence[str], feature_dim: int, condition_dim: int) -> "StoreSpec":
-        from feda2v.store.kinds import kind  # kinds builds on this module
-
         g = cfg.generator
         o = g.optimizer
         type_defaults = kind(str(g.type)).optimizer_defaults
