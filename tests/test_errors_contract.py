@@ -298,7 +298,6 @@ CASES: list[Case] = [
     Case("class-group-not-a-list", "train", ["generator.class_groups={a:3}"], "class_groups"),
     Case("alias-not-a-bool", "train", ["generator_only_mode=maybe"], "generator_only_mode"),
     Case("full-mode-local-sharing", "train", ["federation.mode=full", "federation.sharing=local"], "sharing"),
-    Case("flower-full-mode", "train", ["federation.engine=flower", "federation.mode=full"], "generator_only"),
     Case("checkpoint-every-zero", "train", ["checkpoint.every=0"], "checkpoint.every"),
     Case("keep-last-zero", "train", ["checkpoint.keep_last=0"], "checkpoint.keep_last"),
     Case("progress-unknown", "train", ["train.progress=fancy"], "train.progress"),

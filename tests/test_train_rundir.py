@@ -168,8 +168,6 @@ def test_identical_runs_with_tracking_write_identical_bytes(tmp_path, prepared, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="numerics.PINNED_ENV MKL_CBWR=AVX2,STRICT makes MKL's results depend on "
-                   "the thread count (COMPATIBLE or unset do not); strict: remove this mark with the fix")
 def test_other_thread_counts_train_the_same_bytes(tmp_path, prepared):
     """train.threads is operational: the checkpoint (header and tensors) must not depend on it.
     Through the console script, so the numerics pins are in force as for every user."""

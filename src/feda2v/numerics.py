@@ -24,8 +24,9 @@ _NUMPY_ABOVE_AVX2 = ("AVX512F AVX512CD AVX512_KNL AVX512_KNM AVX512_SKX AVX512_C
 
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorised kernels (elementwise ops, reductions)
-    # MKL's GEMM branch; STRICT: the bits do not depend on the number of threads either.
-    "MKL_CBWR": "AVX2,STRICT",
+    # MKL's GEMM branch. COMPATIBLE, not AVX2[,STRICT]: with the AVX2 branch MKL's results still
+    # depend on the thread count (train.threads is operational and must not change the bits).
+    "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (torch's mkldnn kernels)
     "OPENBLAS_CORETYPE": "Haswell",  # numpy/scipy's OpenBLAS kernels: the AVX2 + FMA family
     # one OpenBLAS thread: its splits follow the core count, which differs between machines

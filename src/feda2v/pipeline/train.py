@@ -233,6 +233,12 @@ def train(cfg, engine=None) -> dict:
     stop it at the next safe point with ``latest`` intact (TrainingStopped, exit 143/130)."""
     from feda2v.checkpoint.rundir import RunDirs
     from feda2v.pipeline.stopping import StopOnSignal
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    # An absent device is one line before anything is read or written (the run-directory locks
+    # below create their folders); on CUDA the trainer sets the determinism switches (incl.
+    # CUBLAS_WORKSPACE_CONFIG) before the first kernel runs.
+    configure_determinism(resolve_device(cfg.train.device))
 
     last = {"path": None, "round": None}  # the last complete checkpoint, for the stop message
 
@@ -275,11 +281,6 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
     from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags, unique_run_name
     from feda2v.tracking.tags import prepared_dataset
 
-    from feda2v.store.device import configure_determinism, resolve_device
-
-    # An absent device is one line before anything is read or written; on CUDA the trainer sets
-    # the determinism switches (incl. CUBLAS_WORKSPACE_CONFIG) before the first kernel runs.
-    configure_determinism(resolve_device(cfg.train.device))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared(cfg.data.prepared_dir)
