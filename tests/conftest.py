@@ -3,7 +3,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# The console scripts pin the CPU numerics before numpy or torch load (feda2v/numerics.py); the test
+# process does the same, so what a test computes in-process and what the processes it starts compute
+# (console scripts, Flower's Ray workers, which inherit this environment) take the same code paths.
+from feda2v.numerics import pin_environment
+
+pin_environment()
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
