@@ -109,12 +109,11 @@ def test_compare_two_runs_shows_common_loss_chart_and_eval_metrics(ui, tmp_path)
             page.screenshot(path=str(tmp_path / "compare_table.png"), full_page=True)
             # 4. the common per-round loss: the table is virtual, scroll to its row, open its chart
             target = metric_links.filter(has_text=COMMON_LOSS)
-            for _ in range(80):
-                if target.count():
-                    break
+            deadline = time.monotonic() + 120  # a loaded 2-core machine renders slowly
+            while not target.count() and time.monotonic() < deadline:
                 metric_links.last.hover()
                 page.mouse.wheel(0, 200)
-                page.wait_for_timeout(150)
+                page.wait_for_timeout(300)  # let the virtual table render the rows it scrolled to
             assert target.count(), f"{COMMON_LOSS} not in the comparison's metrics"
             target.first.click()
             page.wait_for_url("**/metric?**", timeout=60_000)
