@@ -12,14 +12,14 @@ two equal).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from feda2v.errors import ConfigError
 from feda2v.models import ARCHITECTURES, constructor_args
 from feda2v.store.steps import DISCRIMINATOR, GENERATOR, gan_step, vae_step
+# `StoreSpec` appears in annotations only (never evaluated): importing spec.py, which imports
+# this table, would close an import circle.
 
-if TYPE_CHECKING:  # spec.py imports this module (type defaults), so only for annotations
-    from feda2v.store.spec import StoreSpec
 
 DEFAULT_ARCH = "default"  # the architecture variant of every kind
 

@@ -9,7 +9,7 @@ optimizer's own state entries.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,13 +18,12 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from feda2v.errors import ConfigError
 
-if TYPE_CHECKING:  # annotations only: spec.py sits above this module (spec -> kinds -> steps -> optim)
-    from feda2v.store.spec import OptimizerSpec
 
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
+# `OptimizerSpec` appears in annotations only (never evaluated): spec.py sits above this module.
 def make_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
     """The ONE factory: every optimizer, at construction and reset alike, gets these settings.
 

@@ -8,7 +8,7 @@ optimizers and the parameter banks; these functions only read them through the s
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -26,9 +26,8 @@ from feda2v.models.losses import (
 from feda2v.models.functional import StackedParams
 from feda2v.store.grouping import Grouping
 from feda2v.store.optim import grouped_step, step_tensor
+# `GeneratorStore` appears in annotations only (never evaluated): store.py imports this module.
 
-if TYPE_CHECKING:
-    from feda2v.store.store import GeneratorStore
 
 GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 
