@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from common import median_time
 
 from feda2v.checkpoint import CheckpointManager, read_checkpoint, write_checkpoint
 
@@ -73,13 +73,7 @@ def _peer_write(path: Path, tensors) -> None:
 
 
 def _median(fn, repeats: int) -> float:
-    fn()  # warm: page cache, allocator
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats, warmup=1)  # one warm-up: page cache, allocator
 
 
 def measure(total_mb: float, repeats: int, directory: Path) -> dict:

@@ -26,6 +26,7 @@ from feda2v.checkpoint.legacy.layouts import (
     map_parameters,
     unused_parameters,
 )
+from feda2v.checkpoint.container import header_get
 from feda2v.checkpoint.legacy.read import DISCRIMINATOR, GENERATOR, LegacyRun, Module, merge_files, read_legacy
 from feda2v.errors import CheckpointError, ConfigError, Feda2vError
 
@@ -71,12 +72,7 @@ def overrides_dict(overrides: Sequence[str] | None) -> dict:
 
 
 def _get(tree: Mapping, dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
+    return header_get(tree, dotted, default=None)
 
 
 def _set(d: dict, dotted: str, value: Any, *, user: Mapping) -> None:
