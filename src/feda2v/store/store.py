@@ -5,11 +5,12 @@ them across steps. ``train_batch`` trains all keys present in a batch in one gro
 the samples are laid out per key ([K, n_max, ...], masked), the active keys' parameters are read
 as stacked [K, ...] tensors (each key's Parameters are rows of one per-name "bank", so no copy
 when every key is active), the forward runs as batched matmuls, gradients are taken w.r.t. the
-stacked tensors and split per key, and one fused Adam(W) call updates every active key's own
-Parameters with that key's own optimizer state. Unified is the same path with K = 1.
+stacked tensors, and one fused Adam(W) call (its argument lists built once per active key set)
+updates every active key's own Parameters with that key's own optimizer state. Unified is the same path with K = 1.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -22,7 +23,7 @@ from feda2v.models import build_model, init_parameters
 from feda2v.seeding import derive_seed
 from feda2v.store.grouping import Grouping
 from feda2v.store import kinds
-from feda2v.store.optim import make_optimizer, reset_param_groups, step_tensor
+from feda2v.store.optim import FusedUpdate, make_optimizer, reset_param_groups, step_tensor
 from feda2v.store.spec import StoreSpec
 from feda2v.store.steps import DISCRIMINATOR, GENERATOR
 
@@ -32,6 +33,7 @@ from feda2v.store.steps import DISCRIMINATOR, GENERATOR
 #                the key's previous visit; never.
 RESET_POLICIES = ("new_classes", "changed", "never")
 _OPTIM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
+_UPDATE_CACHE = 32  # fused updates kept per store (distinct (role, active key set) pairs)
 _META_FIELDS = ("spec", "keys", "roles", "arch", "optimizers", "trained_classes", "events", "reset_counts")
 
 
@@ -133,6 +135,9 @@ class GeneratorStore:
         # weights without copying them; the optimizers still update each key's own Parameter.
         self._banks: dict[str, dict[str, Tensor]] = {}
         self._bank_first: dict[str, list[nn.Parameter]] = {}
+        # (role, active rows) -> the fused update of those keys, reused while it stays valid; a
+        # node's batches meet the same few key sets again and again, so a few entries serve a run.
+        self._updates: OrderedDict[tuple[str, tuple[int, ...]], FusedUpdate] = OrderedDict()
         for role in self.roles:
             self._rebank(role)
         if device is not None:  # built (and seeded) on the CPU, then moved: same values anywhere
@@ -282,6 +287,23 @@ class GeneratorStore:
             for t in out.values():
                 t.requires_grad_(True)
         return out
+
+    def _apply_update(self, role: str, rows: Sequence[int], grads: Sequence[Tensor],
+                      found_inf: Tensor | None = None) -> None:
+        """Step the optimizers of the keys at ``rows`` (ascending, as ``Grouping.active``) with
+        ``grads``: per parameter name, in the role's parameter order, the stacked gradient [K, ...]."""
+        cache_key = (role, tuple(rows))
+        update = self._updates.get(cache_key)
+        if update is None or not update.valid():
+            keys = [self.keys[r] for r in rows]
+            update = FusedUpdate([self._optims[k, role] for k in keys],
+                                 [[p for _, p in self._params[k, role]] for k in keys])
+            self._updates[cache_key] = update
+            if len(self._updates) > _UPDATE_CACHE:
+                self._updates.popitem(last=False)
+        else:
+            self._updates.move_to_end(cache_key)
+        update(grads, found_inf)
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(x on the store's device, y as host long indices). Labels belong on the host (the node
