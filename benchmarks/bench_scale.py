@@ -46,7 +46,7 @@ print(json.dumps({{"nodes": nodes, "peak_rss_mb": peak / 1024, "peak_growth_mb":
 
 
 BUILD_CHILD = r"""
-import gc, json, resource, statistics, sys, time, torch
+import gc, json, statistics, sys, time, torch
 sys.path.insert(0, {here!r})
 from common import make_store
 from feda2v.models import build_model
@@ -66,16 +66,23 @@ def naive():  # the published layout: per key its own modules (same seeded value
     return out
 
 build = (lambda: make_store(gtype, "per_class", classes=keys)) if mode == "store" else naive
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
 make_store(gtype, "per_class", classes=2)  # imports and first-use costs out of the measurement
 gc.collect()
-rss0 = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS (VmHWM) := current RSS, so the peak is the build's
+    f.write("5")
+rss0 = status_kb("VmRSS") * 1024
 times = []
 for i in range(2):
     t0 = time.perf_counter()
     built = build()
     times.append(time.perf_counter() - t0)
     if i == 0:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = status_kb("VmHWM") * 1024
         store = built if mode == "store" else None
         params = (sum(p.numel() for m in built._modules.values() for p in m.parameters()) if mode == "store"
                   else sum(p.numel() for m, _ in built for p in m.parameters())) * 4
