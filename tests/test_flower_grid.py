@@ -58,16 +58,20 @@ def task_identity():
 
 def _federation(prepared, state_dir=None, **sections):
     """In-process (``state_dir`` None) or as the Flower engine builds it: node-resident stores,
-    the nodes' own checkpoints under ``state_dir``."""
+    the nodes' own checkpoints under ``state_dir``, and the server reads only the manifest and
+    conditions (+ full mode's test splits) of ``prepared`` (load_server_view)."""
     from feda2v.data import load_prepared
+    from feda2v.data.prepared import load_server_view
     from feda2v.federation.server import Federation
 
-    if state_dir is not None:
-        fed = sections.get("federation", {})
-        sections = dict(sections, federation={**fed, "flower": {**fed.get("flower", {}),
-                                                                "node_state_dir": str(state_dir)}})
-    return Federation(load_config(_raw(prepared, **sections)), load_prepared(prepared),
-                      node_resident=state_dir is not None)
+    if state_dir is None:
+        return Federation(load_config(_raw(prepared, **sections)), load_prepared(prepared))
+    fed = sections.get("federation", {})
+    sections = dict(sections, federation={**fed, "flower": {**fed.get("flower", {}),
+                                                            "node_state_dir": str(state_dir)}})
+    cfg = load_config(_raw(prepared, **sections))
+    return Federation(cfg, load_server_view(prepared, test_sets=cfg.federation.mode == "full"),
+                      node_resident=True)
 
 
 class FakeGrid:
@@ -590,18 +594,46 @@ def test_site_bundles_are_byte_reproducible(prepared, bundles, tmp_path):
             assert (tmp_path / f"node_{i:03d}" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_nodes_read_only_their_own_bundle(prepared, bundles, tmp_path):
-    """Each node's data-dir holds only its bundle; the rounds are still bit-identical."""
+@pytest.mark.parametrize("sharing", ["shared", "fedavg"])
+def test_nodes_read_only_their_own_bundle(prepared, bundles, tmp_path, sharing):
+    """Each node's data-dir holds only its bundle, the server's prepared dir only the manifest and
+    conditions (bundles/server); the rounds are still bit-identical."""
     dirs = {}
     for i in range(NODES):
         dirs[i] = tmp_path / f"site{i}"
         shutil.copytree(bundles / f"node_{i:03d}", dirs[i])
-    sections = {"federation": {"sharing": "fedavg"}}
-    ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
+    server = tmp_path / "server"
+    shutil.copytree(bundles / "server", server)
+    assert sorted(p.name for p in server.iterdir()) == ["conditions.safetensors", "manifest.json"]
+    sections = {"federation": {"sharing": sharing}}
+    ref, fed = _federation(prepared, **sections), _federation(server, tmp_path / "nodes", **sections)
     _inprocess(ref)
     _run(fed, _grid(data_dirs=dirs))
     assert_same_state(ref, fed)
+    assert fed.data.manifest_hash == ref.data.manifest_hash
+    with pytest.raises(DataError, match=r"^partition 1's training samples stay on its site"):
+        fed.data.nodes[1].train_x
+    if sharing == "shared":
+        return
     (dirs[2] / "node_002.safetensors").unlink()
     flower_app._DATA_CACHE.clear()
     with pytest.raises(DataError, match=r"^site data for partition 2 at .*site2 is missing node_002"):
-        _run(_federation(prepared, tmp_path / "again", **sections), _grid(data_dirs=dirs), rounds=1)
+        _run(_federation(server, tmp_path / "again", **sections), _grid(data_dirs=dirs), rounds=1)
+
+
+def test_full_mode_server_reads_test_splits_only_and_names_a_missing_partition(prepared, bundles, tmp_path):
+    """Full mode's server evaluates on the partitions' test splits: it reads those from the node
+    files (verified against the manifest); one that is absent is one line naming the partition."""
+    from feda2v.data.prepared import load_server_view
+
+    view = load_server_view(prepared, test_sets=True)
+    full = _federation(prepared).data
+    assert all(torch.equal(v.test_x, n.test_x) and torch.equal(v.test_y, n.test_y)
+               for v, n in zip(view.nodes, full.nodes))
+    server = tmp_path / "server"
+    shutil.copytree(bundles / "server", server)
+    load_server_view(server)  # generator_only: manifest and conditions are enough
+    with pytest.raises(DataError) as e:
+        load_server_view(server, test_sets=True)
+    assert str(e.value).startswith(f"prepared data {server} is missing node_000.safetensors (partition 0's test split")
+    assert "\n" not in str(e.value)

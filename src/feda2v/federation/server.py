@@ -109,6 +109,11 @@ class Federation:
     def store_for(self, node: str) -> GeneratorStore:
         return self.stores[self.store_name_for(node)]
 
+    def train_samples(self, nd) -> int:
+        """A node's training samples, from the manifest (a distributed run's server holds no
+        training data: data/prepared.py:load_server_view)."""
+        return int(sum(self.data.manifest["counts"]["train"][nd.node_id]))
+
     def participants(self, round_: int) -> list:
         nodes = list(self.data.nodes)
         k = max(1, math.ceil(self.cfg.federation.fraction * len(nodes)))
@@ -189,7 +194,7 @@ class Federation:
         states, weights = [st for _, st, _ in trained], [w for _, _, w in trained]
         answered = {n for n, _, _ in trained}
         lost = [node_name(nd.node_id) for nd in participants
-                if len(nd.train_y) and node_name(nd.node_id) not in answered]
+                if self.train_samples(nd) and node_name(nd.node_id) not in answered]
         self.classifier.load_state_dict(average_state(states, weights) if states else start)
         test_x, test_y = self._global_test()
         before = accuracy(self.classifier, test_x, test_y)
@@ -213,10 +218,10 @@ class Federation:
     def _synthetic_set(self, round_: int):
         store = self.stores[self.primary_store]
         spc = self.cfg.federation.synthetic_per_class
-        if spc == "auto":
+        if spc == "auto":  # the manifest's counts (verified against every partition that holds them)
             counts = torch.zeros(len(self.classes), dtype=torch.long)
-            for nd in self.data.nodes:
-                counts += torch.bincount(nd.train_y, minlength=len(self.classes))
+            for row in self.data.manifest["counts"]["train"]:
+                counts += torch.tensor(row, dtype=torch.long)
         else:
             counts = torch.full((len(self.classes),), int(spc), dtype=torch.long)
         y = torch.repeat_interleave(torch.arange(len(self.classes)), counts)

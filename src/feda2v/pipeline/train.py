@@ -275,6 +275,7 @@ def _refuse_used_dirs(cfg, checkpointer, reports: Path) -> None:
 def _train(cfg, stop, last: dict, engine=None) -> dict:
     from feda2v.checkpoint import Checkpointer
     from feda2v.data import load_prepared
+    from feda2v.data.prepared import load_server_view
     from feda2v.federation.engine import make_engine
     from feda2v.federation.server import Federation
     from feda2v.profiling import StepProfiler
@@ -283,9 +284,12 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    data = load_prepared(cfg.data.prepared_dir)
-    check_manifest(cfg, data.manifest)
     engine = engine or make_engine(cfg.federation.engine)
+    if getattr(engine, "nodes_hold_data", False):  # Flower: the sites hold their partitions
+        data = load_server_view(cfg.data.prepared_dir, test_sets=cfg.federation.mode == "full")
+    else:
+        data = load_prepared(cfg.data.prepared_dir)
+    check_manifest(cfg, data.manifest)
     seed_globals(cfg.seed)
     federation = Federation(cfg, data, node_resident=getattr(engine, "node_resident", False))
     checkpointer = Checkpointer(cfg, data.manifest_hash)
