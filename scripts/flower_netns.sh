@@ -7,9 +7,12 @@
 # in which the server's folder and every other site's bundle are hidden (empty tmpfs over them): it
 # can read only its own partition. The SuperLink's namespace hides the site bundles.
 #
-#   flower_netns.sh up WORK SERVER_DIR SITES_DIR   start everything (SITES_DIR/node_NNN = one site each;
+#   flower_netns.sh up WORK SERVER_DIR SITES_DIR   start everything (SITES_DIR/node_NNN = one site each,
+#                                                  as feda2v-prepare data.site_bundles_dir writes them;
 #                                                  SERVER_DIR holds the prepared data, configs, run dirs;
-#                                                  the two folders must not contain each other)
+#                                                  the two folders must not contain each other). Site I
+#                                                  keeps its own store (local/fedavg) in WORK/state/siteI
+#                                                  (node config state-dir; hidden from the other sites)
 #   flower_netns.sh run WORK CONFIG RUN_DIR        `flwr run` of a resolved feda2v config, the job's
 #                                                  working directory RUN_DIR; exit status = the run's
 #   flower_netns.sh kill-node WORK I               SIGKILL SuperNode I (its PID only)
@@ -41,10 +44,15 @@ ns_link() { echo "f2v${TAG}L"; }
 ns_node() { echo "f2v${TAG}N$1"; }
 link_ip() { echo "$NET.1"; }
 
-start_node() {  # I: in its namespace, with the server's folder and the other sites hidden
+node_state() { echo "$WORK/state/site$1"; }
+start_node() {  # I: in its namespace, with the server's folder and the other sites (data, state) hidden
   local i=$1 ns site hide=("$SERVER_DIR") d
   ns=$(ns_node "$i"); site=$(printf '%s/node_%03d' "$SITES_DIR" "$i")
-  for d in "$SITES_DIR"/node_*; do [[ $d == "$site" ]] || hide+=("$d"); done
+  for d in "$SITES_DIR"/*; do [[ -d $d && $d != "$site" ]] && hide+=("$d"); done  # incl. the server's bundle
+  for d in "$WORK"/state/site*; do [[ $d == "$(node_state "$i")" ]] || hide+=("$d"); done
+  # data-dir: its site bundle; state-dir: where it keeps its own store (sharing local/fedavg)
+  FLOWER_CA=$WORK/tls/ca.crt FLOWER_LINK="$(link_ip):$PORT" FLOWER_KEY=$WORK/keys/node$i \
+  FLOWER_NODE_CONFIG="partition-id=$i num-partitions=$NODES data-dir=\"$site\" state-dir=\"$(node_state "$i")\"" \
   ip netns exec "$ns" sh -c 'for d in "$@"; do mount -t tmpfs -o size=1m,mode=0700 feda2v-hidden "$d" || exit 2; done
       exec "$0" --root-certificates "$FLOWER_CA" --superlink "$FLOWER_LINK" \
         --auth-supernode-private-key "$FLOWER_KEY" --node-config "$FLOWER_NODE_CONFIG" --host 127.0.0.1 --port 9094' \
@@ -99,11 +107,8 @@ up)
     ip netns exec "$L" flwr supernode register "$WORK/keys/node$i.pub" "$CONN" --name "site$i" \
       >>"$WORK/logs/register.log" 2>&1 || die "registering SuperNode $i's key failed; see $WORK/logs/register.log"
   done
-  for ((i = 0; i < NODES; i++)); do
-    FLOWER_CA=$WORK/tls/ca.crt FLOWER_LINK="$(link_ip):$PORT" FLOWER_KEY=$WORK/keys/node$i \
-      FLOWER_NODE_CONFIG="partition-id=$i num-partitions=$NODES data-dir=\"$(printf '%s/node_%03d' "$SITES_DIR" "$i")\"" \
-      start_node "$i"
-  done
+  for ((i = 0; i < NODES; i++)); do mkdir -p "$(node_state "$i")"; done
+  for ((i = 0; i < NODES; i++)); do start_node "$i"; done
   for ((i = 0; i < NODES; i++)); do
     flower_wait_port 127.0.0.1 9094 "$WORK/logs/supernode$i.log" "$(ns_node "$i")"
   done
@@ -123,9 +128,7 @@ kill-node)
   ;;
 start-node)
   load_state
-  FLOWER_CA=$WORK/tls/ca.crt FLOWER_LINK="$(link_ip):$PORT" FLOWER_KEY=$WORK/keys/node$1 \
-    FLOWER_NODE_CONFIG="partition-id=$1 num-partitions=$NODES data-dir=\"$(printf '%s/node_%03d' "$SITES_DIR" "$1")\"" \
-    start_node "$1"
+  start_node "$1"
   flower_wait_port 127.0.0.1 9094 "$WORK/logs/supernode$1.log" "$(ns_node "$1")"
   ;;
 pid)

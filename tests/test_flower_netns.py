@@ -2,7 +2,8 @@
 SuperNodes, each in its own network namespace (veth pairs to a bridge inside the SuperLink's
 namespace), TLS from a CA made by the test, SuperNode authentication with a key per SuperNode
 registered before it starts, and each SuperNode able to read only its own site bundle (the
-server's folder and the other sites are hidden in its mount namespace).
+server's folder and the other sites are hidden in its mount namespace). The server of a
+generator-only run reads only the manifest and the conditions (the site bundles' ``server/``).
 
 For shared relay and for full mode over fedavg (fedavg's generator exchange plus the classifier
 exchange) the deployed run's checkpoints are bit-identical to the in-process engine's, every
@@ -27,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, cli
-from feda2v.checkpoint import diff_checkpoints, read_checkpoint, verify_checkpoint
+from feda2v.checkpoint import read_checkpoint, verify_checkpoint
+from feda2v.checkpoint.nodestate import diff_with_nodes
 from feda2v.config import load_config, to_plain
 
 pytestmark = [
@@ -54,6 +56,15 @@ def _raw(work: Path, **federation) -> dict:
     }
 
 
+def _deployed(raw: dict, server: Path) -> dict:
+    """The server of a generator-only run holds no partition: only the manifest and the conditions
+    (full mode's server evaluates on the partitions' test splits, so it reads the prepared dir)."""
+    raw = json.loads(json.dumps(raw))
+    if raw["federation"].get("mode", "generator_only") != "full":
+        raw["data"]["prepared_dir"] = str(server / "bundle")
+    return raw
+
+
 def _with_dirs(raw: dict, run_dir: Path) -> dict:
     raw = json.loads(json.dumps(raw))
     raw["checkpoint"]["dir"] = str(run_dir / "ckpt")
@@ -73,6 +84,10 @@ class Deployment:
         return subprocess.run(["bash", str(SCRIPT), args[0], str(self.work / "deploy"), *map(str, args[1:])],
                               capture_output=True, text=True, timeout=timeout)
 
+    def node_states(self) -> list[Path]:
+        """Where each SuperNode keeps its own store (node config state-dir; local/fedavg)."""
+        return [self.work / "deploy" / "state" / f"site{i}" for i in range(NODES)]
+
     def node_log(self, i: int) -> Path:
         return self.work / "deploy" / "logs" / f"supernode{i}.log"
 
@@ -82,7 +97,7 @@ class Deployment:
         run_dir = self.server / "runs" / name
         run_dir.mkdir(parents=True)
         cfg = run_dir / "config.json"
-        cfg.write_text(json.dumps(to_plain(load_config(_with_dirs(raw, run_dir))), indent=1))
+        cfg.write_text(json.dumps(to_plain(load_config(_with_dirs(_deployed(raw, self.server), run_dir))), indent=1))
         killer = None
         if kill_on:
             killer = _Killer(self, self.node_log(KILLED), kill_on)
@@ -127,6 +142,8 @@ def deployment(tmp_path_factory, request):
     dep = Deployment(tmp_path_factory.mktemp("netns"))
     prepare(load_config(_raw(dep.server)))
     write_site_bundles(dep.server / "prepared", dep.sites)
+    # what the server of a generator-only run reads: the manifest and the conditions (sites.py)
+    shutil.copytree(dep.sites / "server", dep.server / "bundle")
     # registered before `up`: a failed start-up is torn down too (every PID in the namespaces)
     request.addfinalizer(lambda: dep.sh("down", timeout=60))
     up = dep.sh("up", dep.server, dep.sites, timeout=180)
@@ -177,17 +194,24 @@ def _same_as_inprocess(dep: Deployment, name: str, raw: dict) -> None:
     ref = _inprocess(dep, name, raw)
     deployed = _verify_all(run_dir)
     assert [p.name for p in deployed] == [f"round_{r:06d}.ckpt" for r in range(1, raw["federation"]["rounds"] + 1)]
+    # node-resident stores (fedavg): the server's checkpoint names each node's round, the node's
+    # own checkpoint in its state dir holds its store; compared with them filled in
+    nodes = [str(d) for d in dep.node_states()] if raw["federation"]["sharing"] != "shared" else []
     for p in deployed:  # every round's state, not only the last
-        assert diff_checkpoints(ref / "ckpt" / p.name, p) == [], p.name
+        assert diff_with_nodes(ref / "ckpt" / p.name, p, nodes) == [], p.name
     d = subprocess.run([cli("feda2v-ckpt"), "diff", str(ref / "ckpt" / "latest.ckpt"),
-                        str(run_dir / "ckpt" / "latest.ckpt")], capture_output=True, text=True)
+                        str(run_dir / "ckpt" / "latest.ckpt"), *(["--nodes", *nodes] if nodes else [])],
+                       capture_output=True, text=True)
     assert d.returncode == 0 and "identical" in d.stdout, d.stdout[-2000:] + d.stderr
 
 
 def test_every_supernode_sees_only_its_own_site(deployment):
     """The SuperNodes hold their own bundle only: in each one's mount namespace the server's folder
-    and the other sites' bundles are empty; each is a distinct registered, TLS-connected node."""
+    and the other sites' bundles and state dirs are empty; each runs in its own network namespace."""
     dep = deployment
+    states = dep.node_states()
+    for d in states:  # something to hide (removed below: the nodes own these folders)
+        (d / "visible-to-owner-only").write_text("x")
     for i in range(NODES):
         pid = int(dep.sh("pid", i).stdout)
         root = f"/proc/{pid}/root"  # the SuperNode's own view of the file system
@@ -195,8 +219,12 @@ def test_every_supernode_sees_only_its_own_site(deployment):
         assert listing[f"node_{i:03d}"] == ["conditions.safetensors", f"node_{i:03d}.safetensors", "site.json"]
         assert all(v == [] for k, v in listing.items() if k != f"node_{i:03d}"), listing
         assert os.listdir(f"{root}{dep.server}") == []
+        assert all(os.listdir(f"{root}{d}") == [] for j, d in enumerate(states) if j != i)
+        assert os.listdir(f"{root}{states[i]}") == ["visible-to-owner-only"]
         assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
-    assert "registered successfully" in (dep.work / "deploy" / "logs" / "register.log").read_text()
+    for d in states:
+        (d / "visible-to-owner-only").unlink()
+    assert (dep.work / "deploy" / "logs" / "register.log").read_text().count("registered successfully") == NODES
 
 
 def test_shared_relay_is_bit_identical_to_inprocess(deployment):
@@ -204,9 +232,10 @@ def test_shared_relay_is_bit_identical_to_inprocess(deployment):
 
 
 def test_full_mode_with_fedavg_is_bit_identical_to_inprocess(deployment):
-    """Full mode over fedavg: every round the nodes' generators are averaged (fedavg's exchange,
-    the very messages and merge of generator-only fedavg), then the nodes' classifiers, then the
-    server distils; one deployed run covers fedavg and full mode (each run costs ~1-2 min here)."""
+    """Full mode over fedavg: every round each node trains its own node-resident store (kept in its
+    state dir; only the parameters of its keys travel) and the server averages them (fedavg's very
+    messages and merge), then the nodes' classifiers are averaged and the server distils. One
+    deployed run covers fedavg and full mode (each run costs 1-2.5 min here)."""
     _same_as_inprocess(deployment, "full", _raw(deployment.server, sharing="fedavg", mode="full",
                                                  classifier_hidden=32))
 
