@@ -68,11 +68,14 @@ def _state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
 
 
 @torch.no_grad()
-def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], Sequence[Tensor]]]) -> None:
+def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], Sequence[Tensor]]],
+                 found_inf: Tensor | None = None) -> None:
     """One fused Adam(W) update for many optimizers: ``items`` = [(optimizer, params, grads), ...].
 
     Optimizers whose param-group hyper-parameters are equal (the normal case: one factory) are
     updated in a single fused call; differing ones (e.g. after a user changed an lr) get their own.
+    ``found_inf`` (float32 scalar on the params' device, as torch's GradScaler passes it): where it
+    is 1 the kernel changes nothing (parameters, moments, step counts); the veto never leaves the device.
     """
     buckets: dict[tuple, tuple[list, list, list, list, list]] = {}
     for opt, params, grads in items:
@@ -94,6 +97,6 @@ def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], 
         functional_adam(
             ps, gs, ms, vs, [], steps,
             foreach=False, capturable=False, differentiable=False, fused=True,
-            grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=decoupled,
+            grad_scale=None, found_inf=found_inf, has_complex=False, decoupled_weight_decay=decoupled,
             amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False,
         )
