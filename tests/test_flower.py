@@ -171,13 +171,27 @@ def test_simulation_resumes_from_either_engines_checkpoint(prepared, inprocess_s
     assert diff_checkpoints(inprocess_shared / "latest.ckpt", out) == []
 
 
+def diff_node_resident(ip_work, fl_work, name="latest.ckpt"):
+    """In-process checkpoint vs the Flower server's, with the nodes' own checkpoints filled in
+    (node-resident sharing: the server holds no node store; ``feda2v-ckpt diff --nodes``)."""
+    from feda2v.checkpoint.nodestate import diff_with_nodes
+
+    return diff_with_nodes(ip_work / "ckpt" / name, fl_work / "ckpt" / name, [fl_work / "ckpt" / "nodes"])
+
+
 @pytest.mark.slow
-def test_simulation_fedavg_matches_in_process(prepared, tmp_path):
-    """fedavg: node visits go out in parallel; merged in participant order -> still bit-identical."""
-    sections = {"federation": {"sharing": "fedavg"}, "generator": {"granularity": "per_class"}}
+@pytest.mark.parametrize("sharing", ["fedavg", "local"])
+def test_simulation_node_resident_matches_in_process(prepared, tmp_path, sharing):
+    """fedavg / local: each node's store lives on its (simulated) node, checkpointed there; node
+    visits go out in parallel, merged in participant order -> still bit-identical."""
+    sections = {"federation": {"sharing": sharing}, "generator": {"granularity": "per_class"}}
     train_in(tmp_path / "ip", prepared, "inprocess", **sections)
     train_in(tmp_path / "fl", prepared, "flower", **sections)
-    assert diff_checkpoints(tmp_path / "ip" / "ckpt" / "latest.ckpt", tmp_path / "fl" / "ckpt" / "latest.ckpt") == []
+    for name in ("round_000001.ckpt", "latest.ckpt"):
+        assert diff_node_resident(tmp_path / "ip", tmp_path / "fl", name) == []
+    _, h = read_checkpoint(tmp_path / "fl" / "ckpt" / "latest.ckpt")
+    assert h["node_rounds"] == {f"node/{i:03d}": 2 for i in range(NODES)}
+    assert sorted(h["stores"]) == (["server"] if sharing == "fedavg" else [])
 
 
 @pytest.mark.slow
@@ -186,8 +200,8 @@ def test_simulation_full_mode_matches_in_process(prepared, tmp_path):
     sections = {"federation": {"mode": "full", "sharing": "fedavg"}}
     train_in(tmp_path / "ip", prepared, "inprocess", **sections)
     train_in(tmp_path / "fl", prepared, "flower", **sections)
-    a, b = tmp_path / "ip" / "ckpt" / "latest.ckpt", tmp_path / "fl" / "ckpt" / "latest.ckpt"
-    assert diff_checkpoints(a, b) == []
+    b = tmp_path / "fl" / "ckpt" / "latest.ckpt"
+    assert diff_node_resident(tmp_path / "ip", tmp_path / "fl") == []
     tensors, _ = read_checkpoint(b)
     assert any(k.startswith("classifier/") for k in tensors)
     assert (tmp_path / "ip" / "reports" / "train" / "downstream.json").read_bytes() == \

@@ -164,6 +164,7 @@ RULES: Dict[str, _Rule] = {
     "federation.flower.poll_s": _above(0),
     "federation.flower.connect_timeout_s": _above(0),
     "federation.flower.retries": _at_least(0),
+    "federation.flower.node_state_dir": _text(optional=True),
     "checkpoint.dir": _text(),
     "checkpoint.every": _at_least(1),
     "checkpoint.keep_last": _at_least(1),

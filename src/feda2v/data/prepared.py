@@ -345,3 +345,57 @@ def load_prepared(path) -> PreparedData:
              for i in range(manifest["nodes"])]
     return PreparedData(classes=classes, conditions=cond, nodes=nodes, manifest=manifest,
                         manifest_hash=manifest["hash"], feature_dim=fdim, condition_dim=cdim)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as the server of a distributed run (Flower) knows it: its id, its per-class counts
+    (the manifest's) and, only where the server evaluates on it (full mode), its test split. Its
+    training samples stay on its site: reading them here is an error, not an empty tensor."""
+
+    node_id: int
+    counts: dict  # {"train": [per class], "test": [per class]}
+    test_x: "torch.Tensor | None" = None
+    test_y: "torch.Tensor | None" = None
+
+    def _not_here(self, what: str):
+        raise DataError(f"partition {self.node_id}'s {what} stay on its site; the server holds only the "
+                        "manifest and the conditions (a node-side step ran on the server)")
+
+    @property
+    def train_x(self):
+        self._not_here("training samples")
+
+    @property
+    def train_y(self):
+        self._not_here("training labels")
+
+
+def load_server_view(path, *, test_sets: bool = False) -> PreparedData:
+    """What the server of a distributed run reads: the manifest and the conditions (verified), and
+    with ``test_sets`` (full mode: the held-out test set it evaluates on) each partition's test
+    split, from its file verified against the manifest. ``nodes`` are NodeViews. A folder holding
+    only ``manifest.json`` and ``conditions.safetensors`` is enough without ``test_sets``."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    classes = list(manifest["classes"])
+    C, fdim, cdim = len(classes), manifest["feature_dim"], manifest["condition_dim"]
+    cond = check_conditions(read_verified(path, CONDITIONS, files[CONDITIONS]), C, cdim,
+                            lambda what: _bad(path, what))
+    counts = manifest["counts"]
+    nodes = []
+    for i in range(manifest["nodes"]):
+        mine = {s: counts[s][i] for s in ("train", "test")}
+        if not test_sets:
+            nodes.append(NodeView(i, mine))
+            continue
+
+        def bad(what: str, i=i) -> DataError:
+            return DataError(f"prepared data {path} {what} (partition {i}'s test split, which the server "
+                             "evaluates full mode on); copy that file from the prepared data or run "
+                             "feda2v-prepare again")
+        nd = check_node(i, read_verified(path, node_file(i), files[node_file(i)], bad), C, fdim, mine, bad)
+        nodes.append(NodeView(i, mine, nd.test_x, nd.test_y))
+    return PreparedData(classes=classes, conditions=cond, nodes=nodes, manifest=manifest,
+                        manifest_hash=manifest["hash"], feature_dim=fdim, condition_dim=cdim)

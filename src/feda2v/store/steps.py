@@ -28,7 +28,7 @@ from feda2v.models.losses import (
 )
 from feda2v.models.functional import StackedParams
 from feda2v.store.grouping import Grouping
-from feda2v.store.optim import grouped_step, step_tensor
+from feda2v.store.optim import step_tensor
 # `GeneratorStore` appears in annotations only (never evaluated): store.py imports this module.
 
 
@@ -142,9 +142,9 @@ class Visit:
 
 
 def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[str], visit: Visit,
-                  retain_graph: bool = False) -> list[list[Tensor]]:
-    """Gradients w.r.t. the stacked [K, ...] tensors (one per name, not one per leaf), checked
-    finite (on the device), then split per key (views): grads[k] follows that key's parameter order."""
+                  retain_graph: bool = False) -> list[Tensor]:
+    """Gradients w.r.t. the stacked [K, ...] tensors (one per name, not one per leaf, in the
+    role's parameter order), checked finite on the device, laid out for the fused update (contiguous)."""
     names = list(stacked)
     gs = torch.autograd.grad(loss, [stacked[n] for n in names], retain_graph=retain_graph)
     # A bias gradient is the sum of its layer's output gradients, so it is non-finite iff one of
@@ -154,19 +154,14 @@ def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[st
     bias = [g.flatten(1).sum(1) for n, g in zip(names, gs) if n.endswith(".bias")]
     if bias:
         visit.check(torch.stack(bias, dim=1), "gradient")
-    # Weight grads arrive transposed (from x @ W^T); torch's fused CPU Adam reads memory linearly
-    # and silently mixes elements of a non-contiguous grad, so lay them out like the params.
-    split = [g.contiguous().unbind(0) for g in gs]
-    return [[split[j][i] for j in range(len(names))] for i in range(len(keys))]
+    # torch's fused CPU Adam reads memory linearly and silently mixes elements of a
+    # non-contiguous grad, so each is laid out like its parameter (a no-op for ours).
+    return [g.contiguous() for g in gs]
 
 
 def _step_or_zero(store: GeneratorStore, key: str, role: str) -> Tensor:
     t = step_tensor(store._optims[key, role])
     return torch.zeros((), dtype=torch.float32, device=store.device) if t is None else t.to(torch.float32)
-
-
-def _update_items(store: GeneratorStore, keys: Sequence[str], role: str, grads: Sequence[Sequence[Tensor]]):
-    return [(store._optims[k, role], [p for _, p in store._params[k, role]], g) for k, g in zip(keys, grads)]
 
 
 def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, eps: Tensor,
@@ -186,7 +181,7 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
     with record_function("generator_step/backward"):
         grads = stacked_grads(loss.sum(), params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, GENERATOR, grads), found_inf=visit.found_inf)
+        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf)
     return torch.stack([loss, rec, kl, beta], dim=1).detach()
 
 
@@ -258,7 +253,7 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
     with record_function("generator_step/backward"):
         d_grads = stacked_grads(d_loss.sum(), d_params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, DISCRIMINATOR, d_grads), found_inf=visit.found_inf)
+        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
     return d_loss.detach(), ((fake, g_params) if keep_fake else None)
 
 
@@ -279,7 +274,7 @@ def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, z
     with record_function("generator_step/backward"):
         g_grads = stacked_grads(g_loss.sum(), g_params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, GENERATOR, g_grads), found_inf=visit.found_inf)
+        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
     return g_loss.detach()
 
 
@@ -315,6 +310,6 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, visit, gen) -> Tensor:
         d_grads = stacked_grads(d_loss.sum(), d_params, keys, visit, retain_graph=True)
         g_grads = stacked_grads(g_loss.sum(), g_params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, DISCRIMINATOR, d_grads), found_inf=visit.found_inf)
-        grouped_step(_update_items(store, keys, GENERATOR, g_grads), found_inf=visit.found_inf)
+        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
+        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
     return torch.stack([g_loss, d_loss], dim=1).detach()
