@@ -18,6 +18,18 @@ def linear(in_features: int, out_features: int) -> nn.Linear:
     return lin
 
 
+def clone_structure(module: nn.Module) -> nn.Module:
+    """A new module of the same classes and attributes whose parameter (and buffer) slots still
+    hold the originals' tensors, for the caller to replace: an architecture copied without its
+    data (``copy.deepcopy`` would copy every tensor). Every container attribute (hooks,
+    parameter, module dicts) is a fresh copy, so nothing registered on the clone reaches the original."""
+    clone = object.__new__(type(module))
+    state = {n: (type(v)(v) if isinstance(v, dict) else v) for n, v in vars(module).items()}
+    state["_modules"] = {n: None if m is None else clone_structure(m) for n, m in module._modules.items()}
+    object.__setattr__(clone, "__dict__", state)
+    return clone
+
+
 @torch.no_grad()
 def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
     """Re-initialise every Linear (and LayerNorm) of ``module`` in place (same Parameter objects).
@@ -37,9 +49,12 @@ def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
             for p in (sub.weight, sub.bias):
                 if p is None:
                     continue
-                draw = torch.empty(p.shape, dtype=p.dtype, device=gen.device)
-                draw.uniform_(-bound, bound, generator=gen)
-                p.copy_(draw)
+                if p.device == gen.device and p.is_contiguous():
+                    p.uniform_(-bound, bound, generator=gen)  # in place: the same draws, no temporary
+                else:
+                    draw = torch.empty(p.shape, dtype=p.dtype, device=gen.device)
+                    draw.uniform_(-bound, bound, generator=gen)
+                    p.copy_(draw)
         elif isinstance(sub, nn.LayerNorm) and sub.elementwise_affine:
             # (the published multimodal VAE) back to the identity affine map torch builds it with
             sub.weight.fill_(1.0)

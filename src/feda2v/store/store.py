@@ -10,7 +10,9 @@ updates every active key's own Parameters with that key's own optimizer state. U
 """
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -19,13 +21,13 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from feda2v.errors import CheckpointError, ConfigError, DataError
-from feda2v.models import build_model, init_parameters
+from feda2v.models import build_model, clone_structure, init_parameters
 from feda2v.seeding import derive_seed
 from feda2v.store.grouping import Grouping
 from feda2v.store import kinds
 from feda2v.store.optim import FusedUpdate, make_optimizer, reset_param_groups, step_tensor
 from feda2v.store.spec import StoreSpec
-from feda2v.store.steps import DISCRIMINATOR, GENERATOR
+from feda2v.store.steps import DISCRIMINATOR, GENERATOR, Visit
 
 # What ``observe_classes`` does when a key meets a class set (federation.reset_on_class_change):
 #   new_classes: reset when the key meets a class it was never trained on (the published rule;
@@ -49,6 +51,20 @@ class ResetEvent:
 
 def _seeded(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@contextmanager
+def _gc_paused():
+    """Building K keys creates ~15 container objects per module and Python's cyclic collector
+    re-scans the growing heap every few hundred of them (most of a 500-key build's time): none of
+    them is garbage yet, so collection waits until the store is built."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _names(names: Iterable[str], limit: int = 5) -> str:
@@ -118,18 +134,6 @@ class GeneratorStore:
         self._optims: dict[tuple[str, str], torch.optim.Optimizer] = {}
         # (name, Parameter) per (key, role): the Parameter objects never change (resets are in place).
         self._params: dict[tuple[str, str], list[tuple[str, nn.Parameter]]] = {}
-        for key in self.keys:
-            for role in self.roles:
-                cls, kwargs = self._arch(role)
-                module = build_model(cls, kwargs, gen=_seeded(spec.seed, "init", key, role))
-                self._modules[key, role] = module
-                self._params[key, role] = list(module.named_parameters())
-                self._optims[key, role] = make_optimizer(module.parameters(), spec.optimizer)
-        self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}  # last visit
-        self._ever_trained: dict[str, list[str]] = {k: [] for k in self.keys}  # union of all visits
-        self._events: list[ResetEvent] = []
-        self._reset_counts: dict[str, int] = {k: 0 for k in self.keys}
-        self._device = torch.device("cpu")
         # Per role and parameter name, one [K_all, ...] tensor whose rows ARE the keys' parameters
         # (each Parameter's data is a view of its row), so a step over all keys reads the stacked
         # weights without copying them; the optimizers still update each key's own Parameter.
@@ -138,8 +142,15 @@ class GeneratorStore:
         # (role, active rows) -> the fused update of those keys, reused while it stays valid; a
         # node's batches meet the same few key sets again and again, so a few entries serve a run.
         self._updates: OrderedDict[tuple[str, tuple[int, ...]], FusedUpdate] = OrderedDict()
-        for role in self.roles:
-            self._rebank(role)
+        self._role_arch = {role: self._arch(role) for role in self.roles}
+        with _gc_paused():
+            for role in self.roles:
+                self._build_role(role)
+        self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}  # last visit
+        self._ever_trained: dict[str, list[str]] = {k: [] for k in self.keys}  # union of all visits
+        self._events: list[ResetEvent] = []
+        self._reset_counts: dict[str, int] = {k: 0 for k in self.keys}
+        self._device = torch.device("cpu")
         if device is not None:  # built (and seeded) on the CPU, then moved: same values anywhere
             self.to(device)
 
@@ -197,6 +208,40 @@ class GeneratorStore:
 
     def _arch(self, role: str) -> tuple[str, dict[str, Any]]:
         return kinds.architecture(self.spec, role)
+
+    @torch.no_grad()
+    def _build_role(self, role: str) -> None:
+        """Every key's module of ``role``, its parameters rows of the role's banks from the start.
+
+        The banks are allocated once and each key's parameters are initialised in place, in them
+        (the same seeded ``init_parameters`` the architecture's constructor runs, so the same
+        values); each key's module is a structural clone of one parameter-less (meta) template, so
+        building K keys allocates the state once instead of K modules' worth and a stacked copy.
+        """
+        cls, kwargs = self._role_arch[role]
+        template = build_model(cls, kwargs, gen=_seeded(self.spec.seed, "template", role)).to("meta")
+        if any(True for _ in template.buffers()):  # (none of ours has buffers) build each key whole
+            for key in self.keys:
+                module = build_model(cls, kwargs, gen=_seeded(self.spec.seed, "init", key, role))
+                self._adopt(key, role, module)
+            self._rebank(role)
+            return
+        shapes = [(name, p.shape, p.dtype) for name, p in template.named_parameters()]
+        bank = {name: torch.empty((len(self.keys),) + tuple(shape), dtype=dtype) for name, shape, dtype in shapes}
+        for row, key in enumerate(self.keys):
+            module = clone_structure(template)
+            for name, _, _ in shapes:
+                owner, _, leaf = name.rpartition(".")
+                module.get_submodule(owner)._parameters[leaf] = nn.Parameter(bank[name][row])
+            init_parameters(module, _seeded(self.spec.seed, "init", key, role))
+            self._adopt(key, role, module)
+        self._banks[role] = bank
+        self._bank_first[role] = [self._params[k, role][0][1] for k in self.keys]
+
+    def _adopt(self, key: str, role: str, module: nn.Module) -> None:
+        self._modules[key, role] = module
+        self._params[key, role] = list(module.named_parameters())
+        self._optims[key, role] = make_optimizer(module.parameters(), self.spec.optimizer)
 
     # -- accessors -----------------------------------------------------------------------------
     @property
@@ -326,19 +371,32 @@ class GeneratorStore:
         return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device,
                                                                                           non_blocking=True)
 
+    def visit(self, *, node: str, round: int) -> Visit:
+        """A node's visit: ``v.step(x, y, gen=...)`` per batch (no host sync inside), then
+        ``v.finish()``: the per-key mean losses, read back once (NonFiniteLossError if any loss or
+        gradient of the visit was not finite; no update lands from that step on)."""
+        return Visit(self, node, round)
+
     def train_batch(self, x: Tensor, y: Tensor, *, gen: torch.Generator, node: str, round: int
                     ) -> dict[str, dict[str, float]]:
-        """One optimizer step for every key with samples in (x, y), all keys in one computation."""
+        """One optimizer step for every key with samples in (x, y), all keys in one computation,
+        and its per-key losses: a one-step visit (one host read-back per call)."""
+        v = self.visit(node=node, round=round)
+        v.step(x, y, gen=gen)
+        return v.finish()
+
+    def _train_step(self, visit: Visit, x: Tensor, y: Tensor, gen: torch.Generator) -> None:
         with record_function("generator_step"):
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
-                return {}
+                return
             grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             cond = self._conditions[y.to(self._device, non_blocking=True)]
             xs, cs, zs = grp.pad(x), grp.pad(cond), grp.pad(noise)
-            return self._kind.step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
+            visit.begin_step(grp.active)
+            visit.end_step(self._kind.step(self, grp, keys, xs, cs, zs, visit, gen=gen))
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -401,8 +459,8 @@ class GeneratorStore:
         out = {}
         for key in self.keys:
             for role in self.roles:
-                cls, kwargs = self._arch(role)
-                out[f"{key}/{role}"] = {"class": cls, "kwargs": kwargs}
+                cls, kwargs = self._role_arch[role]
+                out[f"{key}/{role}"] = {"class": cls, "kwargs": dict(kwargs)}
         return out
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:

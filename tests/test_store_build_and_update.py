@@ -1,4 +1,4 @@
-"""The store's cached fused updates (store/optim.py FusedUpdate) never step with stale lists.
+"""The store's build and cached fused updates (store/optim.py FusedUpdate) are exact.
 
 A store reuses one update plan per (role, active key set) across steps. Everything that replaces an
 optimizer's state or changes its hyper-parameters between steps (a reset, a load, a user's lr
@@ -11,6 +11,7 @@ import torch
 
 import feda2v.store.store as store_module
 from feda2v.store import GeneratorStore, StoreSpec
+from feda2v.store.kinds import KINDS
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -67,3 +68,26 @@ def test_a_cached_update_is_reused_while_valid(monkeypatch):
     assert list(s._updates.values()) == [update]  # same object: no lists rebuilt
     s.reset("class/a", node="n", round=1)
     assert not update.valid()
+
+
+@pytest.mark.parametrize("typ,arch", [(t, a) for t, k in KINDS.items() for a in k.archs])
+def test_keys_are_built_in_their_banks_with_the_architectures_own_seeded_values(typ, arch):
+    """The store allocates each role's banks once and initialises every key in place: the values are
+    exactly what the architecture's constructor draws from the key's seed, and each Parameter is a
+    row of its bank from the start (no per-key copy to stack)."""
+    from feda2v.models import build_model
+    from feda2v.store.store import _seeded
+
+    spec = StoreSpec(type=typ, granularity="per_class", classes=CLASSES, feature_dim=6, condition_dim=4,
+                     latent_dim=3, hidden_dim=8, seed=5, arch=arch)
+    s = GeneratorStore(spec, torch.randn(len(CLASSES), 4))
+    for role in s.roles:
+        cls, kwargs = s._role_arch[role]
+        for row, key in enumerate(s.keys):
+            ref = dict(build_model(cls, kwargs, gen=_seeded(5, "init", key, role)).named_parameters())
+            mine = dict(s.module(key, role).named_parameters())
+            assert mine.keys() == ref.keys()
+            for name, p in mine.items():
+                assert torch.equal(p, ref[name]), (key, role, name)
+                bank = s._banks[role][name]
+                assert p.data_ptr() == bank[row].data_ptr(), (key, role, name)
