@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA check of issue 16 in one run (< 5 minutes on one GPU): resume bit-identity on CUDA,
-# CPU<->CUDA checkpoint portability, host syncs per step, fused AdamW on the device, a profiler
+# CPU<->CUDA checkpoint portability, no host sync inside a visit (set_sync_debug_mode("error")) and
+# one per node visit, fused AdamW on the device, a profiler
 # trace with CUDA kernels under the generator_step ranges, and the device benchmark (unified and
 # per_class with 10/100/500 keys, vs the CPU and vs the measured GEMM rate).
 #   scripts/gpu_check.sh [OUT_DIR]      (default reports/gpu_check)

@@ -28,7 +28,7 @@ from feda2v.store.grouping import Grouping
 from feda2v.store import kinds
 from feda2v.store.optim import FusedUpdate, make_optimizer, reset_param_groups, step_tensor
 from feda2v.store.spec import StoreSpec
-from feda2v.store.steps import DISCRIMINATOR, GENERATOR
+from feda2v.store.steps import DISCRIMINATOR, GENERATOR, Visit
 
 # What ``observe_classes`` does when a key meets a class set (federation.reset_on_class_change):
 #   new_classes: reset when the key meets a class it was never trained on (the published rule;
@@ -385,19 +385,32 @@ class GeneratorStore:
         return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device,
                                                                                           non_blocking=True)
 
+    def visit(self, *, node: str, round: int) -> Visit:
+        """A node's visit: ``v.step(x, y, gen=...)`` per batch (no host sync inside), then
+        ``v.finish()``: the per-key mean losses, read back once (NonFiniteLossError if any loss or
+        gradient of the visit was not finite; no update lands from that step on)."""
+        return Visit(self, node, round)
+
     def train_batch(self, x: Tensor, y: Tensor, *, gen: torch.Generator, node: str, round: int
                     ) -> dict[str, dict[str, float]]:
-        """One optimizer step for every key with samples in (x, y), all keys in one computation."""
+        """One optimizer step for every key with samples in (x, y), all keys in one computation,
+        and its per-key losses: a one-step visit (one host read-back per call)."""
+        v = self.visit(node=node, round=round)
+        v.step(x, y, gen=gen)
+        return v.finish()
+
+    def _train_step(self, visit: Visit, x: Tensor, y: Tensor, gen: torch.Generator) -> None:
         with record_function("generator_step"):
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
-                return {}
+                return
             grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             cond = self._conditions[y.to(self._device, non_blocking=True)]
             xs, cs, zs = grp.pad(x), grp.pad(cond), grp.pad(noise)
-            return self._kind.step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
+            visit.begin_step(grp.active)
+            visit.end_step(self._kind.step(self, grp, keys, xs, cs, zs, visit, gen=gen))
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
