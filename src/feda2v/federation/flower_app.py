@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -191,6 +192,34 @@ def partition_id(context) -> int:
     return int(pid)
 
 
+_LIGHT = threading.Event()
+
+
+def lighten_torch() -> None:
+    """Keep torch from importing torch._dynamo in this process for optimizer bookkeeping.
+
+    ``torch.optim.Optimizer.add_param_group`` / ``state_dict`` / ``load_state_dict`` / ``zero_grad``
+    are wrapped by ``torch._disable_dynamo``, whose first call imports torch._dynamo (fx, sympy:
+    1.2-2.7 s measured here) only to mark them as never traced by torch.compile; building a store
+    (one AdamW per key and role) triggers it. Nothing compiles in a ClientApp process, so this
+    stores that wrapper's cached decision as "call the function itself": the same functions run,
+    the import is never paid. Only where torch._dynamo is not loaded yet (then nothing can have
+    compiled); Flower's per-message `flwr-clientapp` process calls it (``handle_train``)."""
+    if _LIGHT.is_set() or "torch._dynamo" in sys.modules:
+        return
+    for name in ("add_param_group", "state_dict", "load_state_dict", "zero_grad"):
+        fn = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            fn.__dynamo_disable = fn  # see torch/_compile.py:_disable_dynamo
+    _LIGHT.set()
+
+
+def _per_message_process() -> bool:
+    """Flower's deployed ClientApp process, started afresh for every message (the same test Flower
+    makes, flwr/supercore/exit/exit.py); its imports are paid on every visit."""
+    return bool(sys.argv) and sys.argv[0].endswith("flwr-clientapp")
+
+
 def handle_query(msg, context):
     rd = RecordDict()
     rd["node"] = ConfigRecord({"partition-id": partition_id(context), "pid": os.getpid()})
@@ -311,6 +340,8 @@ def handle_train(msg, context):
     this node's own store), train, send back what the mode lends."""
     from feda2v.errors import CheckpointError
 
+    if _per_message_process():
+        lighten_torch()
     blob, task = _unpack(msg.content)
     data_dir = context.node_config.get("data-dir")
     data_dir = str(data_dir) if data_dir else None
