@@ -227,9 +227,26 @@ def handle_query(msg, context):
     return Message(rd, reply_to=msg)
 
 
-def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+def node_device(task: dict, override: Optional[str] = None) -> torch.device:
+    """The device this node trains on: its node config ``device`` (the node's own hardware, e.g.
+    ``--node-config "... device=cuda:1"``) or else the server's ``train.device`` that the task
+    carries (cpu for tasks without one); made deterministic as the trainer does (store/device.py).
+    The bytes a node sends back are CPU tensors whatever its device."""
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    try:
+        dev = resolve_device(str(override) if override else task.get("device", "cpu"))
+    except ConfigError as e:
+        raise ConfigError(f"{'node config device' if override else 'task device'} on this node: {e}") from None
+    configure_determinism(dev)
+    return dev
+
+
+def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None,
+          device: Optional[str] = None) -> tuple[bytes, dict]:
     """A node's whole part of one visit, Flower aside: store bytes in -> trained store bytes out.
-    ``data_dir``: where this node's partition is (default: the task's ``prepared_dir``)."""
+    ``data_dir``: where this node's partition is (default: the task's ``prepared_dir``);
+    ``device``: the node config's (see ``node_device``)."""
     from feda2v.federation.node import train_generators
     from feda2v.store import GeneratorStore, StoreSpec
 
@@ -242,10 +259,11 @@ def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = Non
     # clone: tensors are views into the received buffer; the store must own its memory
     tensors = {k: v.clone() for k, v in tensors.items()}
     keys = header.get("keys")
+    dev = node_device(task, device)
     if keys is None:  # the whole store
-        store = GeneratorStore.from_state(tensors, header["store"])
+        store = GeneratorStore.from_state(tensors, header["store"], device=dev)
     else:  # a slice: the other keys of this fresh store are never trained, never sent back
-        store = GeneratorStore(StoreSpec.from_json(header["store"]["spec"]), site.conditions)
+        store = GeneratorStore(StoreSpec.from_json(header["store"]["spec"]), site.conditions, device=dev)
         merge_slice(store, tensors, header["store"])
         trains = {store.key_for_class(site.classes[c]) for c in set(site.node.train_y.tolist())}
         if not trains <= set(keys):
@@ -276,7 +294,7 @@ def read_parameters(blob: bytes, *, label: str) -> tuple[dict, dict]:
 
 
 def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: Optional[str] = None,
-                   state_dir: Optional[str] = None) -> tuple[Optional[bytes], dict]:
+                   state_dir: Optional[str] = None, device: Optional[str] = None) -> tuple[Optional[bytes], dict]:
     """A node-resident visit (local, fedavg): load this node's own state of ``from_round`` (a fresh
     store at 0), take the global parameters of the visit's keys if sent (fedavg), train, checkpoint
     the store here, reply the trained parameters (fedavg) or nothing of the store (local) and the
@@ -292,7 +310,7 @@ def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: 
     rt = task["resident"]
     site = _node_data(data_dir or task["prepared_dir"], task["manifest_hash"], partition)
     name, keys, where = node_name(partition), list(rt["keys"]), state_dir or rt["state_dir"]
-    store = GeneratorStore(StoreSpec.from_json(rt["spec"]), site.conditions)
+    store = GeneratorStore(StoreSpec.from_json(rt["spec"]), site.conditions, device=node_device(task, device))
     if rt["from_round"] > 0:
         store.load_state_dict(*load_node_state(where, name, rt["from_round"], config=rt["config"],
                                                manifest_hash=task["manifest_hash"], scope=rt["scope"]))
@@ -328,19 +346,21 @@ def handle_train(msg, context):
     blob, task = _unpack(msg.content)
     data_dir = context.node_config.get("data-dir")
     data_dir = str(data_dir) if data_dir else None
+    device = context.node_config.get("device")  # this node's own device (default: the task's)
     if "resident" not in task:
-        out, result = visit(blob, task, partition_id(context), data_dir)
+        out, result = visit(blob, task, partition_id(context), data_dir, device)
         return Message(_pack(out, {"node_result": result}), reply_to=msg)
     state_dir = context.node_config.get("state-dir")
     try:
         out, result = resident_visit(blob, task, partition_id(context), data_dir,
-                                     str(state_dir) if state_dir else None)
+                                     str(state_dir) if state_dir else None, device)
     except CheckpointError as e:  # its own state does not fit the server's records: refused, not lost
         return Message(_pack(None, {"refused": str(e)}), reply_to=msg)
     return Message(_pack(out, {"node_result": result}), reply_to=msg)
 
 
-def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None,
+                     device: Optional[str] = None) -> tuple[bytes, dict]:
     """Full mode, a node's part: train the classifier it is sent on its own partition (the very
     ``train_classifier`` call and seed of the in-process engine); reply its state and weight."""
     from feda2v.federation.node import node_name, train_classifier
@@ -357,11 +377,12 @@ def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional
         raise Feda2vError(f"classifier message for node {partition} has kind {header.get('kind')!r}")
     model = Classifier(**header["kwargs"])
     model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    model.to(node_device(task, device))
     nd = site.node
     train_classifier(model, nd.train_x, nd.train_y, lr=task["lr"], epochs=task["epochs"],
                      batch_size=task["batch_size"],
                      gen=torch_generator(task["seed"], "classifier", task["round"], partition))
-    out = checkpoint_bytes({k: v.detach().clone() for k, v in model.state_dict().items()},
+    out = checkpoint_bytes({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                            {"kind": CLASSIFIER_KIND, "kwargs": header["kwargs"], "round": task["round"],
                             "node": node_name(partition)})
     return out, {"node": node_name(partition), "weight": float(len(nd.train_y))}
@@ -371,7 +392,8 @@ def handle_classifier(msg, context):
     """ClientApp @train("classifier"): full mode's node classifier step."""
     blob, task = _unpack(msg.content)
     data_dir = context.node_config.get("data-dir")
-    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None)
+    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None,
+                                   context.node_config.get("device"))
     return Message(_pack(out, {"classifier_result": result}), reply_to=msg)
 
 
@@ -391,6 +413,7 @@ def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
     return {"node_id": int(node_id), "round": int(round_), "seed": int(cfg.seed), "store_name": store_name,
             "local_epochs": int(fed.local_epochs), "batch_size": int(fed.batch_size),
             "reset_on_change": str(fed.reset_on_class_change), "threads": int(cfg.train.threads),
+            "device": str(cfg.train.device),  # a node's config "device" overrides it (node_device)
             "prepared_dir": os.path.abspath(cfg.data.prepared_dir),
             "manifest_hash": federation.data.manifest_hash}
 

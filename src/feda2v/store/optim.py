@@ -134,6 +134,7 @@ class FusedUpdate:
         flat_p = [params[i][j] for j in range(n) for i in range(k)]
         flat_st = [_state(self._optims[i], params[i][j]) for j in range(n) for i in range(k)]
         self._first = [(params[i][0], flat_st[i], flat_st[i]["step"]) for i in range(k)]
+        self._row_cache: dict[int, tuple[Tensor, Sequence[Tensor]]] = {}
         groups: dict[tuple, list[int]] = {}
         for i, h in enumerate(self._hypers):
             groups.setdefault(h, []).append(i)
@@ -144,6 +145,18 @@ class FusedUpdate:
             self._calls.append((hyper, pos, pick(flat_p), [st["exp_avg"] for st in pick(flat_st)],
                                 [st["exp_avg_sq"] for st in pick(flat_st)], [st["step"] for st in pick(flat_st)]))
 
+    def _rows(self, g: Tensor, kept: set[int]) -> Sequence[Tensor]:
+        # a gradient buffer the caller reuses step after step (``kept``) arrives as the same tensor
+        # object: its per-key row views are made once; any other gradient is split afresh
+        if id(g) not in kept:
+            return g.unbind(0)
+        cached = self._row_cache.get(id(g))
+        if cached is not None and cached[0] is g:
+            return cached[1]
+        rows = g.unbind(0)
+        self._row_cache[id(g)] = (g, rows)
+        return rows
+
     def valid(self) -> bool:
         for opt, hyper, (p, st, step) in zip(self._optims, self._hypers, self._first):
             if opt.state.get(p) is not st or st.get("step") is not step or _hyper(opt) != hyper:
@@ -151,10 +164,13 @@ class FusedUpdate:
         return True
 
     @torch.no_grad()
-    def __call__(self, grads: Sequence[Tensor], found_inf: Tensor | None = None) -> None:
+    def __call__(self, grads: Sequence[Tensor], found_inf: Tensor | None = None,
+                 kept: Iterable[Tensor] = ()) -> None:
         """``grads``: per parameter name, the stacked gradient [K, ...] (contiguous: torch's fused
-        CPU Adam reads memory linearly and would mix elements of a non-contiguous one)."""
-        flat = [row for g in grads for row in g.unbind(0)]
+        CPU Adam reads memory linearly and would mix elements of a non-contiguous one); ``kept``:
+        the caller's gradient buffers, the same objects at every step."""
+        kept_ids = {id(t) for t in kept}
+        flat = [row for g in grads for row in self._rows(g, kept_ids)]
         for hyper, pos, ps, ms, vs, steps in self._calls:
             gs = flat if pos is None else [flat[q] for q in pos]
             _fused_call(hyper, ps, gs, ms, vs, steps, found_inf)
