@@ -538,6 +538,32 @@ def test_resume_after_a_server_crash_between_node_and_server_checkpoints(prepare
                           "round 2 in ") and "(it holds rounds 3)" in msg and "\n" not in msg
 
 
+def test_checkpoint_every_n_rounds_nodes_keep_what_the_last_server_checkpoint_names(prepared, tmp_path):
+    """checkpoint.every=2: the server's last checkpoint (round 2) names the nodes' round-2 state
+    while the nodes go on to write rounds 3 and 4; they keep every + 1 = 3 files, so a crash
+    before the server's round-4 checkpoint resumes from round 2, bit for bit."""
+    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+
+    sections = {"federation": {"sharing": "fedavg"}, "checkpoint": {"every": 2}}
+    ref = _federation(prepared, **sections)
+    _inprocess(ref, rounds=4)
+    fed = _federation(prepared, tmp_path / "nodes", **sections)
+    rounds = flower_app.GridRounds(_grid(), fed)
+    for r in (1, 2):
+        rounds.run_round(r)
+    write_run_state(tmp_path / "server2.ckpt", fed.state_dict())
+    for r in (3, 4):
+        rounds.run_round(r)  # the server "crashes" before saving round 4
+    assert sorted(p.name for p in _node_dir(fed, "node/001").glob("round_*")) == [
+        "round_000002.ckpt", "round_000003.ckpt", "round_000004.ckpt"]
+    again = _federation(prepared, tmp_path / "nodes", **sections)
+    again.load_state_dict(read_run_state(tmp_path / "server2.ckpt"))
+    resumed = flower_app.GridRounds(_grid(), again)
+    for r in (3, 4):
+        resumed.run_round(r)
+    assert_same_state(ref, again)
+
+
 def test_runs_sharing_a_sites_state_dir_keep_their_node_states_apart(prepared, tmp_path):
     """A SuperNode's state-dir belongs to the site, not to one run: a second run (another server
     checkpoint.dir) writes its own run folder and never touches the first run's files."""
