@@ -1,6 +1,7 @@
 """The generator step on each device (CPU, and CUDA where there is one): step time for unified and
-per_class stores with 10, 100 and 500 keys, against the device's measured GEMM rate at the step's
-own matmul shapes ("share of the GEMM bound": the time the step's batched matmuls alone take at that
+per_class stores with 10, 100 and 500 keys (one step with its read-back, ``train_batch``; and a step
+of a visit, queued with the visit's other steps and one read-back at its end, as a node runs them),
+against the device's measured GEMM rate at the step's own matmul shapes ("share of the GEMM bound": the time the step's batched matmuls alone take at that
 rate, over the step's time; 100% = the step is nothing but its matmuls).
 
     python benchmarks/bench_device.py [--out DIR] [--quick] [--devices cpu,cuda]
@@ -78,12 +79,20 @@ def bench(device: torch.device, granularity: str, keys: int, batch: int, repeats
     y = torch.arange(batch) % keys  # labels on the host, as a node passes them
     noise = torch.Generator().manual_seed(1)
     t = _median(lambda: store.train_batch(x, y, gen=noise, node="bench", round=0), device, repeats)
+
+    def visit():  # steps queued as a node runs them: one read-back at the visit's end
+        v = store.visit(node="bench", round=0)
+        for _ in range(repeats):
+            v.step(x, y, gen=noise)
+        v.finish()
+
+    tv = _median(visit, device, 1, warmup=1) / repeats
     k = 1 if granularity == "unified" else keys
     n = batch // k
     shapes = linear_shapes(store.module(store.keys[0]).encoder) + linear_shapes(store.module(store.keys[0]).decoder)
     gt, flops = gemm_bound(device, k, n, shapes, repeats)
     return {"device": str(device), "granularity": granularity, "keys": keys, "batch": batch,
-            "step_ms": t * 1e3, "gemm_ms": gt * 1e3, "gemm_tflops": flops / gt / 1e12,
+            "step_ms": t * 1e3, "queued_step_ms": tv * 1e3, "gemm_ms": gt * 1e3, "gemm_tflops": flops / gt / 1e12,
             "share_of_gemm_bound": gt / t}
 
 
@@ -107,14 +116,14 @@ def run(quick: bool = False, out: Path | str = "reports/gpu_check", devices: lis
     by = {(r["granularity"], r["keys"]): {} for r in rows}
     for r in rows:
         by[(r["granularity"], r["keys"])][r["device"].split(":")[0]] = r
-    md = ["| store | batch | device | step (ms) | GEMM-only (ms) | GEMM rate (TFLOP/s) | share of GEMM bound |"
-          " speed-up vs CPU |", "|---|---|---|---|---|---|---|---|"]
+    md = ["| store | batch | device | step (ms) | step in a visit (ms) | GEMM-only (ms) | GEMM rate (TFLOP/s) |"
+          " share of GEMM bound | speed-up vs CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for (gran, keys), per in by.items():
         cpu = per.get("cpu")
         for dev, r in per.items():
             speed = f"{cpu['step_ms'] / r['step_ms']:.2f}x" if cpu else "-"
             md.append(f"| {gran} K={keys if gran != 'unified' else 1} ({keys} classes) | {r['batch']} | {dev} | "
-                      f"{r['step_ms']:.3f} | {r['gemm_ms']:.3f} | {r['gemm_tflops']:.3f} | "
+                      f"{r['step_ms']:.3f} | {r['queued_step_ms']:.3f} | {r['gemm_ms']:.3f} | {r['gemm_tflops']:.3f} | "
                       f"{r['share_of_gemm_bound']:.1%} | {speed} |")
     (out / "bench_device.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "bench_device.md").write_text("\n".join(md) + "\n")

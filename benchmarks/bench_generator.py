@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 from common import make_batch, make_store
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-          torch.ops.aten.baddbmm.default}
+          torch.ops.aten.baddbmm.default, torch.ops.aten.bmm.out}  # .out: the store's weight gradients
 
 
 class _RecordGemms(TorchDispatchMode):
@@ -35,20 +35,35 @@ class _RecordGemms(TorchDispatchMode):
         self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in _GEMMS:
-            self.calls.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
-        return func(*args, **(kwargs or {}))
+            out = kwargs.get("out")
+            self.calls.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)],
+                               None if out is None else tuple(out.shape)))
+        return func(*args, **kwargs)
+
+
+def replay_gemms(calls):
+    """A function running the recorded GEMMs alone on random operands of their shapes (an ``out=``
+    call into a buffer of its own, kept like the store keeps its gradient buffers)."""
+    ops = [(op, [torch.randn(s) for s in shapes], {} if out is None else {"out": torch.empty(out)})
+           for op, shapes, out in calls]
+    return lambda: [op(*args, **kw) for op, args, kw in ops]
+
+
+def _adamw(params, spec):
+    o = spec.optimizer
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
 
 
 class PlainStep:
-    """The peer: the store's unified key as plain modules with their own fused torch AdamW."""
+    """The peer: one key of the store (unified by default) as plain modules with their own fused
+    torch AdamW."""
 
-    def __init__(self, store):
-        o = store.spec.optimizer
+    def __init__(self, store, key: str = "unified"):
         self.spec = store.spec
-        self.mods = {r: copy.deepcopy(store.module("unified", r)) for r in store.roles}
-        self.opts = {r: torch.optim.AdamW(m.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                          weight_decay=o.weight_decay, fused=True) for r, m in self.mods.items()}
+        self.mods = {r: copy.deepcopy(store.module(key, r)) for r in store.roles}
+        self.opts = {r: _adamw(m.parameters(), store.spec) for r, m in self.mods.items()}
         self.steps = 0
 
     def _update(self, role, loss):
@@ -83,6 +98,81 @@ class PlainStep:
         self.steps += 1
 
 
+class LoopStep:
+    """Peer: the naive loop (what the published system does): per key its own modules and its own
+    AdamW, a Python loop over the keys in the batch, each trained on its own samples."""
+
+    def __init__(self, store, key_of_sample):
+        self.keys = [PlainStep(store, k) for k in store.keys]
+        self.rows = [torch.nonzero(key_of_sample == i).squeeze(1) for i in range(len(store.keys))]
+
+    def __call__(self, x, c, z):
+        for step, rows in zip(self.keys, self.rows):
+            if rows.numel():
+                step(x[rows], c[rows], z[rows])
+
+    def first_generator(self):
+        return dict(self.keys[0].mods["generator"].named_parameters())
+
+
+class VmapStep:
+    """Peer: the keys' modules stacked by ``torch.func.stack_module_state``, evaluated by
+    ``vmap(functional_call)`` on the batch laid out per key ([K, n_max, ...], masked, as the store
+    lays it out), one fused torch AdamW over the stacked parameters per role."""
+
+    def __init__(self, store, grp):
+        self.spec, self.mask, self.counts = store.spec, grp.mask, grp.counts
+        self.params, self.base, self.opts = {}, {}, {}
+        for r in store.roles:
+            mods = [copy.deepcopy(store.module(k, r)) for k in store.keys]
+            self.params[r], _ = torch.func.stack_module_state(mods)
+            self.base[r] = copy.deepcopy(mods[0]).to("meta")
+            self.opts[r] = _adamw(list(self.params[r].values()), store.spec)
+        self.steps = 0
+
+    def _call(self, role, params, *args, **kwargs):
+        base = self.base[role]
+        return torch.func.vmap(lambda p, *a: torch.func.functional_call(base, p, a, kwargs))(params, *args)
+
+    def _mean(self, per_sample):  # per key over its real samples, summed over keys: each key's own mean
+        return ((per_sample * self.mask).sum(1) / self.counts).sum()
+
+    def _update(self, role, loss):
+        self.opts[role].zero_grad(set_to_none=True)
+        loss.backward()
+        self.opts[role].step()
+
+    def __call__(self, xs, cs, zs):
+        s = self.spec
+        if s.type != "gan":
+            p, base = self.params["generator"], self.base["generator"]
+            cond = cs if s.type == "cvae" else None
+            recon, mu, logvar = torch.func.vmap(
+                lambda p, x, c, z: torch.func.functional_call(base, p, (x, c), {"eps": z}),
+                in_dims=(0, 0, 0 if cond is not None else None, 0))(p, xs, cond, zs)
+            rec = (recon - xs).pow(2).sum(-1)
+            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+            beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
+            self._update("generator", self._mean(rec) + beta * self._mean(kl))
+        else:
+            pg, pd, gamma = self.params["generator"], self.params["discriminator"], s.gan.r1_gamma
+            fake = self._call("generator", pg, zs, cs)
+            real = xs.detach().requires_grad_(gamma > 0)
+            real_logit = self._call("discriminator", pd, real, cs)
+            fake_logit = self._call("discriminator", pd, fake.detach(), cs)
+            d_ps = F.softplus(-real_logit) + F.softplus(fake_logit)
+            if gamma > 0:
+                (g,) = torch.autograd.grad((real_logit * self.mask).sum(), real, create_graph=True)
+                d_ps = d_ps + gamma / 2 * g.pow(2).sum(-1)
+            self._update("discriminator", self._mean(d_ps))
+            frozen = {n: t.detach() for n, t in pd.items()}  # the G step takes no D weight gradients
+            self._update("generator", self._mean(F.softplus(-self._call("discriminator", frozen, fake, cs))))
+        self.steps += 1
+
+    def first_generator(self):
+        return {n: t[0] for n, t in self.params["generator"].items()}
+
+
 def _side_by_side(fns, repeats: int, warmup: int = 2) -> list[float]:
     """Median seconds of each fn, their runs interleaved (a load change hits all of them alike)."""
     times = [[] for _ in fns]
@@ -109,8 +199,7 @@ def _gemm_replay(fn):
     rec = _RecordGemms()
     with rec:
         fn()
-    operands = [(op, [torch.randn(s) for s in shapes]) for op, shapes in rec.calls]
-    replay = lambda: [op(*args) for op, args in operands]  # noqa: E731
+    replay = replay_gemms(rec.calls)
     return replay, _flops(replay)
 
 
@@ -121,6 +210,46 @@ def run(quick: bool = False) -> dict:
         return _run(quick)
     finally:
         torch.set_num_threads(previous)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[n].detach() - b[n].detach()).abs().max()) for n in a)
+
+
+def _peers(quick: bool) -> list[dict]:
+    """per_class store step vs the vmap peer and the naive loop, every key with samples."""
+    from feda2v.store.grouping import Grouping
+
+    rows = []
+    for gtype in ("vae", "cvae", "gan"):
+        for keys in ((10,) if quick else (10, 50, 200)):
+            for b in ((256,) if quick else (256, 1024)):
+                store = make_store(gtype, "per_class", classes=keys)
+                x, y = make_batch(b, classes=keys)
+                key_of_sample = store._class_key_idx[y]
+                grp = Grouping(key_of_sample, len(store.keys))
+                vmap, loop = VmapStep(store, grp), LoopStep(store, key_of_sample)
+                c = store.conditions[y]
+                z = torch.randn(b, store.spec.latent_dim, generator=torch.Generator().manual_seed(1))
+                xs, cs, zs = grp.pad(x), grp.pad(c), grp.pad(z)
+                gen = torch.Generator().manual_seed(1)  # the store's first step draws this same z
+                store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
+                vmap_step = lambda: vmap(xs, cs, zs)  # noqa: E731
+                loop_step = lambda: loop(x, c, z)  # noqa: E731
+                for _ in range(3):  # three steps each from the same state on the same batch and noise
+                    gen.manual_seed(1)
+                    for f in (store_step, vmap_step, loop_step):
+                        f()
+                first = {n: p for n, p in store.module(store.keys[0]).named_parameters()}
+                diffs = (_max_diff(first, vmap.first_generator()), _max_diff(first, loop.first_generator()))
+                repeats = 3 if quick or keys >= 200 else 7
+                # (the three agreement steps above were the warm-up)
+                t_store, t_vmap, t_loop = _side_by_side([store_step, vmap_step, loop_step], repeats, warmup=0)
+                rows.append({"type": gtype, "keys": keys, "batch": b, "store_ms": t_store * 1e3,
+                             "vmap_fused_ms": t_vmap * 1e3, "loop_ms": t_loop * 1e3,
+                             "store_over_vmap": t_store / t_vmap, "store_over_loop": t_store / t_loop,
+                             "max_diff_vmap_3_steps": diffs[0], "max_diff_loop_3_steps": diffs[1]})
+    return rows
 
 
 def _run(quick: bool) -> dict:
@@ -154,7 +283,15 @@ def _run(quick: bool) -> dict:
                + f". At batch {batches[-1]} per useful FLOP the step reaches "
                + ", ".join(f"{r['type']} {r['share_of_gemm_rate']:.0%}" for r in largest)
                + " of the GEMM rate measured at the same shapes.")
-    return {"summary": summary, "table": table}
+    peers = _peers(quick)
+    worst = {t: max(r["store_over_vmap"] for r in peers if r["type"] == t) for t in ("vae", "cvae", "gan")}
+    summary += (" per_class (K keys, all with samples) store step / vmap(functional_call) + fused AdamW, worst "
+                "cell: " + ", ".join(f"{t} {w:.2f}x" for t, w in worst.items())
+                + "; / naive loop (K modules, K AdamWs): "
+                + f"{min(r['store_over_loop'] for r in peers):.2f}-{max(r['store_over_loop'] for r in peers):.2f}x"
+                + f"; after three steps from the same state the peers' parameters agree with the store's to "
+                + f"{max(max(r['max_diff_vmap_3_steps'], r['max_diff_loop_3_steps']) for r in peers):.1e}.")
+    return {"summary": summary, "table": table, "tables": {"per_class peers": peers}}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared-mode scale: peak memory and round time at 10, 100 and 1,000 nodes over the same total data.
+"""Scale: shared-mode peak memory and round time at 10, 100 and 1,000 nodes over the same total data,
+and building a per_class store of 500 keys (time and peak RSS) against the naive loop.
 
 Each node count runs in its own process so peak RSS is its own; memory should stay flat (one store
 for the federation), time linear in samples (so flat here, the samples being the same)."""
@@ -44,6 +45,77 @@ print(json.dumps({{"nodes": nodes, "peak_rss_mb": peak / 1024, "peak_growth_mb":
 """
 
 
+BUILD_CHILD = r"""
+import gc, json, statistics, sys, time, torch
+sys.path.insert(0, {here!r})
+from common import make_store
+from feda2v.models import build_model
+torch.set_num_threads(1)
+mode, gtype, keys = {mode!r}, {gtype!r}, {keys}
+
+def naive():  # the published layout: per key its own modules (same seeded values) and own AdamWs
+    probe = make_store(gtype, "unified")
+    o = probe.spec.optimizer
+    out = []
+    for k in range(keys):
+        for role in probe.roles:
+            cls, kwargs = probe._role_arch[role]
+            m = build_model(cls, kwargs, gen=torch.Generator().manual_seed(k))
+            out.append((m, torch.optim.AdamW(m.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                             weight_decay=o.weight_decay, fused=True)))
+    return out
+
+build = (lambda: make_store(gtype, "per_class", classes=keys)) if mode == "store" else naive
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+make_store(gtype, "per_class", classes=2)  # imports and first-use costs out of the measurement
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS (VmHWM) := current RSS, so the peak is the build's
+    f.write("5")
+rss0 = status_kb("VmRSS") * 1024
+times = []
+for i in range(2):
+    t0 = time.perf_counter()
+    built = build()
+    times.append(time.perf_counter() - t0)
+    if i == 0:
+        peak = status_kb("VmHWM") * 1024
+        store = built if mode == "store" else None
+        params = (sum(p.numel() for m in built._modules.values() for p in m.parameters()) if mode == "store"
+                  else sum(p.numel() for m, _ in built for p in m.parameters())) * 4
+    del built
+    gc.collect()
+print(json.dumps({{"mode": mode, "type": gtype, "keys": keys, "build_s": statistics.median(times),
+                   "peak_growth_mb": (peak - rss0) / 2**20, "params_mb": params / 2**20}}))
+"""
+
+
+def measure_build(mode: str, gtype: str, keys: int) -> dict:
+    code = BUILD_CHILD.format(here=str(Path(__file__).parent), mode=mode, gtype=gtype, keys=keys)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build_table(quick: bool) -> list[dict]:
+    """A per_class store of many keys against the naive loop (K modules, K AdamWs) building the same
+    seeded parameters; peak RSS growth over the state a trained store holds (parameters + AdamW's
+    two moments, created at its first step) and over the parameters alone."""
+    keys = 50 if quick else 500
+    rows = []
+    for gtype in ("cvae", "gan"):
+        store, naive = measure_build("store", gtype, keys), measure_build("naive", gtype, keys)
+        state = 3 * store["params_mb"]
+        rows.append({"type": gtype, "keys": keys, "store_build_s": store["build_s"], "naive_build_s": naive["build_s"],
+                     "store_over_naive": store["build_s"] / naive["build_s"], "params_mb": store["params_mb"],
+                     "store_peak_growth_mb": store["peak_growth_mb"], "naive_peak_growth_mb": naive["peak_growth_mb"],
+                     "store_peak_over_state": store["peak_growth_mb"] / state,
+                     "store_peak_over_params": store["peak_growth_mb"] / store["params_mb"]})
+    return rows
+
+
 def measure(nodes: int, total: int) -> dict:
     code = CHILD.format(here=str(Path(__file__).parent), nodes=nodes, total=total)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -64,4 +136,9 @@ def run(quick: bool = False) -> dict:
                + ", ".join(f"{r['nodes']} nodes {r['federation_rss_mb']:.1f} MB" for r in table)
                + f"; round time {last['time_vs_10_nodes']:.2f}x (steps: "
                + ", ".join(str(r["steps"]) for r in table) + ")")
-    return {"summary": summary, "table": table}
+    builds = build_table(quick)
+    summary += ("; building a per_class store of " + ", ".join(
+        f"{r['keys']} {r['type']} keys {r['store_build_s']:.2f} s = {r['store_over_naive']:.2f}x the naive loop, "
+        f"peak RSS growth {r['store_peak_growth_mb']:.0f} MB = {r['store_peak_over_state']:.2f}x the state "
+        f"(parameters + moments; {r['store_peak_over_params']:.2f}x the parameters)" for r in builds))
+    return {"summary": summary, "table": table, "tables": {"building a store of many keys": builds}}

@@ -46,8 +46,12 @@ def to_markdown(report: dict) -> str:
             continue
         if "summary" in res:
             lines += [res["summary"], ""]
-        table = res.get("table")
-        if table:
+        tables = {"": res.get("table")} | dict(res.get("tables") or {})  # more tables: {title: rows}
+        for title, table in tables.items():
+            if not table or not isinstance(table, list):
+                continue
+            if title:
+                lines += [f"### {title}", ""]
             cols = list(table[0])
             lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             for row in table:

@@ -22,6 +22,9 @@ ROUNDS=${ROUNDS:-2}
 # must come first on PATH. FLWR_HOME keeps this demo's connection config away from ~/.flwr.
 export PATH="$VENV/bin:$PATH" FLWR_HOME="$WORK/flwr_home" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+# shellcheck source=scripts/flower_common.sh
+source "$ROOT/scripts/flower_common.sh"
+flower_pin_numerics
 command -v flower-superlink >/dev/null || { echo "flower_deploy: flower-superlink not in $VENV/bin; install the 'flower' extra" >&2; exit 2; }
 
 rm -rf "$WORK"; mkdir -p "$WORK"/{logs,app,flwr_home,deploy,inprocess}
@@ -41,18 +44,6 @@ stop_all() {  # stop exactly the processes this script started, by PID (children
   ((${#PIDS[@]})) && echo "flower_deploy: stopped PIDs ${PIDS[*]}"
 }
 trap stop_all EXIT
-
-wait_port() {  # wait until something listens on 127.0.0.1:$1
-  for _ in $(seq 150); do
-    python3 - "$1" <<'EOF' && return 0
-import socket, sys
-s = socket.socket(); s.settimeout(0.2)
-sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
-EOF
-    sleep 0.2
-  done
-  echo "flower_deploy: nothing listens on 127.0.0.1:$1 (see $WORK/logs)" >&2; return 1
-}
 
 # 1. tiny federation: digits, 2 nodes (one per SuperNode), shared relay; absolute paths because the
 #    ServerApp process runs elsewhere (flower-superexec's cwd)
@@ -74,48 +65,15 @@ with open(f"{work}/config.json", "w") as f:
     json.dump(to_plain(load_config(raw)), f, indent=1)
 EOF
 
-# 2. the FAB `flwr run` ships: only this pyproject. dependencies = [] so no run-time install can pull
-#    a CUDA torch; the app's code is the installed feda2v package.
-cat > "$WORK/app/pyproject.toml" <<'EOF'
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "feda2v-flower"
-version = "0.1.0"
-description = "feda2v federation on Flower (code comes from the installed feda2v package)"
-license = "MIT"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "feda2v"
-
-[tool.flwr.app.components]
-serverapp = "feda2v.pipeline.flower_job:server_app"
-clientapp = "feda2v.federation.flower_app:client_app"
-
-[tool.flwr.app.config]
-config-json = ""
-workdir = ""
-EOF
-cat > "$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "feda2v-local"
-
-[superlink.feda2v-local]
-address = "127.0.0.1:$LINK_PORT"
-insecure = true
-EOF
+# 2. the FAB `flwr run` ships and the CLI's connection (insecure, loopback)
+flower_write_app "$WORK/app"
+flower_write_connection "$FLWR_HOME" feda2v-local "127.0.0.1:$LINK_PORT"
 
 # 3. SuperLink + two SuperNodes, all --insecure on 127.0.0.1
 flower-superlink --insecure --disable-runtime-dependency-installation --host 127.0.0.1 --port "$LINK_PORT" \
   >"$WORK/logs/superlink.log" 2>&1 &
 PIDS+=($!); echo "flower_deploy: SuperLink PID $! on 127.0.0.1:$LINK_PORT (insecure)"
-wait_port "$LINK_PORT"
+flower_wait_port 127.0.0.1 "$LINK_PORT" "$WORK/logs"
 for i in 0 1; do
   flower-supernode --insecure --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port $((NODE_PORT0 + i)) \
     --node-config "partition-id=$i num-partitions=2 data-dir=\"$WORK/sites/node_00$i\"" \
@@ -123,18 +81,9 @@ for i in 0 1; do
   PIDS+=($!); echo "flower_deploy: SuperNode $i PID $! (partition-id=$i, runtime port $((NODE_PORT0 + i)))"
 done
 
-# 4. the run: the whole training job (rounds, checkpoints, reports) runs inside the ServerApp.
-#    `flwr run --stream` exits 0 even when the ServerApp failed: the job's own finish line decides.
-t0=$(date +%s.%N)
-flwr run "$WORK/app" feda2v-local --stream \
-  --run-config "config-json=\"$WORK/config.json\" workdir=\"$WORK/deploy\"" 2>&1 | tee "$WORK/logs/flwr_run.log" || true
-t1=$(date +%s.%N)
-echo "flower_deploy: flwr run took $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
-if ! grep -q "feda2v: flower deployment run finished" "$WORK/logs/flwr_run.log"; then
-  line=$(grep -m1 "feda2v: error:" "$WORK/logs/flwr_run.log" || true)
-  echo "${line:-feda2v: error: the Flower deployment run did not finish; see $WORK/logs}" >&2
-  exit 1
-fi
+# 4. the run: the whole training job (rounds, checkpoints, reports) runs inside the ServerApp
+flower_run_job "$WORK/app" feda2v-local "$WORK/config.json" "$WORK/deploy" "$WORK/logs/flwr_run.log" || exit 1
+grep -E "^round [0-9]+/" "$WORK/logs/flwr_run.log" || true
 
 # 5. the same config in-process, then compare (exit non-zero unless bit-identical)
 (cd "$WORK/inprocess" && "$VENV/bin/python" - "$WORK" <<'EOF'

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # chromium: the headless browser of the MLflow UI test (tests/test_tracking_browser.py, Playwright
-# drives it at /usr/bin/chromium; no browser is downloaded).
-SYSTEM_PACKAGES=(fluid-soundfont-gm timgm6mb-soundfont libfluidsynth3 dataset-fashion-mnist chromium)
+# drives it at /usr/bin/chromium; no browser is downloaded). iproute2: `ip netns` for the cross-site
+# Flower deployment (scripts/flower_netns.sh, tests/test_flower_netns.py).
+SYSTEM_PACKAGES=(fluid-soundfont-gm timgm6mb-soundfont libfluidsynth3 dataset-fashion-mnist chromium iproute2)
 PY=${PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.feda2v-stamp

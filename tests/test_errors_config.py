@@ -75,6 +75,7 @@ BAD = {
     "federation.flower.connect_timeout_s": 0.0,
     "federation.flower.on_node_failure": "ignore",
     "federation.flower.retries": -1,
+    "federation.flower.node_state_dir": "",
     "checkpoint.dir": "",
     "checkpoint.every": 0,
     "checkpoint.keep_last": 0,

@@ -56,11 +56,22 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def _federation(prepared, **sections):
+def _federation(prepared, state_dir=None, **sections):
+    """In-process (``state_dir`` None) or as the Flower engine builds it: node-resident stores,
+    the nodes' own checkpoints under ``state_dir``, and the server reads only the manifest and
+    conditions (+ full mode's test splits) of ``prepared`` (load_server_view)."""
     from feda2v.data import load_prepared
+    from feda2v.data.prepared import load_server_view
     from feda2v.federation.server import Federation
 
-    return Federation(load_config(_raw(prepared, **sections)), load_prepared(prepared))
+    if state_dir is None:
+        return Federation(load_config(_raw(prepared, **sections)), load_prepared(prepared))
+    fed = sections.get("federation", {})
+    sections = dict(sections, federation={**fed, "flower": {**fed.get("flower", {}),
+                                                            "node_state_dir": str(state_dir)}})
+    cfg = load_config(_raw(prepared, **sections))
+    return Federation(cfg, load_server_view(prepared, test_sets=cfg.federation.mode == "full"),
+                      node_resident=True)
 
 
 class FakeGrid:
@@ -120,8 +131,44 @@ def _state(fed):
     return out
 
 
+def _scope(fed):
+    from feda2v.checkpoint.nodestate import run_scope
+
+    return run_scope(fed.cfg.checkpoint.dir)
+
+
+def _node_dir(fed, node):
+    from feda2v.checkpoint.nodestate import node_state_dir
+
+    return node_state_dir(fed.cfg.federation.flower.node_state_dir, node, _scope(fed))
+
+
+def node_states(fed):
+    """A node-resident federation's node stores, read (verified) from each node's own checkpoint
+    of the round the server records (a fresh store where the node never trained)."""
+    from feda2v.checkpoint.nodestate import load_node_state
+    from feda2v.checkpoint.runstate import state_config
+    from feda2v.store import GeneratorStore
+
+    out = {}
+    for node, r in fed.node_rounds.items():
+        if r == 0:
+            t, meta = GeneratorStore(fed.spec, fed.data.conditions).state_dict()
+        else:
+            t, meta = load_node_state(fed.cfg.federation.flower.node_state_dir, node, r,
+                                      config=state_config(fed.cfg), manifest_hash=fed.data.manifest_hash,
+                                      scope=_scope(fed))
+        out[node] = (dict(t), json.loads(json.dumps(meta)))
+    return out
+
+
 def assert_same_state(a, b):
+    """``a`` in-process, ``b`` (maybe node-resident): every store bit for bit, node stores from
+    the nodes' own checkpoints."""
     sa, sb = _state(a), _state(b)
+    if b.node_resident:
+        assert not set(sb) & set(b.node_rounds)  # the server holds no node store
+        sb.update(node_states(b))
     assert sa.keys() == sb.keys()
     for name in sa:
         (ta, ma), (tb, mb) = sa[name], sb[name]
@@ -152,16 +199,28 @@ def _inprocess(fed, rounds=2, drop=None):
 @pytest.mark.parametrize("sharing, granularity", [("shared", "per_class"), ("fedavg", "per_class"),
                                                    ("local", "per_class"), ("shared", "unified"),
                                                    ("fedavg", "unified")])
-def test_grid_rounds_are_bit_identical_to_in_process(prepared, sharing, granularity):
+def test_grid_rounds_are_bit_identical_to_in_process(prepared, sharing, granularity, tmp_path):
     """shared + unified: the one relayed key meets new classes at each node, so resets happen
     (their log must travel back)."""
     sections = {"federation": {"sharing": sharing}, "generator": {"granularity": granularity}}
-    ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
+    ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
     want = _inprocess(ref)
     got = _run(fed, _grid())
     assert_same_state(ref, fed)
     if (sharing, granularity) == ("shared", "unified"):  # the relayed key meets new classes
         assert len(fed.stores["server"].events) > 0
+    if fed.node_resident:  # the checkpoints, as `feda2v-ckpt diff --nodes` compares them
+        from feda2v.checkpoint import diff_checkpoints
+        from feda2v.checkpoint.runstate import write_run_state
+        from feda2v.cli.ckpt import main
+
+        ip, fl = tmp_path / "ip.ckpt", tmp_path / "fl.ckpt"
+        write_run_state(ip, ref.state_dict())
+        write_run_state(fl, fed.state_dict())
+        assert any("only in" in d for d in diff_checkpoints(ip, fl))  # the server lacks the node stores
+        with pytest.raises(SystemExit) as done:
+            main(["diff", str(ip), str(fl), "--nodes", str(tmp_path / "nodes")])
+        assert done.value.code in (0, None)
     for w, g in zip(want, got):
         assert [n.node for n in g.nodes] == [n.node for n in w.nodes]
         assert {k: v for k, v in g.metrics.items() if "seconds" not in k and "share" not in k} == \
@@ -170,9 +229,9 @@ def test_grid_rounds_are_bit_identical_to_in_process(prepared, sharing, granular
 
 
 @pytest.mark.parametrize("sharing", ["shared", "fedavg"])
-def test_full_mode_classifiers_train_on_the_nodes_bit_identically(prepared, sharing):
+def test_full_mode_classifiers_train_on_the_nodes_bit_identically(prepared, sharing, tmp_path):
     sections = {"federation": {"sharing": sharing, "mode": "full"}}
-    ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
+    ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
     want = _inprocess(ref)
     grid = _grid()
     got = _run(fed, grid)
@@ -207,7 +266,7 @@ def test_messages_carry_only_the_keys_the_visit_trains(prepared):
 
 def test_skip_policy_finishes_rounds_without_the_lost_node(prepared, capsys, tmp_path):
     sections = {"federation": {"flower": {"on_node_failure": "skip"}}}
-    ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
+    ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
     grid = _grid()
     rounds = flower_app.GridRounds(grid, fed)
     grid.dead.add(101)  # partition 1 stops answering after start-up
@@ -231,9 +290,9 @@ def test_skip_policy_finishes_rounds_without_the_lost_node(prepared, capsys, tmp
     assert "missing_nodes" not in _federation(prepared).state_dict().extra  # none lost: no field
 
 
-def test_skip_then_a_restarted_node_rejoins_by_partition(prepared):
+def test_skip_then_a_restarted_node_rejoins_by_partition(prepared, tmp_path):
     sections = {"federation": {"flower": {"on_node_failure": "skip"}, "sharing": "fedavg"}}
-    ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
+    ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
     grid = _grid()
     rounds = flower_app.GridRounds(grid, fed)
     del grid.nodes[101]  # partition 1 is gone in round 1 ...
@@ -259,9 +318,9 @@ def test_fail_policy_stops_with_one_line_naming_the_node(prepared):
     assert "on_node_failure=fail" in msg
 
 
-def test_wait_policy_resends_to_the_restarted_node(prepared):
+def test_wait_policy_resends_to_the_restarted_node(prepared, tmp_path):
     sections = {"federation": {"flower": {"on_node_failure": "wait", "retries": 1}}}
-    ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
+    ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
     grid = _grid()
     rounds = flower_app.GridRounds(grid, fed)
     grid.dead.add(101)
@@ -283,12 +342,12 @@ def test_wait_policy_resends_to_the_restarted_node(prepared):
 
 
 def _retamper(fn):
-    """Reply tampering: decode the reply's slice, let ``fn`` change (tensors, header, result), re-pack."""
-    from feda2v.checkpoint.container import checkpoint_bytes
+    """Reply tampering: decode the reply's container, let ``fn`` change (tensors, header, result), re-pack."""
+    from feda2v.checkpoint.container import checkpoint_bytes, read_checkpoint_bytes
 
     def tamper(reply, msg):
         blob, task = flower_app._unpack(reply.content)
-        tensors, header = flower_app.decode_store(blob, label="t")
+        tensors, header = read_checkpoint_bytes(blob, label="t")
         header = {k: v for k, v in header.items()  # the container adds these itself
                   if k not in ("format_version", "header_sha256", "sha256", "tensors")}
         tensors, header, result = fn(dict(tensors), header, task["node_result"], msg)
@@ -297,13 +356,23 @@ def _retamper(fn):
     return tamper
 
 
-def test_replies_with_foreign_keys_or_wrong_weights_are_refused(prepared):
-    fed = _federation(prepared, federation={"sharing": "fedavg"})
+@pytest.mark.parametrize("sharing", ["shared", "fedavg"])
+def test_replies_with_foreign_keys_or_wrong_weights_are_refused(prepared, sharing, tmp_path):
+    """shared: a lent slice comes back; fedavg (node-resident): parameters come back. Either way a
+    reply with state it was not lent, moments it must not send, or wrong weights is refused."""
+    resident = sharing == "fedavg"
+    sections = {"federation": {"sharing": sharing}}
+    template, _ = _federation(prepared, **sections).stores["server"].state_dict()
 
     def extra_key(tensors, header, result, msg):
-        t, _ = fed.stores["server"].state_dict()
-        foreign = next(n for n in t if not flower_app._of_keys(n, header["keys"]) and n != "conditions")
-        tensors[foreign] = t[foreign]
+        foreign = next(n for n in template if not flower_app._of_keys(n, header["keys"])
+                       and "/param/" in n)
+        tensors[foreign] = template[foreign]
+        return tensors, header, result
+
+    def moments(tensors, header, result, msg):  # fedavg: optimizer state must never come back
+        param = next(n for n in tensors if "/param/" in n)  # its exp_avg, named as the store names it
+        tensors[param.replace("/param/", "/optim/") + "/exp_avg"] = torch.zeros_like(tensors[param])
         return tensors, header, result
 
     def inflated(tensors, header, result, msg):
@@ -314,21 +383,240 @@ def test_replies_with_foreign_keys_or_wrong_weights_are_refused(prepared):
         result["node"] = "node/000"
         return tensors, header, result
 
-    for fn, what in [(extra_key, "state of keys it was not lent"), (inflated, "samples_per_key"),
-                     (impostor, "its result names 'node/000'")]:
+    cases = [(extra_key, "other parameters than those of its keys" if resident else "state of keys it was not lent"),
+             (inflated, "samples_per_key"), (impostor, "its result names 'node/000'")]
+    if resident:
+        cases.append((moments, "carries tensors other than parameters"))
+    for i, (fn, what) in enumerate(cases):
         grid = _grid()
         grid.tamper = lambda reply, msg, fn=fn: (_retamper(fn)(reply, msg)
                                                  if grid.nodes.get(msg.metadata.dst_node_id) == 1 else reply)
-        fed = _federation(prepared, federation={"sharing": "fedavg"})
+        fed = _federation(prepared, tmp_path / f"nodes{i}" if resident else None, **sections)
+        start = fed.stores["server"].parameter_tensors()
         with pytest.raises(Feda2vError) as e:
             _run(fed, grid, rounds=1)
         assert str(e.value).startswith("node node/001 (partition 1) sent an invalid reply: ")
         assert what in str(e.value) and "\n" not in str(e.value)
-        # refused before merging: node 1's store still holds what the round handed out (the global
-        # parameters, untrained), while node 0's reply was merged
-        glob, mine = fed.stores["server"].parameter_tensors(), fed.stores["node/001"].parameter_tensors()
-        assert all(torch.equal(glob[k], mine[k]) for k in glob)
-        assert any(not torch.equal(glob[k], v) for k, v in fed.stores["node/000"].parameter_tensors().items())
+        if resident:  # refused before the average: the server's store and records are untouched
+            assert all(torch.equal(start[k], v) for k, v in fed.stores["server"].parameter_tensors().items())
+            assert fed.node_rounds == {"node/000": 1, "node/001": 0, "node/002": 0}
+
+
+# -- node-resident stores (local, fedavg) ---------------------------------------------------------------
+class RecordingGrid(FakeGrid):
+    """Also keeps every reply's store payload (bytes) and task JSON."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.reply_payloads: list = []
+
+    def pull_messages(self, ids):
+        out = super().pull_messages(ids)
+        for m in out:
+            if "task" in m.content and "node_result" in m.content["task"]["json"]:
+                blob = m.content["state"]["ckpt"].data if "state" in m.content else b""
+                self.reply_payloads.append((blob, m.content["task"]["json"]))
+        return out
+
+
+@pytest.mark.parametrize("sharing", ["shared", "local", "fedavg"])
+def test_optimizer_moments_travel_only_with_the_relay(prepared, sharing, tmp_path):
+    """Bytes on the wire, both ways: the relay lends its moments (the mode's point); fedavg sends
+    the visit keys' parameters only; local sends no store state at all."""
+    from feda2v.checkpoint.container import read_checkpoint_bytes
+
+    resident = sharing != "shared"
+    fed = _federation(prepared, tmp_path / "nodes" if resident else None, federation={"sharing": sharing})
+    grid = RecordingGrid({100 + p: p for p in range(NODES)})
+    _run(fed, grid, rounds=2)
+    out = [blob for _, kind, blob in grid.sent if kind == flower_app.MSG_TRAIN]
+    back = [blob for blob, _ in grid.reply_payloads]
+    assert len(out) == len(back) == 2 * NODES
+    if sharing == "shared":  # the checks below can fail: moments are named in the container's header
+        assert all(b"exp_avg_sq" in blob for blob in back + out[NODES:])  # (a fresh key has none yet)
+    for blob in out + back:
+        if sharing == "shared":
+            continue
+        if sharing == "local":
+            assert blob == b""  # no store state either way
+        else:
+            assert b"exp_avg" not in blob and b"/optim/" not in blob
+            tensors, header = read_checkpoint_bytes(blob, label="t")
+            assert header["kind"] == flower_app.PARAMS_KIND and tensors
+            assert all("/param/" in n and flower_app._of_keys(n, header["keys"]) for n in tensors)
+    for _, task in grid.reply_payloads:
+        assert "exp_avg" not in task and "param" not in task  # results only
+    if resident:  # and the moments are on the nodes, trained
+        for node, (t, _) in node_states(fed).items():
+            assert any("exp_avg_sq" in n and t[n].abs().sum() > 0 for n in t), node
+
+
+def test_node_checkpoints_are_verified_round_files(prepared, tmp_path):
+    from feda2v.checkpoint import read_run_state, verify_checkpoint
+
+    fed = _federation(prepared, tmp_path / "nodes", federation={"sharing": "fedavg"})
+    _run(fed, _grid(), rounds=3)
+    assert fed.stores.keys() == {"server"} and fed.node_rounds == {f"node/{i:03d}": 3 for i in range(NODES)}
+    d = _node_dir(fed, "node/001")
+    # checkpoint.every=1: the newest every + 1 = 2 rounds stay (a server crash before its round-3
+    # checkpoint resumes from round 2, which the nodes still hold)
+    assert sorted(p.name for p in d.iterdir()) == ["latest.ckpt", "round_000002.ckpt", "round_000003.ckpt"]
+    for name in ("round_000002.ckpt", "round_000003.ckpt"):
+        assert verify_checkpoint(d / name)["round"] == int(name[6:12])
+    state = read_run_state(d / "latest.ckpt")
+    assert (state.round, list(state.stores), state.primary_store) == (3, ["node/001"], "node/001")
+    assert state.data_manifest_hash == fed.data.manifest_hash
+    # the server's checkpoint records each node's state round, not the node stores
+    server = fed.state_dict()
+    assert list(server.stores) == ["server"] and server.extra["node_rounds"] == fed.node_rounds
+    # a damaged node file is refused in one line naming the node (never skipped as a lost node)
+    b = bytearray((d / "round_000003.ckpt").read_bytes())
+    b[-7] ^= 1
+    (d / "round_000003.ckpt").write_bytes(bytes(b))
+    with pytest.raises(Feda2vError) as e:
+        flower_app.GridRounds(_grid(), fed).run_round(4)
+    msg = str(e.value)
+    assert msg.startswith("node node/001 (partition 1) refused round 4: ") and "\n" not in msg
+    assert "round_000003.ckpt" in msg
+
+
+def test_a_crashed_node_write_leaves_its_previous_state(prepared, tmp_path, monkeypatch):
+    """The node's file is written atomically: a write that dies leaves round 1 whole and latest on it."""
+    import feda2v.checkpoint.container as container
+    from feda2v.checkpoint import read_run_state
+
+    fed = _federation(prepared, tmp_path / "nodes", federation={"sharing": "local"})
+    rounds = flower_app.GridRounds(_grid(), fed)
+    rounds.run_round(1)
+    d = _node_dir(fed, "node/000")
+    before = (d / "round_000001.ckpt").read_bytes()
+    real = container.os.replace
+
+    def dies(src, dst, *a, **kw):
+        if str(dst).endswith("round_000002.ckpt"):
+            raise OSError(28, "No space left on device", str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(container.os, "replace", dies)
+    with pytest.raises(Feda2vError, match=r"^node node/000 \(partition 0\) refused round 2: "):
+        rounds.run_round(2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in d.iterdir()) == ["latest.ckpt", "round_000001.ckpt"]
+    assert (d / "round_000001.ckpt").read_bytes() == before and read_run_state(d / "latest.ckpt").round == 1
+
+
+@pytest.mark.parametrize("sharing", ["local", "fedavg"])
+def test_resume_after_a_server_crash_between_node_and_server_checkpoints(prepared, sharing, tmp_path):
+    """Nodes wrote round 3, the server died before its round-3 checkpoint: resuming from the
+    round-2 server checkpoint trains round 3 again from the nodes' round-2 state, bit for bit."""
+    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+
+    sections = {"federation": {"sharing": sharing}}
+    ref = _federation(prepared, **sections)
+    _inprocess(ref, rounds=3)
+    fed = _federation(prepared, tmp_path / "nodes", **sections)
+    rounds = flower_app.GridRounds(_grid(), fed)
+    for r in (1, 2):
+        rounds.run_round(r)
+    write_run_state(tmp_path / "server2.ckpt", fed.state_dict())
+    rounds.run_round(3)  # the nodes' round-3 files exist; the server "crashes" before saving round 3
+    again = _federation(prepared, tmp_path / "nodes", **sections)
+    state = read_run_state(tmp_path / "server2.ckpt")
+    assert state.extra["node_rounds"] == {f"node/{i:03d}": 2 for i in range(NODES)}
+    again.load_state_dict(state)
+    flower_app.GridRounds(_grid(), again).run_round(3)
+    assert_same_state(ref, again)
+
+    # a node whose state is from another round than the server's records is refused in one line
+    (_node_dir(fed, "node/002") / "round_000002.ckpt").unlink()
+    third = _federation(prepared, tmp_path / "nodes", **sections)
+    third.load_state_dict(state)
+    with pytest.raises(Feda2vError) as e:
+        flower_app.GridRounds(_grid(), third).run_round(3)
+    msg = str(e.value)
+    assert msg.startswith("node node/002 (partition 2) refused round 3: node node/002 holds no state of "
+                          "round 2 in ") and "(it holds rounds 3)" in msg and "\n" not in msg
+
+
+def test_checkpoint_every_n_rounds_nodes_keep_what_the_last_server_checkpoint_names(prepared, tmp_path):
+    """checkpoint.every=2: the server's last checkpoint (round 2) names the nodes' round-2 state
+    while the nodes go on to write rounds 3 and 4; they keep every + 1 = 3 files, so a crash
+    before the server's round-4 checkpoint resumes from round 2, bit for bit."""
+    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+
+    sections = {"federation": {"sharing": "fedavg"}, "checkpoint": {"every": 2}}
+    ref = _federation(prepared, **sections)
+    _inprocess(ref, rounds=4)
+    fed = _federation(prepared, tmp_path / "nodes", **sections)
+    rounds = flower_app.GridRounds(_grid(), fed)
+    for r in (1, 2):
+        rounds.run_round(r)
+    write_run_state(tmp_path / "server2.ckpt", fed.state_dict())
+    for r in (3, 4):
+        rounds.run_round(r)  # the server "crashes" before saving round 4
+    assert sorted(p.name for p in _node_dir(fed, "node/001").glob("round_*")) == [
+        "round_000002.ckpt", "round_000003.ckpt", "round_000004.ckpt"]
+    again = _federation(prepared, tmp_path / "nodes", **sections)
+    again.load_state_dict(read_run_state(tmp_path / "server2.ckpt"))
+    resumed = flower_app.GridRounds(_grid(), again)
+    for r in (3, 4):
+        resumed.run_round(r)
+    assert_same_state(ref, again)
+
+
+def test_runs_sharing_a_sites_state_dir_keep_their_node_states_apart(prepared, tmp_path):
+    """A SuperNode's state-dir belongs to the site, not to one run: a second run (another server
+    checkpoint.dir) writes its own run folder and never touches the first run's files."""
+    from feda2v.checkpoint.nodestate import NodeStateError, diff_with_nodes
+    from feda2v.checkpoint.runstate import write_run_state
+
+    site = tmp_path / "site_state"
+    sections = {"federation": {"sharing": "fedavg"}}
+    first = _federation(prepared, site, checkpoint={"dir": str(tmp_path / "run1")}, **sections)
+    _run(first, _grid(), rounds=2)
+    before = {p: p.read_bytes() for p in site.rglob("*.ckpt")}
+    second = _federation(prepared, site, checkpoint={"dir": str(tmp_path / "run2")}, **sections)
+    again = flower_app.GridRounds(_grid(), second)
+    again.run_round(1)
+    assert all(p.read_bytes() == b for p, b in before.items())  # the first run's files are untouched
+    assert sorted(p.name for p in site.iterdir()) == sorted([_scope(first), _scope(second)])
+    # diff --nodes SITE finds the run's own node files (round, config and data of the server's checkpoint)
+    ref = _federation(prepared, **sections)
+    _inprocess(ref, rounds=2)
+    ip, fl = tmp_path / "ip.ckpt", tmp_path / "fl.ckpt"
+    write_run_state(ip, ref.state_dict())
+    write_run_state(fl, first.state_dict())
+    assert diff_with_nodes(ip, fl, [site]) == []
+    # two runs of one config holding the same round: no guess; the run's folder says which
+    again.run_round(2)
+    with pytest.raises(NodeStateError, match=r"several runs of this config hold round 2"):
+        diff_with_nodes(ip, fl, [site])
+    assert diff_with_nodes(ip, fl, [site / _scope(first)]) == []
+
+
+def test_node_resident_and_in_process_checkpoints_do_not_mix(prepared, tmp_path):
+    from feda2v.errors import CheckpointError
+
+    sections = {"federation": {"sharing": "fedavg"}}
+    ip, fl = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
+    with pytest.raises(CheckpointError, match="resume it with federation.engine=inprocess"):
+        fl.load_state_dict(ip.state_dict())
+    with pytest.raises(CheckpointError, match="resume it with federation.engine=flower"):
+        ip.load_state_dict(fl.state_dict())
+    # sharing=local on Flower: the server holds no store; its checkpoint still writes, reads, resumes
+    from feda2v.checkpoint import read_primary_store
+    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+
+    loc = _federation(prepared, tmp_path / "nodes", federation={"sharing": "local"})
+    _run(loc, _grid(), rounds=1)
+    write_run_state(tmp_path / "local.ckpt", loc.state_dict())
+    state = read_run_state(tmp_path / "local.ckpt")
+    assert (state.stores, state.primary_store, state.extra["node_rounds"]["node/001"]) == ({}, None, 1)
+    with pytest.raises(CheckpointError, match=r"holds no generator store: every node's store lives on its node"):
+        read_primary_store(tmp_path / "local.ckpt")
+    back = _federation(prepared, tmp_path / "nodes", federation={"sharing": "local"})
+    back.load_state_dict(state)
+    assert back.node_rounds == loc.node_rounds
 
 
 # -- data locality ----------------------------------------------------------------------------------
@@ -375,18 +663,46 @@ def test_site_bundles_are_byte_reproducible(prepared, bundles, tmp_path):
             assert (tmp_path / f"node_{i:03d}" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_nodes_read_only_their_own_bundle(prepared, bundles, tmp_path):
-    """Each node's data-dir holds only its bundle; the rounds are still bit-identical."""
+@pytest.mark.parametrize("sharing", ["shared", "fedavg"])
+def test_nodes_read_only_their_own_bundle(prepared, bundles, tmp_path, sharing):
+    """Each node's data-dir holds only its bundle, the server's prepared dir only the manifest and
+    conditions (bundles/server); the rounds are still bit-identical."""
     dirs = {}
     for i in range(NODES):
         dirs[i] = tmp_path / f"site{i}"
         shutil.copytree(bundles / f"node_{i:03d}", dirs[i])
-    sections = {"federation": {"sharing": "fedavg"}}
-    ref, fed = _federation(prepared, **sections), _federation(prepared, **sections)
+    server = tmp_path / "server"
+    shutil.copytree(bundles / "server", server)
+    assert sorted(p.name for p in server.iterdir()) == ["conditions.safetensors", "manifest.json"]
+    sections = {"federation": {"sharing": sharing}}
+    ref, fed = _federation(prepared, **sections), _federation(server, tmp_path / "nodes", **sections)
     _inprocess(ref)
     _run(fed, _grid(data_dirs=dirs))
     assert_same_state(ref, fed)
+    assert fed.data.manifest_hash == ref.data.manifest_hash
+    with pytest.raises(DataError, match=r"^partition 1's training samples stay on its site"):
+        fed.data.nodes[1].train_x
+    if sharing == "shared":
+        return
     (dirs[2] / "node_002.safetensors").unlink()
     flower_app._DATA_CACHE.clear()
     with pytest.raises(DataError, match=r"^site data for partition 2 at .*site2 is missing node_002"):
-        _run(_federation(prepared, **sections), _grid(data_dirs=dirs), rounds=1)
+        _run(_federation(server, tmp_path / "again", **sections), _grid(data_dirs=dirs), rounds=1)
+
+
+def test_full_mode_server_reads_test_splits_only_and_names_a_missing_partition(prepared, bundles, tmp_path):
+    """Full mode's server evaluates on the partitions' test splits: it reads those from the node
+    files (verified against the manifest); one that is absent is one line naming the partition."""
+    from feda2v.data.prepared import load_server_view
+
+    view = load_server_view(prepared, test_sets=True)
+    full = _federation(prepared).data
+    assert all(torch.equal(v.test_x, n.test_x) and torch.equal(v.test_y, n.test_y)
+               for v, n in zip(view.nodes, full.nodes))
+    server = tmp_path / "server"
+    shutil.copytree(bundles / "server", server)
+    load_server_view(server)  # generator_only: manifest and conditions are enough
+    with pytest.raises(DataError) as e:
+        load_server_view(server, test_sets=True)
+    assert str(e.value).startswith(f"prepared data {server} is missing node_000.safetensors (partition 0's test split")
+    assert "\n" not in str(e.value)

@@ -67,7 +67,11 @@ def test_modes_answer_their_questions():
     assert local.primary_store(nodes) == "node/000"
     assert fedavg.primary_store([SERVER, *nodes]) == SERVER
     assert (shared.has_server_store, local.has_server_store, fedavg.has_server_store) == (True, False, True)
-    assert (shared.wire, fedavg.wire) == ("state", "parameters")
+    # what travels on a distributed engine: the relay lends its state, fedavg parameters, local nothing
+    assert [(m.lends_state, m.lends_parameters, m.node_resident) for m in (shared, local, fedavg)] == [
+        (True, False, False), (False, False, True), (False, True, True)]
+    assert local.store_names(nodes, resident=True) == [] and local.primary_store([]) is None
+    assert fedavg.store_names(nodes, resident=True) == [SERVER] and shared.store_names(nodes, resident=True) == [SERVER]
     with pytest.raises(ConfigError, match="federation.sharing='ring' is not one of shared, local, fedavg"):
         sharing_mode("ring")
 
@@ -76,9 +80,14 @@ def test_fedavg_rounds_start_global_and_average_by_samples(tmp_path):
     from types import SimpleNamespace
 
     class Store:  # just the parameter surface FedAvg touches
+        spec = SimpleNamespace(classes=["a", "b"])
+
         def __init__(self, value):
             self.keys = ["unified"]
             self.p = {"unified/w": torch.full((2,), float(value))}
+
+        def key_for_class(self, name):
+            return "unified"
 
         def parameter_tensors(self):
             return {k: v.clone() for k, v in self.p.items()}
@@ -88,7 +97,8 @@ def test_fedavg_rounds_start_global_and_average_by_samples(tmp_path):
 
     stores = {SERVER: Store(1.0), "node/000": Store(5.0), "node/001": Store(7.0)}
     mode = sharing_mode("fedavg")
-    mode.before_round(stores, [(None, "node/000"), (None, "node/001")])
+    holds = SimpleNamespace(train_y=torch.tensor([0, 1]))
+    mode.before_round(stores, [(holds, "node/000"), (holds, "node/001")])
     assert all(torch.equal(stores[n].p["unified/w"], torch.ones(2)) for n in ("node/000", "node/001"))
     stores["node/000"].p["unified/w"] = torch.full((2,), 2.0)
     stores["node/001"].p["unified/w"] = torch.full((2,), 5.0)

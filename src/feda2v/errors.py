@@ -24,13 +24,20 @@ class CheckpointError(Feda2vError):
 
 
 class NonFiniteLossError(Feda2vError):
-    """A loss became NaN/inf; the step was stopped before touching parameters or optimizer state."""
+    """A loss or gradient became NaN/inf; no update landed from that step on (parameters and
+    optimizer state are as before it). ``keys``: every key the failing check flagged; ``key``: the
+    first; ``step``: the failing step of the node's visit (1-based) out of ``steps``."""
 
-    def __init__(self, key: str, node: str, round_: int, what: str = "loss"):
-        self.key, self.node, self.round = key, node, round_
+    def __init__(self, key, node: str, round_: int, what: str = "loss", *, step: int | None = None,
+                 steps: int | None = None):
+        self.keys = [key] if isinstance(key, str) else list(key)
+        self.key, self.node, self.round, self.step = self.keys[0], node, round_, step
+        names = ", ".join(f"'{k}'" for k in self.keys[:5]) + (f" (+{len(self.keys) - 5} more)" if len(self.keys) > 5 else "")
+        where = f" (step {step} of {steps} of the visit)" if step is not None and (steps or 0) > 1 else ""
         super().__init__(
-            f"non-finite {what} for generator key '{key}' on node {node} in round {round_}; "
-            "nothing was updated; lower generator.optimizer.lr or check the node's data"
+            f"non-finite {what} for generator key{'s' if len(self.keys) > 1 else ''} {names} on node {node} "
+            f"in round {round_}{where}; nothing was updated from that step on; lower "
+            "generator.optimizer.lr or check the node's data"
         )
 
 

@@ -28,6 +28,9 @@ from feda2v.checkpoint.rng import capture_rng, restore_rng
 from feda2v.errors import CheckpointError
 
 STORE_PREFIX = "store/"
+# Header field of a node-resident run (Flower, sharing local/fedavg): node -> the round its own
+# checkpoint holds (0: never trained). checkpoint/nodestate.py writes those node checkpoints.
+NODE_ROUNDS = "node_rounds"
 CLASSIFIER_PREFIX = "classifier/"
 RNG_PREFIX = "rng/"
 
@@ -50,7 +53,9 @@ class RunState:
     config: dict  # the state-determining config (state_config(cfg))
     round: int  # rounds completed
     stores: dict[str, tuple[dict[str, torch.Tensor], dict]]  # name -> (store tensors, store meta), in order
-    primary_store: str
+    # None only where the server holds no store (sharing=local on Flower: every store lives on its
+    # node; ``extra["node_rounds"]`` then says which round each node's own checkpoint must be)
+    primary_store: str | None
     classifier: tuple[dict[str, torch.Tensor], dict] | None = None  # (state_dict, kwargs)
     rng: tuple[dict[str, torch.Tensor], dict] | None = None  # capture_rng()'s (tensors, json parts)
     data_manifest_hash: str | None = None
@@ -130,9 +135,9 @@ def _strip(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 def pack_run_state(state: RunState) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, header)`` of a federation checkpoint; deterministic for equal states."""
-    if not state.stores:
+    if not state.stores and NODE_ROUNDS not in state.extra:
         raise CheckpointError("a federation checkpoint needs at least one generator store")
-    if state.primary_store not in state.stores:
+    if state.stores and state.primary_store not in state.stores:
         raise CheckpointError(f"primary store '{state.primary_store}' is not one of the stores "
                               f"{list(state.stores)}")
     clash = [k for k in state.extra if k in LAYOUT_FIELDS or k in RESERVED]
@@ -152,7 +157,7 @@ def pack_run_state(state: RunState) -> tuple[dict[str, torch.Tensor], dict]:
     if state.rng is not None:
         rng_t, rng_json = state.rng
         tensors.update(_prefixed(RNG_PREFIX, rng_t))
-    primary = metas[state.primary_store]
+    primary = metas.get(state.primary_store) or {}
     header = {
         "config": state.config,
         "round": int(state.round),
@@ -189,7 +194,9 @@ def unpack_run_state(tensors: Mapping[str, torch.Tensor], header: Mapping[str, A
     ``source`` when it is not a federation checkpoint."""
     source = str(source)
     stores_meta = header.get("stores")
-    if not isinstance(stores_meta, Mapping) or not stores_meta:
+    if stores_meta == {} and isinstance(header.get(NODE_ROUNDS), Mapping):
+        pass  # every store lives on its node (see RunState.primary_store)
+    elif not isinstance(stores_meta, Mapping) or not stores_meta:
         raise CheckpointError(f"checkpoint {source} holds no generator store; is it a federation "
                               "checkpoint (written by feda2v-train or feda2v-ckpt migrate)?")
     order = _store_order(header, stores_meta, source)
@@ -201,8 +208,8 @@ def unpack_run_state(tensors: Mapping[str, torch.Tensor], header: Mapping[str, A
             raise CheckpointError(f"checkpoint {source} is incomplete: store '{name}' has no "
                                   f"{'meta' if not isinstance(meta, Mapping) else 'tensors'}")
         stores[name] = (own, dict(meta))
-    primary = header.get("primary_store") or order[0]
-    if primary not in stores:
+    primary = header.get("primary_store") or (order[0] if order else None)
+    if stores and primary not in stores:
         raise CheckpointError(f"checkpoint {source}: primary store '{primary}' is not one of its "
                               f"stores {order}")
     classifier = None
@@ -250,6 +257,10 @@ def read_primary_store(path: str | os.PathLike, store: str | None = None
     tensors, header = read_checkpoint(path)
     state = unpack_run_state(tensors, header, source=path)
     name = store or state.primary_store
+    if name is None:
+        raise CheckpointError(f"checkpoint {path} holds no generator store: every node's store lives on its "
+                              "node (node-resident run); read a node's own checkpoint instead "
+                              "(<federation.flower.node_state_dir>/node_NNN/latest.ckpt)")
     if name not in state.stores:
         raise CheckpointError(f"checkpoint {path} has no store '{name}'; it has: {', '.join(state.stores)}")
     st, meta = state.stores[name]
@@ -291,6 +302,8 @@ def capture_federation(federation, *, config: dict, data_manifest_hash: str | No
     # rounds that went on without a lost node (Flower, on_node_failure=skip): absent when none
     missing = getattr(federation, "missing", None)
     extra = {"missing_nodes": {str(r): list(n) for r, n in sorted(missing.items())}} if missing else {}
+    if getattr(federation, "node_resident", False):  # the round each node's own checkpoint must be
+        extra[NODE_ROUNDS] = {n: int(r) for n, r in sorted(federation.node_rounds.items())}
     return RunState(config=config, round=int(federation.round), stores=stores,
                     primary_store=federation.primary_store, classifier=classifier,
                     rng=capture_rng() if with_rng else None, data_manifest_hash=data_manifest_hash,
@@ -300,6 +313,14 @@ def capture_federation(federation, *, config: dict, data_manifest_hash: str | No
 def load_federation(federation, state: RunState, *, restore_globals: bool = True) -> None:
     """Load ``state`` into ``federation`` in place (and the global RNG streams, if saved)."""
     have, want = set(state.stores), set(federation.stores)
+    resident, holds_rounds = bool(getattr(federation, "node_resident", False)), NODE_ROUNDS in state.extra
+    if resident != holds_rounds:
+        raise CheckpointError(
+            "checkpoint and run disagree on where the node stores live: "
+            + ("this run keeps them on the nodes (federation.engine=flower) but the checkpoint holds them "
+               "(written in-process); resume it with federation.engine=inprocess" if resident else
+               "the checkpoint's node stores live on the Flower nodes (node_rounds); resume it with "
+               "federation.engine=flower"))
     if have != want:
         raise CheckpointError(f"checkpoint holds stores {sorted(have)} but this config needs "
                               f"{sorted(want)} (federation.sharing or data.nodes differ)")
@@ -315,6 +336,12 @@ def load_federation(federation, state: RunState, *, restore_globals: bool = True
         except RuntimeError as e:
             raise CheckpointError(f"classifier state does not fit: {str(e).splitlines()[0]}") from None
     federation.round = state.round
+    if resident:
+        rounds = state.extra[NODE_ROUNDS]
+        if sorted(rounds) != sorted(federation.node_rounds):
+            raise CheckpointError(f"checkpoint records node states of {sorted(rounds)} but this config has "
+                                  f"nodes {sorted(federation.node_rounds)} (data.nodes differs)")
+        federation.node_rounds = {n: int(r) for n, r in rounds.items()}
     if hasattr(federation, "missing"):
         federation.missing = {int(r): list(n) for r, n in (state.extra.get("missing_nodes") or {}).items()}
     if restore_globals and state.rng is not None:

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("a")
     s.add_argument("b")
     s.add_argument("--strict", action="store_true", help="compare the provenance header field too")
+    s.add_argument("--nodes", nargs="+", metavar="STATE_DIR", default=None,
+                   help="node state dirs (each holding node_NNN/): a node-resident Flower checkpoint "
+                        "(sharing local/fedavg) is compared with its nodes' own checkpoints filled in")
     s = sub.add_parser(
         "migrate", help="convert published-system (FedA2V) checkpoint(s) to one federation checkpoint",
         description="feda2v-ckpt migrate LEGACY.pt [LEGACY2.pt ...] OUT [key=value ...] [flags]: several "
@@ -56,7 +59,12 @@ def _run(args: argparse.Namespace) -> int:
               f"{len(h['tensors'])} tensors, sha256 {h['sha256']})")
         return 0
     if args.cmd == "diff":
-        diffs = ck.diff_checkpoints(args.a, args.b, strict=args.strict)
+        if args.nodes:
+            from feda2v.checkpoint.nodestate import diff_with_nodes
+
+            diffs = diff_with_nodes(args.a, args.b, args.nodes, strict=args.strict)
+        else:
+            diffs = ck.diff_checkpoints(args.a, args.b, strict=args.strict)
         for d in diffs:
             print(d)
         note = None if args.strict else ck.provenance_note(args.a, args.b)

@@ -22,7 +22,8 @@ def task(cfg) -> None:
         from feda2v.data.sites import write_site_bundles
 
         sites = write_site_bundles(path, cfg.data.site_bundles_dir)
-        print(f"site bundles: {len(sites)} under {cfg.data.site_bundles_dir} (one per partition)")
+        print(f"site bundles: {len(sites) - 1} under {cfg.data.site_bundles_dir} (one per partition) and "
+              "server/ (manifest and conditions: the Flower server's data.prepared_dir)")
 
 
 def main() -> None:

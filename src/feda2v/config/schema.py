@@ -100,6 +100,10 @@ class FlowerConfig:
     # record it; wait: re-send to the node's partition (a restarted node rejoins) up to `retries` times
     on_node_failure: str = "fail"
     retries: int = 2
+    # sharing=local|fedavg: each node's store (generator + optimizer moments) lives on its node,
+    # checkpointed in <dir>/node_NNN/. A SuperNode's node config 'state-dir' wins (a real site);
+    # this is the default for nodes without one (simulation, one machine). null = <checkpoint.dir>/nodes
+    node_state_dir: Optional[str] = None
 
 
 @dataclass

@@ -21,10 +21,6 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from feda2v.fsutil import fsync_dir, writing
-from feda2v.progress import Steps
-from feda2v.data.conditions import make_conditions
-from feda2v.data.partition import make_partition, train_test_split
-from feda2v.data.sources import load_source
 from feda2v.errors import DataError
 from feda2v.seeding import numpy_generator
 
@@ -94,6 +90,13 @@ def prepare(cfg, report: dict | None = None) -> Path:
     ``report`` (optional dict) receives timings and cache facts for the CLI summary; they are
     kept out of the manifest so a cached re-run writes the same bytes as a cold one.
     """
+    # the making of data, imported here: a node or server that only reads prepared data (Flower's
+    # per-message ClientApp process) does not pay for the sources, partitioners and progress bars
+    from feda2v.data.conditions import make_conditions
+    from feda2v.data.partition import make_partition, train_test_split
+    from feda2v.data.sources import load_source
+    from feda2v.progress import Steps
+
     cfg = _as_config(cfg)
     t0 = time.perf_counter()
     d = cfg.data
@@ -343,5 +346,59 @@ def load_prepared(path) -> PreparedData:
     nodes = [check_node(i, read_verified(path, node_file(i), files[node_file(i)]), C, fdim,
                         {s: counts[s][i] for s in ("train", "test")}, bad)
              for i in range(manifest["nodes"])]
+    return PreparedData(classes=classes, conditions=cond, nodes=nodes, manifest=manifest,
+                        manifest_hash=manifest["hash"], feature_dim=fdim, condition_dim=cdim)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as the server of a distributed run (Flower) knows it: its id, its per-class counts
+    (the manifest's) and, only where the server evaluates on it (full mode), its test split. Its
+    training samples stay on its site: reading them here is an error, not an empty tensor."""
+
+    node_id: int
+    counts: dict  # {"train": [per class], "test": [per class]}
+    test_x: "torch.Tensor | None" = None
+    test_y: "torch.Tensor | None" = None
+
+    def _not_here(self, what: str):
+        raise DataError(f"partition {self.node_id}'s {what} stay on its site; the server holds only the "
+                        "manifest and the conditions (a node-side step ran on the server)")
+
+    @property
+    def train_x(self):
+        self._not_here("training samples")
+
+    @property
+    def train_y(self):
+        self._not_here("training labels")
+
+
+def load_server_view(path, *, test_sets: bool = False) -> PreparedData:
+    """What the server of a distributed run reads: the manifest and the conditions (verified), and
+    with ``test_sets`` (full mode: the held-out test set it evaluates on) each partition's test
+    split, from its file verified against the manifest. ``nodes`` are NodeViews. A folder holding
+    only ``manifest.json`` and ``conditions.safetensors`` is enough without ``test_sets``."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    classes = list(manifest["classes"])
+    C, fdim, cdim = len(classes), manifest["feature_dim"], manifest["condition_dim"]
+    cond = check_conditions(read_verified(path, CONDITIONS, files[CONDITIONS]), C, cdim,
+                            lambda what: _bad(path, what))
+    counts = manifest["counts"]
+    nodes = []
+    for i in range(manifest["nodes"]):
+        mine = {s: counts[s][i] for s in ("train", "test")}
+        if not test_sets:
+            nodes.append(NodeView(i, mine))
+            continue
+
+        def bad(what: str, i=i) -> DataError:
+            return DataError(f"prepared data {path} {what} (partition {i}'s test split, which the server "
+                             "evaluates full mode on); copy that file from the prepared data or run "
+                             "feda2v-prepare again")
+        nd = check_node(i, read_verified(path, node_file(i), files[node_file(i)], bad), C, fdim, mine, bad)
+        nodes.append(NodeView(i, mine, nd.test_x, nd.test_y))
     return PreparedData(classes=classes, conditions=cond, nodes=nodes, manifest=manifest,
                         manifest_hash=manifest["hash"], feature_dim=fdim, condition_dim=cdim)

@@ -4,7 +4,9 @@ A **site bundle** (``feda2v-prepare data.site_bundles_dir=DIR`` writes ``DIR/nod
 site's partition (``node_NNN.safetensors``), the class conditions and ``site.json``: the site's
 manifest entry (its per-class counts, classes, dims) plus the federation's files map (file names and
 sha256 only), so the site verifies alone that its two files belong to the federation whose manifest
-hash the server announces. ``load_partition`` reads a bundle, or one partition of a full prepared
+hash the server announces. ``DIR/server/`` holds what the server of a distributed run reads
+(``data/prepared.py:load_server_view``): ``manifest.json`` and the conditions, no partition (full
+mode's server also needs the partitions' test splits: their node files). ``load_partition`` reads a bundle, or one partition of a full prepared
 dir, and checks only that partition's files; errors name the partition and the site's directory.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from feda2v.data.prepared import (CONDITIONS, MANIFEST, FORMAT, NodeData, _write
 from feda2v.errors import DataError
 
 SITE = "site.json"
+SERVER_DIR = "server"
 SITE_KIND = "feda2v-site"
 
 
@@ -46,8 +49,8 @@ def site_entry(manifest: dict, partition: int) -> dict:
 
 
 def write_site_bundles(prepared_dir, out_dir) -> list[Path]:
-    """One bundle per partition of ``prepared_dir`` under ``out_dir`` (each directory written
-    atomically, byte-reproducible: the same prepared data gives the same bundle bytes)."""
+    """One bundle per partition of ``prepared_dir`` under ``out_dir``, and ``out_dir/server/`` (each
+    directory written atomically, byte-reproducible: the same prepared data gives the same bytes)."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     manifest = read_manifest(prepared_dir)
     written = []
@@ -60,6 +63,9 @@ def write_site_bundles(prepared_dir, out_dir) -> list[Path]:
         target = out_dir / site_dir_name(i)
         _write_dir_atomically(target, blobs)
         written.append(target)
+    blobs = {MANIFEST: (prepared_dir / MANIFEST).read_bytes(), CONDITIONS: (prepared_dir / CONDITIONS).read_bytes()}
+    _write_dir_atomically(out_dir / SERVER_DIR, blobs)  # verified above (read_manifest, read_verified)
+    written.append(out_dir / SERVER_DIR)
     return written
 
 

@@ -11,6 +11,18 @@ same derived seeds, and replies with the trained slice and its NodeResult. The s
 reply (the node, its keys only, its samples per key) and merges it into the Federation's store in
 place, so checkpoints, logging and resume stay on the server, bit-identical to the in-process engine.
 
+Node-resident stores (``federation.sharing`` local and fedavg): each node's store, generator and
+AdamW moments, lives on its node and is checkpointed there after every visit
+(``checkpoint/nodestate.py``: ``<state dir>/node_NNN/round_RRRRRR.ckpt``; the state dir is the
+SuperNode's node config ``state-dir``, else ``federation.flower.node_state_dir``, else
+``<checkpoint.dir>/nodes``), in the run's folder ``run-<hash of the server's checkpoint.dir>``.
+A visit's task names the round of the node's state the server's
+records expect (``from_round``; 0 = a fresh store); the node loads exactly that file, or refuses in
+one line (the run stops, whatever the failure policy). fedavg messages carry the global parameters
+of the visit's keys out and the trained parameters back, never optimizer state; local messages
+carry no store state at all, only the task and the results. The server's checkpoint records
+``node_rounds``; see ``nodestate.py`` for what a node keeps so that a server crash is recoverable.
+
 Data locality: a node reads only its own partition (``data/sites.py:load_partition``) from the
 directory named by its node config ``data-dir`` (a site bundle or a prepared dir), else from the
 server's ``data.prepared_dir`` path (simulation, one machine).
@@ -25,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -43,6 +56,7 @@ MSG_QUERY = "query.partition"  # ClientApp @app.query("partition")
 MSG_CLASSIFIER = "train.classifier"  # ClientApp @app.train("classifier") (full mode)
 WIRE_KIND = "feda2v-store-message"
 CLASSIFIER_KIND = "feda2v-classifier-message"
+PARAMS_KIND = "feda2v-parameters-message"  # fedavg, node-resident: parameters of the visit's keys only
 STYPE = "feda2v.checkpoint"  # Array stype: raw checkpoint-container bytes, not .npy
 
 
@@ -118,15 +132,19 @@ def decode_store(data: bytes, *, label: str) -> tuple[dict, dict]:
     return tensors, header
 
 
-def _pack(blob: bytes, fields: dict) -> RecordDict:
+def _pack(blob: Optional[bytes], fields: dict) -> RecordDict:
+    """``blob`` None: a message without store state (local, node-resident)."""
     rd = RecordDict()
-    rd["state"] = ArrayRecord({"ckpt": Array("uint8", (len(blob),), STYPE, blob)})
+    if blob is not None:
+        rd["state"] = ArrayRecord({"ckpt": Array("uint8", (len(blob),), STYPE, blob)})
     # insertion order kept: losses per key are summed in key order by the round metrics
     rd["task"] = ConfigRecord({"json": json.dumps(fields)})
     return rd
 
 
-def _unpack(rd) -> tuple[bytes, dict]:
+def _unpack(rd) -> tuple[Optional[bytes], dict]:
+    if "state" not in rd:
+        return None, json.loads(rd["task"]["json"])
     arr = rd["state"]["ckpt"]
     if arr.stype != STYPE:
         raise Feda2vError(f"store message carries a '{arr.stype}' array, expected '{STYPE}'")
@@ -175,15 +193,60 @@ def partition_id(context) -> int:
     return int(pid)
 
 
+_LIGHT = threading.Event()
+
+
+def lighten_torch() -> None:
+    """Keep torch from importing torch._dynamo in this process for optimizer bookkeeping.
+
+    ``torch.optim.Optimizer.add_param_group`` / ``state_dict`` / ``load_state_dict`` / ``zero_grad``
+    are wrapped by ``torch._disable_dynamo``, whose first call imports torch._dynamo (fx, sympy:
+    1.2-2.7 s measured here) only to mark them as never traced by torch.compile; building a store
+    (one AdamW per key and role) triggers it. Nothing compiles in a ClientApp process, so this
+    stores that wrapper's cached decision as "call the function itself": the same functions run,
+    the import is never paid. Only where torch._dynamo is not loaded yet (then nothing can have
+    compiled); Flower's per-message `flwr-clientapp` process calls it (``handle_train``)."""
+    if _LIGHT.is_set() or "torch._dynamo" in sys.modules:
+        return
+    for name in ("add_param_group", "state_dict", "load_state_dict", "zero_grad"):
+        fn = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            fn.__dynamo_disable = fn  # see torch/_compile.py:_disable_dynamo
+    _LIGHT.set()
+
+
+def _per_message_process() -> bool:
+    """Flower's deployed ClientApp process, started afresh for every message (the same test Flower
+    makes, flwr/supercore/exit/exit.py); its imports are paid on every visit."""
+    return bool(sys.argv) and sys.argv[0].endswith("flwr-clientapp")
+
+
 def handle_query(msg, context):
     rd = RecordDict()
     rd["node"] = ConfigRecord({"partition-id": partition_id(context), "pid": os.getpid()})
     return Message(rd, reply_to=msg)
 
 
-def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+def node_device(task: dict, override: Optional[str] = None) -> torch.device:
+    """The device this node trains on: its node config ``device`` (the node's own hardware, e.g.
+    ``--node-config "... device=cuda:1"``) or else the server's ``train.device`` that the task
+    carries (cpu for tasks without one); made deterministic as the trainer does (store/device.py).
+    The bytes a node sends back are CPU tensors whatever its device."""
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    try:
+        dev = resolve_device(str(override) if override else task.get("device", "cpu"))
+    except ConfigError as e:
+        raise ConfigError(f"{'node config device' if override else 'task device'} on this node: {e}") from None
+    configure_determinism(dev)
+    return dev
+
+
+def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None,
+          device: Optional[str] = None) -> tuple[bytes, dict]:
     """A node's whole part of one visit, Flower aside: store bytes in -> trained store bytes out.
-    ``data_dir``: where this node's partition is (default: the task's ``prepared_dir``)."""
+    ``data_dir``: where this node's partition is (default: the task's ``prepared_dir``);
+    ``device``: the node config's (see ``node_device``)."""
     from feda2v.federation.node import train_generators
     from feda2v.store import GeneratorStore, StoreSpec
 
@@ -196,10 +259,11 @@ def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = Non
     # clone: tensors are views into the received buffer; the store must own its memory
     tensors = {k: v.clone() for k, v in tensors.items()}
     keys = header.get("keys")
+    dev = node_device(task, device)
     if keys is None:  # the whole store
-        store = GeneratorStore.from_state(tensors, header["store"])
+        store = GeneratorStore.from_state(tensors, header["store"], device=dev)
     else:  # a slice: the other keys of this fresh store are never trained, never sent back
-        store = GeneratorStore(StoreSpec.from_json(header["store"]["spec"]), site.conditions)
+        store = GeneratorStore(StoreSpec.from_json(header["store"]["spec"]), site.conditions, device=dev)
         merge_slice(store, tensors, header["store"])
         trains = {store.key_for_class(site.classes[c]) for c in set(site.node.train_y.tolist())}
         if not trains <= set(keys):
@@ -213,15 +277,90 @@ def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = Non
     return out, node_result_to_json(res)
 
 
+def parameters_bytes(store, keys: list[str], *, round_: int, node: str) -> bytes:
+    """The parameters of ``keys`` (no optimizer state), as one container."""
+    tensors = {n: t.cpu() for n, t in store.parameter_tensors().items() if _of_keys(n, keys)}
+    return checkpoint_bytes(tensors, {"kind": PARAMS_KIND, "round": round_, "node": node, "keys": list(keys)})
+
+
+def read_parameters(blob: bytes, *, label: str) -> tuple[dict, dict]:
+    tensors, header = read_checkpoint_bytes(blob, label=label)
+    if header.get("kind") != PARAMS_KIND:
+        raise Feda2vError(f"{label} is a checkpoint container but not a parameters message "
+                          f"(kind={header.get('kind')!r})")
+    if any("/param/" not in n for n in tensors):  # parameters only: optimizer state never travels
+        raise Feda2vError(f"{label} carries tensors other than parameters")
+    return tensors, header
+
+
+def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: Optional[str] = None,
+                   state_dir: Optional[str] = None, device: Optional[str] = None) -> tuple[Optional[bytes], dict]:
+    """A node-resident visit (local, fedavg): load this node's own state of ``from_round`` (a fresh
+    store at 0), take the global parameters of the visit's keys if sent (fedavg), train, checkpoint
+    the store here, reply the trained parameters (fedavg) or nothing of the store (local) and the
+    NodeResult. ``state_dir``: this node's (node config ``state-dir``; default the task's)."""
+    from feda2v.checkpoint.nodestate import load_node_state, save_node_state
+    from feda2v.federation.node import node_name, train_generators
+    from feda2v.store import GeneratorStore, StoreSpec
+
+    if partition != task["node_id"]:  # routing guard: never train partition A's data as node B
+        raise Feda2vError(f"message for node {task['node_id']} delivered to partition {partition}")
+    if task.get("threads", 0) > 0:
+        torch.set_num_threads(int(task["threads"]))
+    rt = task["resident"]
+    site = _node_data(data_dir or task["prepared_dir"], task["manifest_hash"], partition)
+    name, keys, where = node_name(partition), list(rt["keys"]), state_dir or rt["state_dir"]
+    store = GeneratorStore(StoreSpec.from_json(rt["spec"]), site.conditions, device=node_device(task, device))
+    if rt["from_round"] > 0:
+        store.load_state_dict(*load_node_state(where, name, rt["from_round"], config=rt["config"],
+                                               manifest_hash=task["manifest_hash"], scope=rt["scope"]))
+    trains = {store.key_for_class(site.classes[c]) for c in set(site.node.train_y.tolist())}
+    if trains != set(keys):
+        raise Feda2vError(f"visit of node {partition} names keys {keys} but this partition trains "
+                          f"{sorted(trains)} (server and node disagree on the data)")
+    if blob is not None:  # fedavg: start the visit's keys from the global parameters
+        tensors, header = read_parameters(blob, label=f"parameters message for node {partition}")
+        if header.get("keys") != keys or sorted(tensors) != sorted(
+                n for n in store.parameter_tensors() if _of_keys(n, keys)):
+            raise Feda2vError(f"parameters message for node {partition} does not hold exactly the "
+                              f"parameters of keys {keys}")
+        own = store.parameter_tensors()
+        own.update(tensors)
+        store.load_parameter_tensors(own)
+    res = train_generators(store, site.node, classes=list(site.classes), seed=task["seed"],
+                           round_=task["round"], local_epochs=task["local_epochs"],
+                           batch_size=task["batch_size"], reset_on_change=task["reset_on_change"])
+    save_node_state(where, name, task["round"], store.state_dict(), config=rt["config"],
+                    manifest_hash=task["manifest_hash"], keep=rt["keep"], scope=rt["scope"])
+    out = parameters_bytes(store, keys, round_=task["round"], node=name) if rt["parameters"] else None
+    return out, node_result_to_json(res)
+
+
 def handle_train(msg, context):
-    """ClientApp @train("generators"): fill the lent slice into a store, train, send it back."""
+    """ClientApp @train("generators"): fill the lent slice into a store (node-resident modes: load
+    this node's own store), train, send back what the mode lends."""
+    from feda2v.errors import CheckpointError
+
+    if _per_message_process():
+        lighten_torch()
     blob, task = _unpack(msg.content)
     data_dir = context.node_config.get("data-dir")
-    out, result = visit(blob, task, partition_id(context), str(data_dir) if data_dir else None)
+    data_dir = str(data_dir) if data_dir else None
+    device = context.node_config.get("device")  # this node's own device (default: the task's)
+    if "resident" not in task:
+        out, result = visit(blob, task, partition_id(context), data_dir, device)
+        return Message(_pack(out, {"node_result": result}), reply_to=msg)
+    state_dir = context.node_config.get("state-dir")
+    try:
+        out, result = resident_visit(blob, task, partition_id(context), data_dir,
+                                     str(state_dir) if state_dir else None, device)
+    except CheckpointError as e:  # its own state does not fit the server's records: refused, not lost
+        return Message(_pack(None, {"refused": str(e)}), reply_to=msg)
     return Message(_pack(out, {"node_result": result}), reply_to=msg)
 
 
-def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None,
+                     device: Optional[str] = None) -> tuple[bytes, dict]:
     """Full mode, a node's part: train the classifier it is sent on its own partition (the very
     ``train_classifier`` call and seed of the in-process engine); reply its state and weight."""
     from feda2v.federation.node import node_name, train_classifier
@@ -238,11 +377,12 @@ def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional
         raise Feda2vError(f"classifier message for node {partition} has kind {header.get('kind')!r}")
     model = Classifier(**header["kwargs"])
     model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    model.to(node_device(task, device))
     nd = site.node
     train_classifier(model, nd.train_x, nd.train_y, lr=task["lr"], epochs=task["epochs"],
                      batch_size=task["batch_size"],
                      gen=torch_generator(task["seed"], "classifier", task["round"], partition))
-    out = checkpoint_bytes({k: v.detach().clone() for k, v in model.state_dict().items()},
+    out = checkpoint_bytes({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                            {"kind": CLASSIFIER_KIND, "kwargs": header["kwargs"], "round": task["round"],
                             "node": node_name(partition)})
     return out, {"node": node_name(partition), "weight": float(len(nd.train_y))}
@@ -252,7 +392,8 @@ def handle_classifier(msg, context):
     """ClientApp @train("classifier"): full mode's node classifier step."""
     blob, task = _unpack(msg.content)
     data_dir = context.node_config.get("data-dir")
-    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None)
+    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None,
+                                   context.node_config.get("device"))
     return Message(_pack(out, {"classifier_result": result}), reply_to=msg)
 
 
@@ -272,8 +413,15 @@ def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
     return {"node_id": int(node_id), "round": int(round_), "seed": int(cfg.seed), "store_name": store_name,
             "local_epochs": int(fed.local_epochs), "batch_size": int(fed.batch_size),
             "reset_on_change": str(fed.reset_on_class_change), "threads": int(cfg.train.threads),
+            "device": str(cfg.train.device),  # a node's config "device" overrides it (node_device)
             "prepared_dir": os.path.abspath(cfg.data.prepared_dir),
             "manifest_hash": federation.data.manifest_hash}
+
+
+def default_node_state_dir(cfg) -> str:
+    """Where nodes without a node config ``state-dir`` keep their stores (absolute)."""
+    d = cfg.federation.flower.node_state_dir
+    return os.path.abspath(d if d else os.path.join(cfg.checkpoint.dir, "nodes"))
 
 
 # -- server side: drive one round of a Federation over a Grid ------------------------------------
@@ -296,7 +444,28 @@ class GridRounds:
         self.routes: dict[int, int] = {}  # partition id -> Flower node id (random; a restart changes it)
         self._queried: set[int] = set()  # node ids that told their partition
         self._silent: set[int] = set()  # node ids that did not answer the partition query
+        if federation.sharing.node_resident and not federation.node_resident:
+            # never lend a node's private store (its moments) over the network
+            raise ConfigError(f"federation.sharing={federation.sharing.name} over Flower keeps each node's store on "
+                              "its node: build the Federation with node_resident=True (the Flower engine does)")
         n = len(federation.data.nodes)
+        self._resident = None  # node-resident visits: what every task shares (built once)
+        if federation.node_resident:
+            from feda2v.checkpoint.nodestate import run_scope
+            from feda2v.checkpoint.runstate import state_config
+            from feda2v.federation.sharing import SERVER
+            from feda2v.store import GeneratorStore
+
+            cfg = federation.cfg
+            # the key layout, where the server holds no store of its own (local): keys only
+            layout = federation.stores.get(SERVER)
+            if layout is None:
+                layout = GeneratorStore(federation.spec, federation.data.conditions)
+            self._resident = {"config": state_config(cfg), "spec": federation.spec.to_json(), "layout": layout,
+                              "keep": int(cfg.checkpoint.every) + 1, "state_dir": default_node_state_dir(cfg),
+                              "scope": run_scope(cfg.checkpoint.dir),
+                              "global": federation.stores.get(SERVER) if federation.sharing.lends_parameters else None}
+        self.received: dict = {}  # node -> parameters its visit trained (fedavg, node-resident), per round
         self._refresh_routes(need=set(range(n)), wait_s=float(self.opts.connect_timeout_s), strict=True)
         missing = sorted(set(range(n)) - set(self.routes))
         if missing:
@@ -367,8 +536,13 @@ class GridRounds:
     def _plan(self, nd, store_name: str, round_: int):
         from feda2v.federation.node import node_name
 
-        store = self.fed.stores[store_name]
         counts = self.fed.data.manifest["counts"]["train"][nd.node_id]
+        if self._resident is not None:
+            layout = self._resident["layout"]
+            return {"kind": "resident", "nd": nd, "name": node_name(nd.node_id), "store_name": store_name,
+                    "keys": visit_keys(layout, self.fed.classes, counts),
+                    "samples": expected_samples(layout, self.fed.classes, counts), "round": round_}
+        store = self.fed.stores[store_name]
         keys = visit_keys(store, self.fed.classes, counts)
         return {"kind": "store", "nd": nd, "name": node_name(nd.node_id), "store_name": store_name,
                 "store": store, "keys": keys, "samples": expected_samples(store, self.fed.classes, counts),
@@ -392,6 +566,16 @@ class GridRounds:
             task = dict(make_task(self.fed, plan["nd"].node_id, plan["round"], ""), lr=float(fed.classifier_lr),
                         epochs=int(fed.local_epochs))
             kind = MSG_CLASSIFIER
+        elif plan["kind"] == "resident":
+            r = self._resident
+            blob = None if r["global"] is None else parameters_bytes(r["global"], plan["keys"], round_=plan["round"],
+                                                                     node=plan["name"])
+            task = dict(make_task(self.fed, plan["nd"].node_id, plan["round"], plan["store_name"]),
+                        resident={"from_round": int(self.fed.node_rounds[plan["name"]]), "keys": plan["keys"],
+                                  "parameters": blob is not None, "keep": r["keep"], "state_dir": r["state_dir"],
+                                  "scope": r["scope"],
+                                  "config": r["config"], "spec": r["spec"]})
+            kind = MSG_TRAIN
         else:
             blob = encode_store(plan["store"], store_name=plan["store_name"], round_=plan["round"],
                                 node=plan["name"], keys=plan["keys"])
@@ -438,10 +622,61 @@ class GridRounds:
             raise refuse(f"weight {result.get('weight')} differs from its partition's {plan['weight']:.0f} samples")
         return plan["name"], {k: v.clone() for k, v in tensors.items()}, plan["weight"]
 
+    def _check_result(self, res, meta_events, plan, refuse) -> None:
+        """The checks every generator reply passes: its node, its samples per key, its resets."""
+        if res.node != plan["name"]:
+            raise refuse(f"its result names {res.node!r}")
+        if {k: int(v) for k, v in res.samples_per_key.items()} != plan["samples"]:
+            raise refuse(f"samples_per_key {res.samples_per_key} differs from its partition's {plan['samples']}")
+        bad_events = [e for e in meta_events
+                      if e.get("node") != plan["name"] or e.get("round") != plan["round"] or e.get("key") not in plan["keys"]]
+        if bad_events:
+            raise refuse(f"it reports resets of other nodes, rounds or keys ({bad_events[0]})")
+
+    def _apply_resident(self, reply, plan):
+        """A node-resident reply: refused state (stop), or the result (+ the trained parameters of
+        its keys in fedavg) validated; the node's state round advances."""
+        from feda2v.checkpoint.nodestate import NodeStateError
+
+        refuse = self._refuser(plan)
+        try:
+            blob, task = _unpack(reply.content)
+        except (Feda2vError, KeyError, TypeError, ValueError) as e:
+            raise refuse(str(e)) from None
+        if "refused" in task:
+            raise NodeStateError(f"node {plan['name']} (partition {plan['nd'].node_id}) refused round "
+                                 f"{plan['round']}: {task['refused']}")
+        try:
+            res = node_result_from_json(task["node_result"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise refuse(str(e)) from None
+        self._check_result(res, [e.to_json() for e in res.resets], plan, refuse)
+        glob = self._resident["global"]
+        if glob is None:
+            if blob is not None:
+                raise refuse("it carries store state although its store stays on the node")
+        else:
+            if blob is None:
+                raise refuse("it carries no parameters")
+            try:
+                tensors, header = read_parameters(blob, label=f"reply of node {plan['name']}")
+            except Feda2vError as e:
+                raise refuse(str(e)) from None
+            want = {n: t for n, t in glob.parameter_tensors().items() if _of_keys(n, plan["keys"])}
+            if (header.get("node"), header.get("keys")) != (plan["name"], plan["keys"]) or \
+                    {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()} != \
+                    {n: (t.dtype, tuple(t.shape)) for n, t in want.items()}:
+                raise refuse(f"it carries other parameters than those of its keys {plan['keys']}")
+            self.received[plan["name"]] = {n: t.clone() for n, t in tensors.items()}
+        self.fed.node_rounds[plan["name"]] = int(plan["round"])
+        return res
+
     def _apply(self, reply, plan):
         """Validate a reply against what was sent, then merge it into the store."""
         if plan["kind"] == "classifier":
             return self._apply_classifier(reply, plan)
+        if plan["kind"] == "resident":
+            return self._apply_resident(reply, plan)
         name, keys = plan["name"], plan["keys"]
         refuse = self._refuser(plan)
 
@@ -460,12 +695,7 @@ class GridRounds:
         meta = header["store"]
         if foreign or list(meta.get("keys", [])) != keys:
             raise refuse(f"it carries state of keys it was not lent ({', '.join(foreign[:3]) or meta.get('keys')})")
-        if {k: int(v) for k, v in res.samples_per_key.items()} != plan["samples"]:
-            raise refuse(f"samples_per_key {res.samples_per_key} differs from its partition's {plan['samples']}")
-        bad_events = [e for e in meta.get("events", [])
-                      if e.get("node") != name or e.get("round") != plan["round"] or e.get("key") not in keys]
-        if bad_events:
-            raise refuse(f"it reports resets of other nodes, rounds or keys ({bad_events[0]})")
+        self._check_result(res, meta.get("events", []), plan, refuse)
         try:
             merge_slice(plan["store"], {k: v.clone() for k, v in tensors.items()}, meta)
         except Feda2vError as e:
@@ -533,5 +763,7 @@ class GridRounds:
 
     def run_round(self, round_: int, on_node: Optional[Callable[[object], None]] = None):
         """``Federation.run_round`` with node visits over Flower (bit-identical results)."""
+        self.received = {}
         return self.fed.run_round(round_, on_node=on_node, train_visits=self.visits,
-                                  train_classifiers=self.classifiers)
+                                  train_classifiers=self.classifiers,
+                                  node_parameters=self.received if self.fed.node_resident else None)

@@ -28,6 +28,10 @@ log = logging.getLogger("feda2v.flower")
 
 class FlowerEngine:
     name = "flower"
+    # sharing local/fedavg: each node's store lives on its node (flower_app: node-resident visits)
+    node_resident = True
+    # the server reads only the manifest and conditions (+ full mode's test splits): load_server_view
+    nodes_hold_data = True
 
     def __init__(self, *, grid=None, num_cpus: Optional[int] = None, client_cpus: float = 1.0):
         """Timeouts, poll interval and the failure policy come from ``federation.flower``."""

@@ -16,7 +16,7 @@ from feda2v.seeding import torch_generator
 class NodeResult:
     node: str
     steps: int = 0
-    train_seconds: float = 0.0  # time inside store.train_batch (the generator steps)
+    train_seconds: float = 0.0  # time in the generator steps (their calls + the visit's read-back)
     losses: dict = field(default_factory=dict)  # key -> metric -> mean over this node's steps
     samples_per_key: dict = field(default_factory=dict)  # key -> training samples seen per epoch
     resets: list = field(default_factory=list)
@@ -53,28 +53,27 @@ def train_generators(store, data, *, classes: list[str], seed: int, round_: int,
         result.samples_per_key[key] = sum(counts[classes.index(c)] for c in key_classes)
 
     noise = torch_generator(seed, "noise", round_, name)
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    n_steps: dict[str, int] = defaultdict(int)
+    # The visit keeps the losses and the non-finite flag on the store's device: no step waits for
+    # the device; finish() reads them back once (see store/steps.Visit).
+    visit = store.visit(node=name, round=round_)
     # The features go to the store's device once per visit; the labels stay on the host, where the
     # store lays each batch out (see GeneratorStore._check_batch). Shuffles are drawn on the host.
-    x = x.to(store.device)
+    # (non_blocking: a copy to the device never waits for the device; finish() is the one wait)
+    x = x.to(store.device, non_blocking=True)
     for epoch in range(local_epochs):
         order = torch.randperm(len(y), generator=torch_generator(seed, "shuffle", round_, name, epoch))
-        order_dev = order.to(store.device)
+        order_dev = order.to(store.device, non_blocking=True)
         for start in range(0, len(y), batch_size):
             idx = order[start:start + batch_size]
             t0 = time.perf_counter()
-            losses = store.train_batch(x[order_dev[start:start + batch_size]], y[idx], gen=noise, node=name,
-                                       round=round_)
+            visit.step(x[order_dev[start:start + batch_size]], y[idx], gen=noise)
             result.train_seconds += time.perf_counter() - t0
             result.steps += 1
-            for key, metrics in losses.items():
-                n_steps[key] += 1
-                for m, v in metrics.items():
-                    sums[key][m] += float(v)
             if on_step is not None:
                 on_step()
-    result.losses = {k: {m: v / n_steps[k] for m, v in ms.items()} for k, ms in sums.items()}
+    t0 = time.perf_counter()
+    result.losses = visit.finish()  # waits for the queued steps: their device time counts here
+    result.train_seconds += time.perf_counter() - t0
     return result
 
 

@@ -69,7 +69,10 @@ class RoundResult:
 class Federation:
     """Every piece of training state of one run; ``state_dict`` captures all of it."""
 
-    def __init__(self, cfg, data):
+    def __init__(self, cfg, data, *, node_resident: bool = False):
+        """``node_resident``: the engine runs visits on nodes that keep their own stores (Flower);
+        where the sharing mode allows it (local, fedavg) the server then holds no node store, and
+        ``node_rounds`` records which round each node's state belongs to (0: never trained)."""
         fed = cfg.federation
         self.sharing = sharing_mode(fed.sharing)
         if fed.mode == "full" and not self.sharing.has_server_store:
@@ -81,9 +84,11 @@ class Federation:
         self.spec = StoreSpec.from_config(cfg, classes=self.classes, feature_dim=data.feature_dim,
                                           condition_dim=data.condition_dim)
         names = [node_name(n.node_id) for n in data.nodes]
+        self.node_resident = bool(node_resident and self.sharing.node_resident)
         self.stores: dict[str, GeneratorStore] = {
             name: GeneratorStore(self.spec, data.conditions, device=self.device)
-            for name in self.sharing.store_names(names)}
+            for name in self.sharing.store_names(names, resident=self.node_resident)}
+        self.node_rounds: dict[str, int] = {name: 0 for name in names} if self.node_resident else {}
         self.classifier = None
         if fed.mode == "full":
             self.classifier = Classifier(data.feature_dim, len(self.classes), fed.classifier_hidden)
@@ -103,6 +108,11 @@ class Federation:
 
     def store_for(self, node: str) -> GeneratorStore:
         return self.stores[self.store_name_for(node)]
+
+    def train_samples(self, nd) -> int:
+        """A node's training samples, from the manifest (a distributed run's server holds no
+        training data: data/prepared.py:load_server_view)."""
+        return int(sum(self.data.manifest["counts"]["train"][nd.node_id]))
 
     def participants(self, round_: int) -> list:
         nodes = list(self.data.nodes)
@@ -141,10 +151,15 @@ class Federation:
     def run_round(self, round_: int, on_step: Optional[Callable[[], None]] = None,
                   on_node: Optional[Callable[[object], None]] = None,
                   train_visits: Optional[Callable] = None,
-                  train_classifiers: Optional[Callable] = None) -> RoundResult:
+                  train_classifiers: Optional[Callable] = None,
+                  node_parameters: Optional[dict] = None) -> RoundResult:
         """One round: route participants to stores, train them (``train_visits``, in-process by
         default), then aggregate, distil (full mode: node classifiers by ``train_classifiers``) and
-        summarise."""
+        summarise. ``node_parameters``: filled by an engine whose nodes keep their stores (node ->
+        the parameters its visit trained), for the aggregation."""
+        if self.node_resident and train_visits is None:
+            raise ConfigError("this federation's node stores live on their nodes: run it with "
+                              "federation.engine=flower")
         t_start = time.perf_counter()
         result = RoundResult(round=round_)
         visits = [(nd, self.store_name_for(node_name(nd.node_id))) for nd in self.participants(round_)]
@@ -156,7 +171,7 @@ class Federation:
                 on_node(res)
         done = {r.node for r in result.nodes}
         result.missing = [node_name(nd.node_id) for nd, _ in visits if node_name(nd.node_id) not in done]
-        self.sharing.after_round(self.stores, result.nodes)
+        self.sharing.after_round(self.stores, result.nodes, node_parameters)
         if self.classifier is not None:
             result.downstream, lost = self._full_mode_round(
                 round_, [nd for nd, _ in visits if node_name(nd.node_id) in done],
@@ -179,7 +194,7 @@ class Federation:
         states, weights = [st for _, st, _ in trained], [w for _, _, w in trained]
         answered = {n for n, _, _ in trained}
         lost = [node_name(nd.node_id) for nd in participants
-                if len(nd.train_y) and node_name(nd.node_id) not in answered]
+                if self.train_samples(nd) and node_name(nd.node_id) not in answered]
         self.classifier.load_state_dict(average_state(states, weights) if states else start)
         test_x, test_y = self._global_test()
         before = accuracy(self.classifier, test_x, test_y)
@@ -203,10 +218,10 @@ class Federation:
     def _synthetic_set(self, round_: int):
         store = self.stores[self.primary_store]
         spc = self.cfg.federation.synthetic_per_class
-        if spc == "auto":
+        if spc == "auto":  # the manifest's counts (verified against every partition that holds them)
             counts = torch.zeros(len(self.classes), dtype=torch.long)
-            for nd in self.data.nodes:
-                counts += torch.bincount(nd.train_y, minlength=len(self.classes))
+            for row in self.data.manifest["counts"]["train"]:
+                counts += torch.tensor(row, dtype=torch.long)
         else:
             counts = torch.full((len(self.classes),), int(spc), dtype=torch.long)
         y = torch.repeat_interleave(torch.arange(len(self.classes)), counts)

@@ -12,10 +12,17 @@ distributed engine.
 - ``fedavg``: each node trains its own store starting from the global parameters (its optimizer
   state stays with the node); after the round the server averages parameters per key, weighted by
   the samples each node trained that key on.
+
+Node-resident stores (``resident=True``, the Flower engine): in ``local`` and ``fedavg`` each node's
+store lives on its node and is checkpointed there; the server holds only what is its own (fedavg:
+the global store; local: nothing). What a visit's message carries follows from the mode:
+``lends_state`` (the relay: the store slice with its optimizer state, both ways),
+``lends_parameters`` (fedavg: the global parameters of the visit's keys out, the trained ones back,
+never optimizer moments), neither (local: only the task out and the results back).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from feda2v.errors import ConfigError
 from feda2v.federation.aggregate import average_state
@@ -27,33 +34,42 @@ class SharingMode:
     name: str = ""
     sequential: bool = False  # True: visit i trains what visit i-1 returned (no parallel visits)
     has_server_store: bool = False  # a server-side generator exists (full mode distils from it)
-    # What a visit's message carries on a distributed engine: "state" = the store's parameters and
-    # optimizer state (the relay's point: moments travel); "parameters" = parameters only.
-    wire: str = "state"
+    # Node-resident engines (Flower): the nodes' stores can stay on their nodes (local, fedavg).
+    node_resident: bool = False
+    # What a visit's message carries on a distributed engine (see the module doc).
+    lends_state: bool = False  # the store slice with its optimizer state, out and back
+    lends_parameters: bool = False  # the visit keys' parameters only, out and back
 
-    def store_names(self, nodes: Sequence[str]) -> list[str]:
+    def store_names(self, nodes: Sequence[str], *, resident: bool = False) -> list[str]:
+        """The stores the server holds; ``resident``: the nodes hold their own stores."""
         raise NotImplementedError
 
     def store_name_for(self, node: str) -> str:
         raise NotImplementedError
 
-    def primary_store(self, store_names: Sequence[str]) -> str:
-        """The store evaluate and the MLflow model use."""
+    def primary_store(self, store_names: Sequence[str]):
+        """The store evaluate and the MLflow model use (None: the server holds none, every store
+        lives on its node)."""
+        if not store_names:
+            return None
         return SERVER if SERVER in store_names else store_names[0]
 
     def before_round(self, stores: Mapping, visits: Sequence) -> None:
         """Called with the round's ``(node data, store name)`` visits before any is trained."""
 
-    def after_round(self, stores: Mapping, node_results: Sequence) -> None:
-        """Called with the round's NodeResults (visit order) after every visit is trained."""
+    def after_round(self, stores: Mapping, node_results: Sequence,
+                    node_parameters: Optional[Mapping] = None) -> None:
+        """Called with the round's NodeResults (visit order) after every visit is trained;
+        ``node_parameters``: node -> the parameters it trained, where its store is not here."""
 
 
 class SharedRelay(SharingMode):
     name = "shared"
     sequential = True
     has_server_store = True
+    lends_state = True  # the relay's point: the moments travel with the generator
 
-    def store_names(self, nodes):
+    def store_names(self, nodes, *, resident=False):
         return [SERVER]
 
     def store_name_for(self, node):
@@ -62,9 +78,10 @@ class SharedRelay(SharingMode):
 
 class LocalStores(SharingMode):
     name = "local"
+    node_resident = True
 
-    def store_names(self, nodes):
-        return list(nodes)
+    def store_names(self, nodes, *, resident=False):
+        return [] if resident else list(nodes)
 
     def store_name_for(self, node):
         return node
@@ -73,24 +90,34 @@ class LocalStores(SharingMode):
 class FedAvgStores(SharingMode):
     name = "fedavg"
     has_server_store = True
-    wire = "parameters"
+    node_resident = True
+    lends_parameters = True
 
-    def store_names(self, nodes):
-        return [SERVER, *nodes]
+    def store_names(self, nodes, *, resident=False):
+        return [SERVER] if resident else [SERVER, *nodes]
 
     def store_name_for(self, node):
         return node
 
     def before_round(self, stores, visits):
-        # every participant starts from the global parameters
+        # every participant starts the keys it trains from the global parameters (its other keys
+        # are never trained there nor averaged from there; a node-resident node gets exactly these
+        # keys in its message). Resident node stores are not here: the engine sends them.
         global_params = stores[SERVER].parameter_tensors()
-        for _, store_name in visits:
-            stores[store_name].load_parameter_tensors(global_params)
+        for nd, store_name in visits:
+            store = stores.get(store_name)
+            if store is None:
+                continue
+            keys = trained_keys(store, nd)
+            own = store.parameter_tensors()
+            own.update({n: t for n, t in global_params.items() if any(n.startswith(k + "/") for k in keys)})
+            store.load_parameter_tensors(own)
 
-    def after_round(self, stores, node_results):
+    def after_round(self, stores, node_results, node_parameters=None):
         server = stores[SERVER]
         merged = server.parameter_tensors()
-        node_params = {r.node: stores[r.node].parameter_tensors() for r in node_results}
+        node_params = node_parameters if node_parameters is not None else {
+            r.node: stores[r.node].parameter_tensors() for r in node_results}
         for key in server.keys:
             trained = [(r.node, r.samples_per_key[key]) for r in node_results if r.samples_per_key.get(key)]
             if not trained:
@@ -99,6 +126,13 @@ class FedAvgStores(SharingMode):
             states = [{n: node_params[node][n] for n in names} for node, _ in trained]
             merged.update(average_state(states, [w for _, w in trained]))
         server.load_parameter_tensors(merged)
+
+
+def trained_keys(store, nd) -> set:
+    """The keys a node's visit trains: those of the classes it holds training samples of."""
+    if nd is None or len(nd.train_y) == 0:
+        return set()
+    return {store.key_for_class(store.spec.classes[c]) for c in set(nd.train_y.tolist())}
 
 
 MODES: dict[str, SharingMode] = {m.name: m for m in (SharedRelay(), LocalStores(), FedAvgStores())}

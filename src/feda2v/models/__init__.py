@@ -12,7 +12,7 @@ from feda2v.models.generators import (
     build_model,
     constructor_args,
 )
-from feda2v.models.init import init_parameters
+from feda2v.models.init import clone_structure, init_parameters
 # the published FedA2V architectures (generator.arch=fedgfe*), registered in ARCHITECTURES on import
 from feda2v.models.published import PUBLISHED_ARCHITECTURES
 from feda2v.models.losses import (
@@ -25,6 +25,6 @@ from feda2v.models.losses import (
 __all__ = [
     "ARCHITECTURES", "Architecture", "constructor_args", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator",
     "ProjectionDiscriminator", "build_model",
-    "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
+    "clone_structure", "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
     "vae_kl_per_sample", "vae_recon_per_sample", "PUBLISHED_ARCHITECTURES",
 ]

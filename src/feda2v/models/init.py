@@ -8,8 +8,26 @@ from torch import nn
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
-    """An uninitialised Linear: built on the meta device so construction draws no global RNG."""
-    return nn.utils.skip_init(nn.Linear, in_features, out_features)
+    """An uninitialised Linear whose construction draws no global RNG (``init_parameters`` fills it,
+    seeded): built on the meta device, then given empty CPU parameters. Not ``skip_init``: its
+    ``to_empty`` runs torch's Python reference of ``empty_like``, which imports torch.fx's symbolic
+    shapes (sympy, 0.4-0.9 s) on first use, paid by Flower's per-message ClientApp process."""
+    lin = nn.Linear(in_features, out_features, device="meta")
+    lin.weight = nn.Parameter(torch.empty(out_features, in_features))
+    lin.bias = nn.Parameter(torch.empty(out_features))
+    return lin
+
+
+def clone_structure(module: nn.Module) -> nn.Module:
+    """A new module of the same classes and attributes whose parameter (and buffer) slots still
+    hold the originals' tensors, for the caller to replace: an architecture copied without its
+    data (``copy.deepcopy`` would copy every tensor). Every container attribute (hooks,
+    parameter, module dicts) is a fresh copy, so nothing registered on the clone reaches the original."""
+    clone = object.__new__(type(module))
+    state = {n: (type(v)(v) if isinstance(v, dict) else v) for n, v in vars(module).items()}
+    state["_modules"] = {n: None if m is None else clone_structure(m) for n, m in module._modules.items()}
+    object.__setattr__(clone, "__dict__", state)
+    return clone
 
 
 @torch.no_grad()
@@ -31,9 +49,12 @@ def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
             for p in (sub.weight, sub.bias):
                 if p is None:
                     continue
-                draw = torch.empty(p.shape, dtype=p.dtype, device=gen.device)
-                draw.uniform_(-bound, bound, generator=gen)
-                p.copy_(draw)
+                if p.device == gen.device and p.is_contiguous():
+                    p.uniform_(-bound, bound, generator=gen)  # in place: the same draws, no temporary
+                else:
+                    draw = torch.empty(p.shape, dtype=p.dtype, device=gen.device)
+                    draw.uniform_(-bound, bound, generator=gen)
+                    p.copy_(draw)
         elif isinstance(sub, nn.LayerNorm) and sub.elementwise_affine:
             # (the published multimodal VAE) back to the identity affine map torch builds it with
             sub.weight.fill_(1.0)

@@ -275,6 +275,7 @@ def _refuse_used_dirs(cfg, checkpointer, reports: Path) -> None:
 def _train(cfg, stop, last: dict, engine=None) -> dict:
     from feda2v.checkpoint import Checkpointer
     from feda2v.data import load_prepared
+    from feda2v.data.prepared import load_server_view
     from feda2v.federation.engine import make_engine
     from feda2v.federation.server import Federation
     from feda2v.profiling import StepProfiler
@@ -283,11 +284,14 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    data = load_prepared(cfg.data.prepared_dir)
-    check_manifest(cfg, data.manifest)
     engine = engine or make_engine(cfg.federation.engine)
+    if getattr(engine, "nodes_hold_data", False):  # Flower: the sites hold their partitions
+        data = load_server_view(cfg.data.prepared_dir, test_sets=cfg.federation.mode == "full")
+    else:
+        data = load_prepared(cfg.data.prepared_dir)
+    check_manifest(cfg, data.manifest)
     seed_globals(cfg.seed)
-    federation = Federation(cfg, data)
+    federation = Federation(cfg, data, node_resident=getattr(engine, "node_resident", False))
     checkpointer = Checkpointer(cfg, data.manifest_hash)
     reports = Path(cfg.train.reports_dir)
     start_round, resumed_from = 1, None
@@ -336,7 +340,8 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
                 summary = dict(result.metrics)
         summary["rounds"] = rounds
         summary["train_wall_seconds"] = time.perf_counter() - t_train
-        summary["resets_total"] = len(federation.stores[federation.primary_store].events)
+        if federation.primary_store is not None:  # None: every store lives on its node (local on Flower)
+            summary["resets_total"] = len(federation.stores[federation.primary_store].events)
         metrics, timing = split_summary(summary)
         metrics_path, timing_path = Path(cfg.train.metrics_path), Path(cfg.train.timing_path)
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -352,7 +357,8 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
             tracker.log_artifact(str(profiler.out_dir), "profile")
         if checkpointer.sidecar.is_file():
             tracker.log_artifact(str(checkpointer.sidecar), "checkpoints")
-        tracker.log_store_model(str(checkpointer.latest_path))
+        if federation.primary_store is not None:
+            tracker.log_store_model(str(checkpointer.latest_path))
         status = "FINISHED"
         return summary
     except TrainingStopped:

@@ -39,10 +39,15 @@ class RoleArch:
 class Kind:
     name: str
     roles: tuple[str, ...]
-    step: Callable[..., dict[str, dict[str, float]]]  # (store, grouping, keys, xs, cs, zs, node, round, *, gen)
+    step: Callable[..., Any]  # (store, grouping, keys, xs, cs, zs, visit, *, gen) -> [K, len(metrics)] device tensor
     archs: Mapping[str, Mapping[str, RoleArch]]  # variant -> role -> architecture
     # generator.optimizer settings left null in config take these (the type's own defaults)
     optimizer_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The names of the step's per-key loss columns, in order (the step function carries them)."""
+        return self.step.metrics
 
     def arch(self, variant: str) -> Mapping[str, RoleArch]:
         try:

@@ -13,7 +13,6 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam as functional_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
 from feda2v.errors import ConfigError
@@ -67,22 +66,43 @@ def _state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
     return st
 
 
+def _hyper(opt: torch.optim.Optimizer) -> tuple:
+    """The param group's update hyper-parameters (what decides whether two optimizers can share
+    one fused call); refuses what the fused path does not implement."""
+    g = opt.param_groups[0]
+    if len(opt.param_groups) != 1 or g["amsgrad"] or g["maximize"] or not g["fused"]:
+        raise ValueError("grouped_step supports the factory's optimizers only (one group, no amsgrad)")
+    beta1, beta2 = g["betas"]
+    return (float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]),
+            bool(g["decoupled_weight_decay"]))
+
+
+def _fused_call(hyper: tuple, ps: list, gs: list, ms: list, vs: list, steps: list, found_inf: Tensor | None) -> None:
+    """Exactly what ``torch.optim.adam.adam(fused=True)`` does for one device and dtype (steps += 1,
+    then torch's fused kernel), without its per-call regrouping of the lists by device and dtype
+    (the store's tensors are all float32 on one device)."""
+    lr, beta1, beta2, eps, wd, decoupled = hyper
+    torch._foreach_add_(steps, 1)
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    kernel(ps, gs, ms, vs, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
+           maximize=False, grad_scale=None, found_inf=found_inf)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
 @torch.no_grad()
-def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], Sequence[Tensor]]]) -> None:
+def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], Sequence[Tensor]]],
+                 found_inf: Tensor | None = None) -> None:
     """One fused Adam(W) update for many optimizers: ``items`` = [(optimizer, params, grads), ...].
 
     Optimizers whose param-group hyper-parameters are equal (the normal case: one factory) are
     updated in a single fused call; differing ones (e.g. after a user changed an lr) get their own.
+    ``found_inf`` (a 0-d float tensor, 1.0 = skip): torch's fused semantics, no update and no step.
+    (The store's training step uses ``FusedUpdate``, which builds these lists once.)
     """
     buckets: dict[tuple, tuple[list, list, list, list, list]] = {}
     for opt, params, grads in items:
-        g = opt.param_groups[0]
-        if len(opt.param_groups) != 1 or g["amsgrad"] or g["maximize"] or not g["fused"]:
-            raise ValueError("grouped_step supports the factory's optimizers only (one group, no amsgrad)")
-        beta1, beta2 = g["betas"]
-        hkey = (float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]),
-                bool(g["decoupled_weight_decay"]))
-        b = buckets.setdefault(hkey, ([], [], [], [], []))
+        b = buckets.setdefault(_hyper(opt), ([], [], [], [], []))
         for p, grad in zip(params, grads):
             st = _state(opt, p)
             b[0].append(p)
@@ -90,10 +110,67 @@ def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], 
             b[2].append(st["exp_avg"])
             b[3].append(st["exp_avg_sq"])
             b[4].append(st["step"])
-    for (lr, beta1, beta2, eps, wd, decoupled), (ps, gs, ms, vs, steps) in buckets.items():
-        functional_adam(
-            ps, gs, ms, vs, [], steps,
-            foreach=False, capturable=False, differentiable=False, fused=True,
-            grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=decoupled,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False,
-        )
+    for hyper, (ps, gs, ms, vs, steps) in buckets.items():
+        _fused_call(hyper, ps, gs, ms, vs, steps, found_inf)
+
+
+class FusedUpdate:
+    """The fused Adam(W) update of one role for a fixed list of keys (a step's active keys), with
+    its argument lists built once and reused by every later step over the same keys.
+
+    Built from each key's optimizer and its parameters (one list per key, the same names in the
+    same order for every key); called with the gradients as the stacked per-name tensors
+    ``[K, ...]`` the step's backward produced, so a step does no per-key Python work beyond
+    ``valid()``. The lists stay right while every key's optimizer keeps the same state objects
+    (a reset clears them, a load or ``to()`` replaces them) and the same hyper-parameters;
+    ``valid()`` checks both, one state entry per key (the store replaces a key's state whole).
+    """
+
+    def __init__(self, optims: Sequence[torch.optim.Optimizer], params: Sequence[Sequence[Tensor]]):
+        self._optims = list(optims)
+        self._hypers = [_hyper(o) for o in self._optims]
+        k, n = len(self._optims), len(params[0])
+        # name-major, like the gradients: entry j * k + i is key i's parameter j
+        flat_p = [params[i][j] for j in range(n) for i in range(k)]
+        flat_st = [_state(self._optims[i], params[i][j]) for j in range(n) for i in range(k)]
+        self._first = [(params[i][0], flat_st[i], flat_st[i]["step"]) for i in range(k)]
+        self._row_cache: dict[int, tuple[Tensor, Sequence[Tensor]]] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, h in enumerate(self._hypers):
+            groups.setdefault(h, []).append(i)
+        self._calls = []
+        for hyper, keys in groups.items():
+            pos = None if len(groups) == 1 else [j * k + i for j in range(n) for i in keys]
+            pick = (lambda xs: xs) if pos is None else (lambda xs, pos=pos: [xs[q] for q in pos])
+            self._calls.append((hyper, pos, pick(flat_p), [st["exp_avg"] for st in pick(flat_st)],
+                                [st["exp_avg_sq"] for st in pick(flat_st)], [st["step"] for st in pick(flat_st)]))
+
+    def _rows(self, g: Tensor, kept: set[int]) -> Sequence[Tensor]:
+        # a gradient buffer the caller reuses step after step (``kept``) arrives as the same tensor
+        # object: its per-key row views are made once; any other gradient is split afresh
+        if id(g) not in kept:
+            return g.unbind(0)
+        cached = self._row_cache.get(id(g))
+        if cached is not None and cached[0] is g:
+            return cached[1]
+        rows = g.unbind(0)
+        self._row_cache[id(g)] = (g, rows)
+        return rows
+
+    def valid(self) -> bool:
+        for opt, hyper, (p, st, step) in zip(self._optims, self._hypers, self._first):
+            if opt.state.get(p) is not st or st.get("step") is not step or _hyper(opt) != hyper:
+                return False
+        return True
+
+    @torch.no_grad()
+    def __call__(self, grads: Sequence[Tensor], found_inf: Tensor | None = None,
+                 kept: Iterable[Tensor] = ()) -> None:
+        """``grads``: per parameter name, the stacked gradient [K, ...] (contiguous: torch's fused
+        CPU Adam reads memory linearly and would mix elements of a non-contiguous one); ``kept``:
+        the caller's gradient buffers, the same objects at every step."""
+        kept_ids = {id(t) for t in kept}
+        flat = [row for g in grads for row in self._rows(g, kept_ids)]
+        for hyper, pos, ps, ms, vs, steps in self._calls:
+            gs = flat if pos is None else [flat[q] for q in pos]
+            _fused_call(hyper, ps, gs, ms, vs, steps, found_inf)

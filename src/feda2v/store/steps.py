@@ -1,10 +1,13 @@
 """The training step of each generator kind: one grouped computation over all active keys.
 
-Each step function receives the store and a batch already laid out per key ([K, n_max, ...],
-see ``grouping.py``), computes the losses for every active key at once from the keys' stacked
-parameters, takes gradients w.r.t. those stacked tensors, checks them finite, and updates every
-key's own optimizer(s) with one fused Adam(W) call per role. The store owns the modules, the
-optimizers and the parameter banks; these functions only read them through the store.
+Each step function receives the store, a batch already laid out per key ([K, n_max, ...], see
+``grouping.py``) and the node's ``Visit``; it computes the losses for every active key at once from
+the keys' stacked parameters, takes gradients w.r.t. those stacked tensors, checks losses and
+gradients finite on the device (``Visit.check``), and updates every key's own optimizer(s) with
+one fused Adam(W) call per role, which the visit's found-inf flag vetoes. It returns the per-key
+losses as one device tensor [K, len(kind.metrics)]. No step reads a device value on the host: a
+visit's losses and its non-finite verdict are read once, by ``Visit.finish``. The store owns the
+modules, the optimizers and the parameter banks; these functions only read them through the store.
 """
 from __future__ import annotations
 
@@ -23,28 +26,124 @@ from feda2v.models.losses import (
     vae_kl_per_sample,
     vae_recon_per_sample,
 )
-from feda2v.models.functional import StackedParams
 from feda2v.store.grouping import Grouping
-from feda2v.store.optim import grouped_step, step_tensor
+from feda2v.store.optim import step_tensor
 # `GeneratorStore` appears in annotations only (never evaluated): store.py imports this module.
 
 
 GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+VAE_METRICS = ("loss", "recon", "kl", "beta")  # the columns of vae_step's result, in this order
+GAN_METRICS = ("g_loss", "d_loss")  # gan_step's
+CHECKS = ("loss", "gradient", "discriminator loss", "generator loss")  # what a failing check names
+_CODES = 8  # > len(CHECKS): a key's first failure is recorded as step * _CODES + (check index + 1)
 
 
-def raise_non_finite(values: Tensor, keys: Sequence[str], node: str, round_: int, what: str) -> None:
-    finite = torch.isfinite(values)
-    if finite.dim() > 1:
-        finite = finite.all(dim=1)
-    if not bool(finite.all()):
-        bad = int(torch.nonzero(~finite)[0, 0])
-        raise NonFiniteLossError(keys[bad], node, round_, what)
+class Visit:
+    """One node's visit to a store: any number of steps (``step``), then one read-back (``finish``).
+
+    Why: on CUDA every read of a device value on the host (``bool(t)``, ``.item()``, ``.tolist()``)
+    waits for every queued kernel, so the host cannot queue the next step while the device runs
+    this one. A visit keeps on the device what its steps must report:
+
+    - per-key loss sums in float64, added in step order (the same sums Python floats made);
+    - ``found_inf``, float32 0/1, handed to every fused Adam(W) update of the visit: the kernel
+      leaves parameters, moments and step counts untouched while it is 1. The visit's first
+      non-finite loss or gradient sets it and nothing clears it, so from that check on no update
+      lands on any key: the store ends the visit as it was before the failing step (an alternating
+      GAN step's D update that came before its failing G check excepted, as before);
+    - per key, the step and check of the visit's first failure (for the message).
+
+    ``finish()`` copies them to the host at once: per-key mean losses, or NonFiniteLossError naming
+    the key(s), the check, the step, the node and the round. A visit that failed still runs its
+    remaining steps (their updates vetoed) until the node finishes it.
+    """
+
+    def __init__(self, store: GeneratorStore, node: str, round_: int):
+        self.store, self.node, self.round = store, str(node), int(round_)
+        dev, k = store.device, len(store.keys)
+        self.metrics: tuple[str, ...] = store._kind.metrics
+        self._sums = torch.zeros(k, len(self.metrics), dtype=torch.float64, device=dev)
+        self._first = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+        self._counts = [0] * k  # steps per key (the layout is known on the host)
+        self._order: list[int] = []  # key rows in the order they first stepped (the result's order)
+        self._spread: Tensor | None = None  # this step: [K_all] rows of [active..., zero row]; None = all active
+        self.steps = 0
+        self._done = False
+
+    def step(self, x: Tensor, y: Tensor, *, gen: torch.Generator) -> None:
+        """One optimizer step for every key with samples in (x, y), queued on the store's device."""
+        if self._done:
+            raise RuntimeError("this visit is finished; start another with store.visit()")
+        self.store._train_step(self, x, y, gen)
+
+    def begin_step(self, rows: Sequence[int]) -> None:
+        k_all = len(self._counts)
+        if len(rows) == k_all:
+            self._spread = None
+        else:  # inactive keys read the appended zero row (computed on the host, copied, never waited for)
+            pos = [len(rows)] * k_all
+            for i, r in enumerate(rows):
+                pos[r] = i
+            self._spread = torch.tensor(pos).to(self._sums.device, non_blocking=True)
+        for r in rows:
+            if self._counts[r] == 0:
+                self._order.append(r)
+            self._counts[r] += 1
+
+    def _full(self, t: Tensor) -> Tensor:
+        """[K_active, ...] -> [K_all, ...] (zeros for inactive keys), by a gather: no scatter."""
+        if self._spread is None:
+            return t
+        return torch.cat([t, t.new_zeros((1,) + tuple(t.shape[1:]))]).index_select(0, self._spread)
+
+    def check(self, values: Tensor, what: str) -> None:
+        """Flag non-finite ``values`` ([K] or [K, m], per active key) on the device: no host read."""
+        bad = torch.isfinite(values.detach()).logical_not_()
+        if bad.dim() > 1:
+            bad = bad.any(1)
+        first = bad & (self.found_inf == 0)  # only the visit's first failing check names its keys
+        self._first += self._full(first.to(torch.float64) * float(self.steps * _CODES + CHECKS.index(what) + 1))
+        self.found_inf = torch.maximum(self.found_inf, bad.any().to(torch.float32))
+
+    def end_step(self, stats: Tensor) -> None:
+        self._sums += self._full(stats.detach().to(torch.float64))
+        self.steps += 1
+
+    def finish(self) -> dict[str, dict[str, float]]:
+        """Per-key mean losses over the visit's steps ({key: {metric: mean}}, keys in the order they
+        first stepped), read back in ONE device-to-host copy; NonFiniteLossError if any loss or
+        gradient of the visit was not finite (the store then holds no state from that step on)."""
+        if self._done:
+            raise RuntimeError("this visit is already finished")
+        self._done = True
+        if not self.steps:
+            return {}
+        k, m = self._sums.shape
+        host = torch.cat([self._sums.flatten(), self._first]).cpu().tolist()  # the visit's one sync
+        sums, first = host[:k * m], host[k * m:]
+        keys = self.store.keys
+        failed = [i for i, v in enumerate(first) if v]
+        if failed:
+            self._drop_vetoed_state()
+            code = int(first[failed[0]])
+            raise NonFiniteLossError([keys[i] for i in failed], self.node, self.round,
+                                     CHECKS[code % _CODES - 1], step=code // _CODES + 1, steps=self.steps)
+        return {keys[r]: {name: sums[r * m + j] / self._counts[r] for j, name in enumerate(self.metrics)}
+                for r in self._order}
+
+    def _drop_vetoed_state(self) -> None:
+        # A vetoed update of a key that had never stepped still made its (zero) optimizer state,
+        # lazily, as torch does: drop it, so the store is exactly as before. (Error path: it may read.)
+        for opt in self.store._optims.values():
+            for p in [p for p, st in opt.state.items() if st and float(st["step"]) == 0]:
+                del opt.state[p]
 
 
-def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[str], node: str, round_: int,
-                  retain_graph: bool = False) -> list[list[Tensor]]:
-    """Gradients w.r.t. the stacked [K, ...] tensors (one per name, not one per leaf), checked
-    finite, then split per key (views): grads[k] follows that key's parameter order."""
+def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[str], visit: Visit,
+                  retain_graph: bool = False) -> list[Tensor]:
+    """Gradients w.r.t. the stacked [K, ...] tensors (one per name, not one per leaf, in the
+    role's parameter order), checked finite on the device, laid out for the fused update (contiguous)."""
     names = list(stacked)
     gs = torch.autograd.grad(loss, [stacked[n] for n in names], retain_graph=retain_graph)
     # A bias gradient is the sum of its layer's output gradients, so it is non-finite iff one of
@@ -53,13 +152,10 @@ def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[st
     # every weight gradient (which would cost as much as the optimizer's read of them).
     bias = [g.flatten(1).sum(1) for n, g in zip(names, gs) if n.endswith(".bias")]
     if bias:
-        per_key = torch.stack(bias, dim=1)
-        if not bool(torch.isfinite(per_key).all()):
-            raise_non_finite(per_key, keys, node, round_, "gradient")
-    # Weight grads arrive transposed (from x @ W^T); torch's fused CPU Adam reads memory linearly
-    # and silently mixes elements of a non-contiguous grad, so lay them out like the params.
-    split = [g.contiguous().unbind(0) for g in gs]
-    return [[split[j][i] for j in range(len(names))] for i in range(len(keys))]
+        visit.check(torch.stack(bias, dim=1), "gradient")
+    # torch's fused CPU Adam reads memory linearly and silently mixes elements of a
+    # non-contiguous grad, so each is laid out like its parameter (a no-op for ours).
+    return [g.contiguous() for g in gs]
 
 
 def _step_or_zero(store: GeneratorStore, key: str, role: str) -> Tensor:
@@ -67,12 +163,9 @@ def _step_or_zero(store: GeneratorStore, key: str, role: str) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=store.device) if t is None else t.to(torch.float32)
 
 
-def _update_items(store: GeneratorStore, keys: Sequence[str], role: str, grads: Sequence[Sequence[Tensor]]):
-    return [(store._optims[k, role], [p for _, p in store._params[k, role]], g) for k, g in zip(keys, grads)]
-
-
 def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, eps: Tensor,
-             node: str, round_: int, *, gen: torch.Generator | None = None) -> dict[str, dict[str, float]]:
+             visit: Visit, *, gen: torch.Generator | None = None) -> Tensor:
+    """One VAE update of every active key; [K, 4] = VAE_METRICS per key."""
     with record_function("generator_step/forward"):
         template = store._modules[keys[0], GENERATOR]
         params = store._stacked(grp.active, GENERATOR)
@@ -83,18 +176,17 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
         beta = beta_schedule(steps, store.spec.beta_max, store.spec.beta_warmup_steps)
         loss = rec + beta * kl
-    raise_non_finite(loss, keys, node, round_, "loss")
+    visit.check(loss, "loss")
     with record_function("generator_step/backward"):
-        grads = stacked_grads(loss.sum(), params, keys, node, round_)
+        grads = stacked_grads(loss.sum(), params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, GENERATOR, grads))
-    stats = torch.stack([loss, rec, kl, beta], dim=1).detach().tolist()
-    return {k: {"loss": s[0], "recon": s[1], "kl": s[2], "beta": s[3]} for k, s in zip(keys, stats)}
+        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf)
+    return torch.stack([loss, rec, kl, beta], dim=1).detach()
 
 
 def gan_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, zs: Tensor,
-             node: str, round_: int, *, gen: torch.Generator | None = None) -> dict[str, dict[str, float]]:
-    """One GAN update of every active key, by the spec's schedule (``spec.gan``).
+             visit: Visit, *, gen: torch.Generator | None = None) -> Tensor:
+    """One GAN update of every active key, by the spec's schedule (``spec.gan``); [K, 2] = GAN_METRICS.
 
     Alternating (the default, as in Goodfellow et al. 2014 and every common implementation):
     ``d_steps`` discriminator updates, then ``g_steps`` generator updates against the UPDATED
@@ -105,12 +197,17 @@ def gan_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
     step differentiates w.r.t. D's weights (fakes detached, real inputs constant except for R1's
     input gradient); the G step w.r.t. G's weights through D's input gradient, with D's weights
     constant, so no D weight gradient is computed there (see ``functional.py``).
-    Every loss is checked finite before its own update; the D update is applied before the G loss
-    exists, so a G loss that becomes non-finite only through that D update leaves it applied.
+    Every loss is checked finite before its own update (which the check vetoes); the D update is
+    applied before the G loss exists, so a G loss that becomes non-finite only through that D
+    update leaves it applied.
     """
     if store.spec.gan.schedule == "simultaneous":
-        return _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_, gen)
-    return _gan_alternating(store, grp, keys, xs, cs, zs, node, round_, gen)
+        return _gan_simultaneous(store, grp, keys, xs, cs, zs, visit, gen)
+    return _gan_alternating(store, grp, keys, xs, cs, zs, visit, gen)
+
+
+vae_step.metrics = VAE_METRICS
+gan_step.metrics = GAN_METRICS
 
 
 def _fresh_noise(store: GeneratorStore, grp: Grouping, gen: torch.Generator | None) -> Tensor:
@@ -120,7 +217,7 @@ def _fresh_noise(store: GeneratorStore, grp: Grouping, gen: torch.Generator | No
 
 
 def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, zs: Tensor,
-            node: str, round_: int, keep_fake: bool, gen: torch.Generator | None):
+            visit: Visit, keep_fake: bool, gen: torch.Generator | None):
     """One discriminator update; returns (d_loss [K], fakes with G's graph and G's stacked params or None)."""
     gs = store.spec.gan
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
@@ -132,7 +229,7 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
         else:
             with torch.no_grad():
                 fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
-        d_params = StackedParams(store._stacked(grp.active, DISCRIMINATOR))
+        d_params = store._stacked(grp.active, DISCRIMINATOR)  # a StackedParams (input_grads_only below)
         if gs.r1_gamma > 0:  # real and fake apart: R1's input-gradient pass then runs over the real half only
             real = xs.detach().requires_grad_(True)
             real_logit = d_tmpl.forward_stacked(d_params, real, cs, gen=gen)
@@ -151,16 +248,16 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
                 d_params.input_grads_only = False
             per_sample = per_sample + (0.5 * gs.r1_gamma) * r1_per_sample(grad_real)
         d_loss = grp.masked_mean(per_sample)
-    raise_non_finite(d_loss, keys, node, round_, "discriminator loss")
+    visit.check(d_loss, "discriminator loss")
     with record_function("generator_step/backward"):
-        d_grads = stacked_grads(d_loss.sum(), d_params, keys, node, round_)
+        d_grads = stacked_grads(d_loss.sum(), d_params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, DISCRIMINATOR, d_grads))
+        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
     return d_loss.detach(), ((fake, g_params) if keep_fake else None)
 
 
 def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, zs: Tensor | None,
-            node: str, round_: int, kept, gen: torch.Generator | None) -> Tensor:
+            visit: Visit, kept, gen: torch.Generator | None) -> Tensor:
     """One generator update against the current D; ``kept`` = (fakes, G params) from the D step."""
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
     with record_function("generator_step/forward"):
@@ -172,30 +269,29 @@ def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, z
         d_params = store._stacked(grp.active, DISCRIMINATOR, grad=False)  # D constant: no D weight grads
         logit = d_tmpl.forward_stacked(d_params, fake, cs, gen=gen)
         g_loss = grp.masked_mean(gan_g_loss_per_sample(logit, store.spec.gan.loss))
-    raise_non_finite(g_loss, keys, node, round_, "generator loss")
+    visit.check(g_loss, "generator loss")
     with record_function("generator_step/backward"):
-        g_grads = stacked_grads(g_loss.sum(), g_params, keys, node, round_)
+        g_grads = stacked_grads(g_loss.sum(), g_params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, GENERATOR, g_grads))
+        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
     return g_loss.detach()
 
 
-def _gan_alternating(store, grp, keys, xs, cs, zs, node, round_, gen) -> dict[str, dict[str, float]]:
+def _gan_alternating(store, grp, keys, xs, cs, zs, visit, gen) -> Tensor:
     gs = store.spec.gan
     kept = None
     for i in range(gs.d_steps):
         z = zs if i == 0 else _fresh_noise(store, grp, gen)
-        d_loss, kept = _d_step(store, grp, keys, xs, cs, z, node, round_, i == gs.d_steps - 1, gen)
+        d_loss, kept = _d_step(store, grp, keys, xs, cs, z, visit, i == gs.d_steps - 1, gen)
     for j in range(gs.g_steps):
         g_loss = _g_step(store, grp, keys, cs, None if j == 0 else _fresh_noise(store, grp, gen),
-                         node, round_, kept if j == 0 else None, gen)
-    stats = torch.stack([g_loss, d_loss], dim=1).tolist()
-    return {k: {"g_loss": s[0], "d_loss": s[1]} for k, s in zip(keys, stats)}
+                         visit, kept if j == 0 else None, gen)
+    return torch.stack([g_loss, d_loss], dim=1)
 
 
-def _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_, gen) -> dict[str, dict[str, float]]:
+def _gan_simultaneous(store, grp, keys, xs, cs, zs, visit, gen) -> Tensor:
     # Both roles' losses and gradients are computed (and checked) before either optimizer steps
-    # (so a non-finite loss changes nothing), from one D forward over real and fake samples.
+    # (so a non-finite loss vetoes both), from one D forward over real and fake samples.
     gs = store.spec.gan
     with record_function("generator_step/forward"):
         g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
@@ -207,13 +303,12 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, node, round_, gen) -> dict[s
         real_logit, fake_logit = logits[:, :n], logits[:, n:]
         d_loss = grp.masked_mean(gan_d_loss_per_sample(real_logit, fake_logit, gs.loss))
         g_loss = grp.masked_mean(gan_g_loss_per_sample(fake_logit, gs.loss))
-    raise_non_finite(torch.stack([g_loss, d_loss], 1), keys, node, round_, "loss")
+    visit.check(torch.stack([g_loss, d_loss], 1), "loss")
     with record_function("generator_step/backward"):
         # D's gradient holds the fake samples fixed (= detached); G's holds D fixed.
-        d_grads = stacked_grads(d_loss.sum(), d_params, keys, node, round_, retain_graph=True)
-        g_grads = stacked_grads(g_loss.sum(), g_params, keys, node, round_)
+        d_grads = stacked_grads(d_loss.sum(), d_params, keys, visit, retain_graph=True)
+        g_grads = stacked_grads(g_loss.sum(), g_params, keys, visit)
     with record_function("generator_step/optimizer"):
-        grouped_step(_update_items(store, keys, DISCRIMINATOR, d_grads))
-        grouped_step(_update_items(store, keys, GENERATOR, g_grads))
-    stats = torch.stack([g_loss, d_loss], dim=1).detach().tolist()
-    return {k: {"g_loss": s[0], "d_loss": s[1]} for k, s in zip(keys, stats)}
+        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
+        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
+    return torch.stack([g_loss, d_loss], dim=1).detach()

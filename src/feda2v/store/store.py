@@ -5,11 +5,14 @@ them across steps. ``train_batch`` trains all keys present in a batch in one gro
 the samples are laid out per key ([K, n_max, ...], masked), the active keys' parameters are read
 as stacked [K, ...] tensors (each key's Parameters are rows of one per-name "bank", so no copy
 when every key is active), the forward runs as batched matmuls, gradients are taken w.r.t. the
-stacked tensors and split per key, and one fused Adam(W) call updates every active key's own
-Parameters with that key's own optimizer state. Unified is the same path with K = 1.
+stacked tensors, and one fused Adam(W) call (its argument lists built once per active key set)
+updates every active key's own Parameters with that key's own optimizer state. Unified is the same path with K = 1.
 """
 from __future__ import annotations
 
+import gc
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,13 +21,14 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from feda2v.errors import CheckpointError, ConfigError, DataError
-from feda2v.models import build_model, init_parameters
+from feda2v.models import build_model, clone_structure, init_parameters
+from feda2v.models.functional import StackedParams
 from feda2v.seeding import derive_seed
 from feda2v.store.grouping import Grouping
 from feda2v.store import kinds
-from feda2v.store.optim import make_optimizer, reset_param_groups, step_tensor
+from feda2v.store.optim import FusedUpdate, make_optimizer, reset_param_groups, step_tensor
 from feda2v.store.spec import StoreSpec
-from feda2v.store.steps import DISCRIMINATOR, GENERATOR
+from feda2v.store.steps import DISCRIMINATOR, GENERATOR, Visit
 
 # What ``observe_classes`` does when a key meets a class set (federation.reset_on_class_change):
 #   new_classes: reset when the key meets a class it was never trained on (the published rule;
@@ -32,6 +36,7 @@ from feda2v.store.steps import DISCRIMINATOR, GENERATOR
 #                the key's previous visit; never.
 RESET_POLICIES = ("new_classes", "changed", "never")
 _OPTIM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
+_UPDATE_CACHE = 32  # fused updates kept per store (distinct (role, active key set) pairs)
 _META_FIELDS = ("spec", "keys", "roles", "arch", "optimizers", "trained_classes", "events", "reset_counts")
 
 
@@ -47,6 +52,20 @@ class ResetEvent:
 
 def _seeded(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@contextmanager
+def _gc_paused():
+    """Building K keys creates ~15 container objects per module and Python's cyclic collector
+    re-scans the growing heap every few hundred of them (most of a 500-key build's time): none of
+    them is garbage yet, so collection waits until the store is built."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _names(names: Iterable[str], limit: int = 5) -> str:
@@ -116,25 +135,25 @@ class GeneratorStore:
         self._optims: dict[tuple[str, str], torch.optim.Optimizer] = {}
         # (name, Parameter) per (key, role): the Parameter objects never change (resets are in place).
         self._params: dict[tuple[str, str], list[tuple[str, nn.Parameter]]] = {}
-        for key in self.keys:
-            for role in self.roles:
-                cls, kwargs = self._arch(role)
-                module = build_model(cls, kwargs, gen=_seeded(spec.seed, "init", key, role))
-                self._modules[key, role] = module
-                self._params[key, role] = list(module.named_parameters())
-                self._optims[key, role] = make_optimizer(module.parameters(), spec.optimizer)
-        self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}  # last visit
-        self._ever_trained: dict[str, list[str]] = {k: [] for k in self.keys}  # union of all visits
-        self._events: list[ResetEvent] = []
-        self._reset_counts: dict[str, int] = {k: 0 for k in self.keys}
-        self._device = torch.device("cpu")
         # Per role and parameter name, one [K_all, ...] tensor whose rows ARE the keys' parameters
         # (each Parameter's data is a view of its row), so a step over all keys reads the stacked
         # weights without copying them; the optimizers still update each key's own Parameter.
         self._banks: dict[str, dict[str, Tensor]] = {}
         self._bank_first: dict[str, list[nn.Parameter]] = {}
-        for role in self.roles:
-            self._rebank(role)
+        # (role, active rows) -> the fused update of those keys, reused while it stays valid; a
+        # node's batches meet the same few key sets again and again, so a few entries serve a run.
+        self._updates: OrderedDict[tuple[str, tuple[int, ...]], FusedUpdate] = OrderedDict()
+        # role -> name -> [K_all, ...]; (role, k) -> name -> its first k rows
+        self._grad_buffers: dict[str | tuple[str, int], dict[str, Tensor]] = {}
+        self._role_arch = {role: self._arch(role) for role in self.roles}
+        with _gc_paused():
+            for role in self.roles:
+                self._build_role(role)
+        self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}  # last visit
+        self._ever_trained: dict[str, list[str]] = {k: [] for k in self.keys}  # union of all visits
+        self._events: list[ResetEvent] = []
+        self._reset_counts: dict[str, int] = {k: 0 for k in self.keys}
+        self._device = torch.device("cpu")
         if device is not None:  # built (and seeded) on the CPU, then moved: same values anywhere
             self.to(device)
 
@@ -192,6 +211,40 @@ class GeneratorStore:
 
     def _arch(self, role: str) -> tuple[str, dict[str, Any]]:
         return kinds.architecture(self.spec, role)
+
+    @torch.no_grad()
+    def _build_role(self, role: str) -> None:
+        """Every key's module of ``role``, its parameters rows of the role's banks from the start.
+
+        The banks are allocated once and each key's parameters are initialised in place, in them
+        (the same seeded ``init_parameters`` the architecture's constructor runs, so the same
+        values); each key's module is a structural clone of one parameter-less (meta) template, so
+        building K keys allocates the state once instead of K modules' worth and a stacked copy.
+        """
+        cls, kwargs = self._role_arch[role]
+        template = build_model(cls, kwargs, gen=_seeded(self.spec.seed, "template", role)).to("meta")
+        if any(True for _ in template.buffers()):  # (none of ours has buffers) build each key whole
+            for key in self.keys:
+                module = build_model(cls, kwargs, gen=_seeded(self.spec.seed, "init", key, role))
+                self._adopt(key, role, module)
+            self._rebank(role)
+            return
+        shapes = [(name, p.shape, p.dtype) for name, p in template.named_parameters()]
+        bank = {name: torch.empty((len(self.keys),) + tuple(shape), dtype=dtype) for name, shape, dtype in shapes}
+        for row, key in enumerate(self.keys):
+            module = clone_structure(template)
+            for name, _, _ in shapes:
+                owner, _, leaf = name.rpartition(".")
+                module.get_submodule(owner)._parameters[leaf] = nn.Parameter(bank[name][row])
+            init_parameters(module, _seeded(self.spec.seed, "init", key, role))
+            self._adopt(key, role, module)
+        self._banks[role] = bank
+        self._bank_first[role] = [self._params[k, role][0][1] for k in self.keys]
+
+    def _adopt(self, key: str, role: str, module: nn.Module) -> None:
+        self._modules[key, role] = module
+        self._params[key, role] = list(module.named_parameters())
+        self._optims[key, role] = make_optimizer(module.parameters(), self.spec.optimizer)
 
     # -- accessors -----------------------------------------------------------------------------
     @property
@@ -265,12 +318,15 @@ class GeneratorStore:
                 return self._banks[role]
         return bank
 
-    def _stacked(self, rows: Sequence[int], role: str, grad: bool = True) -> dict[str, Tensor]:
+    def _stacked(self, rows: Sequence[int], role: str, grad: bool = True) -> StackedParams:
         """{param name: [K, ...]} of the keys at ``rows`` (indices into ``self.keys``, ascending, as
         ``Grouping.active``), as fresh autograd leaves.
 
-        Gradients are taken w.r.t. these tensors (one per name) and split per key for the
-        optimizers; with every key active this is the bank itself (no copy).
+        Gradients are taken w.r.t. these tensors (one per name) and handed to ``_apply_update``;
+        with every key active this is the bank itself (no copy). The weights' gradients are
+        written into the role's gradient buffers (allocated at the first step, reused by every
+        later one: a per_class step's weight gradients are as large as its parameters, and a fresh
+        tensor per step costs its page faults and freeing each time).
         """
         bank = self._bank(role, rows)
         if len(rows) == len(self.keys):
@@ -278,10 +334,35 @@ class GeneratorStore:
         else:
             idx = torch.tensor(rows).to(self._device, non_blocking=True)
             out = {n: b.index_select(0, idx) for n, b in bank.items()}
-        if grad:
-            for t in out.values():
-                t.requires_grad_(True)
-        return out
+        if not grad:
+            return StackedParams(out)
+        for t in out.values():
+            t.requires_grad_(True)
+        # the same view objects at every step over k keys: the update keeps their per-key rows
+        bufs = self._grad_buffers.get((role, len(rows)))
+        if bufs is None:
+            full = self._grad_buffers.get(role)
+            if full is None:
+                full = self._grad_buffers[role] = {n: torch.empty_like(b) for n, b in bank.items()}
+            bufs = self._grad_buffers[role, len(rows)] = {n: b[:len(rows)] for n, b in full.items()}
+        return StackedParams(out, grad_buffers=bufs)
+
+    def _apply_update(self, role: str, rows: Sequence[int], grads: Sequence[Tensor],
+                      found_inf: Tensor | None = None) -> None:
+        """Step the optimizers of the keys at ``rows`` (ascending, as ``Grouping.active``) with
+        ``grads``: per parameter name, in the role's parameter order, the stacked gradient [K, ...]."""
+        cache_key = (role, tuple(rows))
+        update = self._updates.get(cache_key)
+        if update is None or not update.valid():
+            keys = [self.keys[r] for r in rows]
+            update = FusedUpdate([self._optims[k, role] for k in keys],
+                                 [[p for _, p in self._params[k, role]] for k in keys])
+            self._updates[cache_key] = update
+            if len(self._updates) > _UPDATE_CACHE:
+                self._updates.popitem(last=False)
+        else:
+            self._updates.move_to_end(cache_key)
+        update(grads, found_inf, kept=self._grad_buffers.get((role, len(rows)), {}).values())
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(x on the store's device, y as host long indices). Labels belong on the host (the node
@@ -304,19 +385,32 @@ class GeneratorStore:
         return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device,
                                                                                           non_blocking=True)
 
+    def visit(self, *, node: str, round: int) -> Visit:
+        """A node's visit: ``v.step(x, y, gen=...)`` per batch (no host sync inside), then
+        ``v.finish()``: the per-key mean losses, read back once (NonFiniteLossError if any loss or
+        gradient of the visit was not finite; no update lands from that step on)."""
+        return Visit(self, node, round)
+
     def train_batch(self, x: Tensor, y: Tensor, *, gen: torch.Generator, node: str, round: int
                     ) -> dict[str, dict[str, float]]:
-        """One optimizer step for every key with samples in (x, y), all keys in one computation."""
+        """One optimizer step for every key with samples in (x, y), all keys in one computation,
+        and its per-key losses: a one-step visit (one host read-back per call)."""
+        v = self.visit(node=node, round=round)
+        v.step(x, y, gen=gen)
+        return v.finish()
+
+    def _train_step(self, visit: Visit, x: Tensor, y: Tensor, gen: torch.Generator) -> None:
         with record_function("generator_step"):
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
-                return {}
+                return
             grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             cond = self._conditions[y.to(self._device, non_blocking=True)]
             xs, cs, zs = grp.pad(x), grp.pad(cond), grp.pad(noise)
-            return self._kind.step(self, grp, keys, xs, cs, zs, node, round, gen=gen)
+            visit.begin_step(grp.active)
+            visit.end_step(self._kind.step(self, grp, keys, xs, cs, zs, visit, gen=gen))
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -379,8 +473,8 @@ class GeneratorStore:
         out = {}
         for key in self.keys:
             for role in self.roles:
-                cls, kwargs = self._arch(role)
-                out[f"{key}/{role}"] = {"class": cls, "kwargs": kwargs}
+                cls, kwargs = self._role_arch[role]
+                out[f"{key}/{role}"] = {"class": cls, "kwargs": dict(kwargs)}
         return out
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
@@ -547,5 +641,6 @@ class GeneratorStore:
                     if f in st:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
+        self._grad_buffers = {}  # re-allocated on the new device at the next step
         self._device = device
         return self

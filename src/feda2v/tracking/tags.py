@@ -174,8 +174,13 @@ def unique_run_name(cfg: Mapping | DictConfig, *, resumed: bool = False,
 def prepared_dataset(data: Any, prepared_dir: str | Path, name: str) -> dict:
     """``Tracker.log_dataset`` arguments for a prepared folder (a ``PreparedData``): digest =
     its manifest hash, source = the folder, a schema of what a sample is and a profile of counts."""
-    train = sum(int(len(n.train_y)) for n in data.nodes)
-    test = sum(int(len(n.test_y)) for n in data.nodes)
+    # a distributed run's server holds no samples, only each node's counts (data.prepared.NodeView)
+    def samples(n, split: str) -> int:
+        counts = getattr(n, "counts", None)
+        return int(sum(counts[split])) if counts is not None else int(len(getattr(n, f"{split}_y")))
+
+    train = sum(samples(n, "train") for n in data.nodes)
+    test = sum(samples(n, "test") for n in data.nodes)
     schema = {"features": {"dtype": "float32", "shape": [-1, int(data.feature_dim)]},
               "label": {"dtype": "int64", "shape": [-1], "classes": list(data.classes)},
               "condition": {"dtype": "float32", "shape": [len(data.classes), int(data.condition_dim)]}}
