@@ -253,7 +253,7 @@ def test_a_fresh_node_process_visits_without_torch_dynamo_and_the_same_bytes(pre
     keys = flower_app.visit_keys(fed.stores[SERVER], fed.classes, counts)
     blob = flower_app.parameters_bytes(fed.stores[SERVER], keys, round_=1, node="node/001")
     task = dict(flower_app.make_task(fed, 1, 1, "node/001"), resident={
-        "from_round": 0, "keys": keys, "parameters": True, "keep": 2, "state_dir": "",
+        "from_round": 0, "keys": keys, "parameters": True, "keep": 2, "state_dir": "", "scope": "run-test",
         "config": state_config(cfg), "spec": fed.spec.to_json()})
     (tmp_path / "blob").write_bytes(blob)
     (tmp_path / "task.json").write_text(json.dumps(task))
@@ -272,5 +272,5 @@ def test_a_fresh_node_process_visits_without_torch_dynamo_and_the_same_bytes(pre
     assert run.stdout.strip() == "[]"
     here, _ = flower_app.resident_visit(blob, task, 1, state_dir=str(tmp_path / "here"))
     assert (tmp_path / "out").read_bytes() == here
-    assert (tmp_path / "sub" / "node_001" / "round_000001.ckpt").read_bytes() == \
-           (tmp_path / "here" / "node_001" / "round_000001.ckpt").read_bytes()
+    assert (tmp_path / "sub" / "run-test" / "node_001" / "round_000001.ckpt").read_bytes() == \
+           (tmp_path / "here" / "run-test" / "node_001" / "round_000001.ckpt").read_bytes()

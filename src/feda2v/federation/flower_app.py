@@ -15,7 +15,8 @@ Node-resident stores (``federation.sharing`` local and fedavg): each node's stor
 AdamW moments, lives on its node and is checkpointed there after every visit
 (``checkpoint/nodestate.py``: ``<state dir>/node_NNN/round_RRRRRR.ckpt``; the state dir is the
 SuperNode's node config ``state-dir``, else ``federation.flower.node_state_dir``, else
-``<checkpoint.dir>/nodes``). A visit's task names the round of the node's state the server's
+``<checkpoint.dir>/nodes``), in the run's folder ``run-<hash of the server's checkpoint.dir>``.
+A visit's task names the round of the node's state the server's
 records expect (``from_round``; 0 = a fresh store); the node loads exactly that file, or refuses in
 one line (the run stops, whatever the failure policy). fedavg messages carry the global parameters
 of the visit's keys out and the trained parameters back, never optimizer state; local messages
@@ -312,7 +313,7 @@ def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: 
     store = GeneratorStore(StoreSpec.from_json(rt["spec"]), site.conditions, device=node_device(task, device))
     if rt["from_round"] > 0:
         store.load_state_dict(*load_node_state(where, name, rt["from_round"], config=rt["config"],
-                                               manifest_hash=task["manifest_hash"]))
+                                               manifest_hash=task["manifest_hash"], scope=rt["scope"]))
     trains = {store.key_for_class(site.classes[c]) for c in set(site.node.train_y.tolist())}
     if trains != set(keys):
         raise Feda2vError(f"visit of node {partition} names keys {keys} but this partition trains "
@@ -330,7 +331,7 @@ def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: 
                            round_=task["round"], local_epochs=task["local_epochs"],
                            batch_size=task["batch_size"], reset_on_change=task["reset_on_change"])
     save_node_state(where, name, task["round"], store.state_dict(), config=rt["config"],
-                    manifest_hash=task["manifest_hash"], keep=rt["keep"])
+                    manifest_hash=task["manifest_hash"], keep=rt["keep"], scope=rt["scope"])
     out = parameters_bytes(store, keys, round_=task["round"], node=name) if rt["parameters"] else None
     return out, node_result_to_json(res)
 
@@ -450,6 +451,7 @@ class GridRounds:
         n = len(federation.data.nodes)
         self._resident = None  # node-resident visits: what every task shares (built once)
         if federation.node_resident:
+            from feda2v.checkpoint.nodestate import run_scope
             from feda2v.checkpoint.runstate import state_config
             from feda2v.federation.sharing import SERVER
             from feda2v.store import GeneratorStore
@@ -461,6 +463,7 @@ class GridRounds:
                 layout = GeneratorStore(federation.spec, federation.data.conditions)
             self._resident = {"config": state_config(cfg), "spec": federation.spec.to_json(), "layout": layout,
                               "keep": int(cfg.checkpoint.every) + 1, "state_dir": default_node_state_dir(cfg),
+                              "scope": run_scope(cfg.checkpoint.dir),
                               "global": federation.stores.get(SERVER) if federation.sharing.lends_parameters else None}
         self.received: dict = {}  # node -> parameters its visit trained (fedavg, node-resident), per round
         self._refresh_routes(need=set(range(n)), wait_s=float(self.opts.connect_timeout_s), strict=True)
@@ -570,6 +573,7 @@ class GridRounds:
             task = dict(make_task(self.fed, plan["nd"].node_id, plan["round"], plan["store_name"]),
                         resident={"from_round": int(self.fed.node_rounds[plan["name"]]), "keys": plan["keys"],
                                   "parameters": blob is not None, "keep": r["keep"], "state_dir": r["state_dir"],
+                                  "scope": r["scope"],
                                   "config": r["config"], "spec": r["spec"]})
             kind = MSG_TRAIN
         else:
