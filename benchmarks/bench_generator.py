@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 from common import make_batch, make_store
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-          torch.ops.aten.baddbmm.default}
+          torch.ops.aten.baddbmm.default, torch.ops.aten.bmm.out}  # .out: the store's weight gradients
 
 
 class _RecordGemms(TorchDispatchMode):
@@ -35,9 +35,20 @@ class _RecordGemms(TorchDispatchMode):
         self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in _GEMMS:
-            self.calls.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
-        return func(*args, **(kwargs or {}))
+            out = kwargs.get("out")
+            self.calls.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)],
+                               None if out is None else tuple(out.shape)))
+        return func(*args, **kwargs)
+
+
+def replay_gemms(calls):
+    """A function running the recorded GEMMs alone on random operands of their shapes (an ``out=``
+    call into a buffer of its own, kept like the store keeps its gradient buffers)."""
+    ops = [(op, [torch.randn(s) for s in shapes], {} if out is None else {"out": torch.empty(out)})
+           for op, shapes, out in calls]
+    return lambda: [op(*args, **kw) for op, args, kw in ops]
 
 
 def _adamw(params, spec):
@@ -188,8 +199,7 @@ def _gemm_replay(fn):
     rec = _RecordGemms()
     with rec:
         fn()
-    operands = [(op, [torch.randn(s) for s in shapes]) for op, shapes in rec.calls]
-    replay = lambda: [op(*args) for op, args in operands]  # noqa: E731
+    replay = replay_gemms(rec.calls)
     return replay, _flops(replay)
 
 

@@ -145,3 +145,40 @@ def test_a_step_draws_no_default_rng(type_):
     s.sample(torch.arange(3), gen=torch.Generator().manual_seed(1))
     s.reset("class/a", node="n", round=0)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# -- Flower nodes (issue 16): a ClientApp trains on the task's train.device or its own ---------------
+from test_flower import _federation, prepared  # noqa: E402,F401  (the module's prepared digits)
+
+
+@no_cuda
+def test_a_flower_node_trains_on_train_device_or_its_node_config_device(prepared, monkeypatch):  # noqa: F811
+    from feda2v.federation.flower_app import encode_store, make_task, visit
+    from feda2v.store import device as device_mod
+
+    fed = _federation(prepared, federation={"sharing": "shared"})
+    blob = encode_store(fed.stores["server"], store_name="server", round_=1, node="node/001")
+    task = make_task(fed, 1, 1, "server")
+    assert task["device"] == "cpu"  # the server's train.device travels with every task
+    plain, _ = visit(blob, task, 1)
+    # an absent device is refused on the node, in one line naming where it came from
+    with pytest.raises(ConfigError, match=r"^task device on this node: train.device=cuda: this machine has no usable"):
+        visit(blob, dict(task, device="cuda"), 1)
+    with pytest.raises(ConfigError, match=r"^node config device on this node: train.device=cuda:1: "):
+        visit(blob, task, 1, device="cuda:1")
+    # the node config's device wins over the task's, and the result is the same bytes
+    assert visit(blob, dict(task, device="cuda"), 1, device="cpu")[0] == plain
+    asked = []
+    real = device_mod.resolve_device
+    monkeypatch.setattr(device_mod, "resolve_device", lambda name: asked.append(name) or real("cpu"))
+    built = []  # the device each store of a visit is built on (what resolve_device answered)
+    orig = GeneratorStore.__init__
+
+    def spy(self, *a, device=None, **kw):
+        built.append(device)
+        orig(self, *a, device=device, **kw)
+
+    monkeypatch.setattr(GeneratorStore, "__init__", spy)
+    visit(blob, dict(task, device="cuda:3"), 1)
+    visit(blob, task, 1, device="cuda:2")
+    assert asked == ["cuda:3", "cuda:2"] and built == [torch.device("cpu")] * 2

@@ -131,6 +131,18 @@ def _state(fed):
     return out
 
 
+def _scope(fed):
+    from feda2v.checkpoint.nodestate import run_scope
+
+    return run_scope(fed.cfg.checkpoint.dir)
+
+
+def _node_dir(fed, node):
+    from feda2v.checkpoint.nodestate import node_state_dir
+
+    return node_state_dir(fed.cfg.federation.flower.node_state_dir, node, _scope(fed))
+
+
 def node_states(fed):
     """A node-resident federation's node stores, read (verified) from each node's own checkpoint
     of the round the server records (a fresh store where the node never trained)."""
@@ -144,7 +156,8 @@ def node_states(fed):
             t, meta = GeneratorStore(fed.spec, fed.data.conditions).state_dict()
         else:
             t, meta = load_node_state(fed.cfg.federation.flower.node_state_dir, node, r,
-                                      config=state_config(fed.cfg), manifest_hash=fed.data.manifest_hash)
+                                      config=state_config(fed.cfg), manifest_hash=fed.data.manifest_hash,
+                                      scope=_scope(fed))
         out[node] = (dict(t), json.loads(json.dumps(meta)))
     return out
 
@@ -444,7 +457,7 @@ def test_node_checkpoints_are_verified_round_files(prepared, tmp_path):
     fed = _federation(prepared, tmp_path / "nodes", federation={"sharing": "fedavg"})
     _run(fed, _grid(), rounds=3)
     assert fed.stores.keys() == {"server"} and fed.node_rounds == {f"node/{i:03d}": 3 for i in range(NODES)}
-    d = tmp_path / "nodes" / "node_001"
+    d = _node_dir(fed, "node/001")
     # checkpoint.every=1: the newest every + 1 = 2 rounds stay (a server crash before its round-3
     # checkpoint resumes from round 2, which the nodes still hold)
     assert sorted(p.name for p in d.iterdir()) == ["latest.ckpt", "round_000002.ckpt", "round_000003.ckpt"]
@@ -475,7 +488,7 @@ def test_a_crashed_node_write_leaves_its_previous_state(prepared, tmp_path, monk
     fed = _federation(prepared, tmp_path / "nodes", federation={"sharing": "local"})
     rounds = flower_app.GridRounds(_grid(), fed)
     rounds.run_round(1)
-    d = tmp_path / "nodes" / "node_000"
+    d = _node_dir(fed, "node/000")
     before = (d / "round_000001.ckpt").read_bytes()
     real = container.os.replace
 
@@ -515,7 +528,7 @@ def test_resume_after_a_server_crash_between_node_and_server_checkpoints(prepare
     assert_same_state(ref, again)
 
     # a node whose state is from another round than the server's records is refused in one line
-    (tmp_path / "nodes" / "node_002" / "round_000002.ckpt").unlink()
+    (_node_dir(fed, "node/002") / "round_000002.ckpt").unlink()
     third = _federation(prepared, tmp_path / "nodes", **sections)
     third.load_state_dict(state)
     with pytest.raises(Feda2vError) as e:
@@ -523,6 +536,62 @@ def test_resume_after_a_server_crash_between_node_and_server_checkpoints(prepare
     msg = str(e.value)
     assert msg.startswith("node node/002 (partition 2) refused round 3: node node/002 holds no state of "
                           "round 2 in ") and "(it holds rounds 3)" in msg and "\n" not in msg
+
+
+def test_checkpoint_every_n_rounds_nodes_keep_what_the_last_server_checkpoint_names(prepared, tmp_path):
+    """checkpoint.every=2: the server's last checkpoint (round 2) names the nodes' round-2 state
+    while the nodes go on to write rounds 3 and 4; they keep every + 1 = 3 files, so a crash
+    before the server's round-4 checkpoint resumes from round 2, bit for bit."""
+    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+
+    sections = {"federation": {"sharing": "fedavg"}, "checkpoint": {"every": 2}}
+    ref = _federation(prepared, **sections)
+    _inprocess(ref, rounds=4)
+    fed = _federation(prepared, tmp_path / "nodes", **sections)
+    rounds = flower_app.GridRounds(_grid(), fed)
+    for r in (1, 2):
+        rounds.run_round(r)
+    write_run_state(tmp_path / "server2.ckpt", fed.state_dict())
+    for r in (3, 4):
+        rounds.run_round(r)  # the server "crashes" before saving round 4
+    assert sorted(p.name for p in _node_dir(fed, "node/001").glob("round_*")) == [
+        "round_000002.ckpt", "round_000003.ckpt", "round_000004.ckpt"]
+    again = _federation(prepared, tmp_path / "nodes", **sections)
+    again.load_state_dict(read_run_state(tmp_path / "server2.ckpt"))
+    resumed = flower_app.GridRounds(_grid(), again)
+    for r in (3, 4):
+        resumed.run_round(r)
+    assert_same_state(ref, again)
+
+
+def test_runs_sharing_a_sites_state_dir_keep_their_node_states_apart(prepared, tmp_path):
+    """A SuperNode's state-dir belongs to the site, not to one run: a second run (another server
+    checkpoint.dir) writes its own run folder and never touches the first run's files."""
+    from feda2v.checkpoint.nodestate import NodeStateError, diff_with_nodes
+    from feda2v.checkpoint.runstate import write_run_state
+
+    site = tmp_path / "site_state"
+    sections = {"federation": {"sharing": "fedavg"}}
+    first = _federation(prepared, site, checkpoint={"dir": str(tmp_path / "run1")}, **sections)
+    _run(first, _grid(), rounds=2)
+    before = {p: p.read_bytes() for p in site.rglob("*.ckpt")}
+    second = _federation(prepared, site, checkpoint={"dir": str(tmp_path / "run2")}, **sections)
+    again = flower_app.GridRounds(_grid(), second)
+    again.run_round(1)
+    assert all(p.read_bytes() == b for p, b in before.items())  # the first run's files are untouched
+    assert sorted(p.name for p in site.iterdir()) == sorted([_scope(first), _scope(second)])
+    # diff --nodes SITE finds the run's own node files (round, config and data of the server's checkpoint)
+    ref = _federation(prepared, **sections)
+    _inprocess(ref, rounds=2)
+    ip, fl = tmp_path / "ip.ckpt", tmp_path / "fl.ckpt"
+    write_run_state(ip, ref.state_dict())
+    write_run_state(fl, first.state_dict())
+    assert diff_with_nodes(ip, fl, [site]) == []
+    # two runs of one config holding the same round: no guess; the run's folder says which
+    again.run_round(2)
+    with pytest.raises(NodeStateError, match=r"several runs of this config hold round 2"):
+        diff_with_nodes(ip, fl, [site])
+    assert diff_with_nodes(ip, fl, [site / _scope(first)]) == []
 
 
 def test_node_resident_and_in_process_checkpoints_do_not_mix(prepared, tmp_path):

@@ -91,3 +91,55 @@ def test_keys_are_built_in_their_banks_with_the_architectures_own_seeded_values(
                 assert torch.equal(p, ref[name]), (key, role, name)
                 bank = s._banks[role][name]
                 assert p.data_ptr() == bank[row].data_ptr(), (key, role, name)
+
+
+@pytest.mark.parametrize("typ,gan", [("cvae", {}), ("gan", {}), ("gan", {"r1_gamma": 0.0}),
+                                     ("gan", {"schedule": "simultaneous"}), ("gan", {"d_steps": 2, "g_steps": 2})])
+def test_gradient_buffers_change_no_bit(typ, gan, monkeypatch):
+    """Weight and bias gradients written into the store's reused buffers train exactly what freshly
+    allocated gradients train, for every schedule (two backward passes over one graph, a weight
+    used by two layer calls, several steps per batch)."""
+    from feda2v.models.functional import StackedParams
+
+    def train(use_buffers: bool):
+        taken = []
+        real_take = StackedParams.take_grad_buffer
+
+        def take(self, name, layer):
+            buf = real_take(self, name, layer) if use_buffers else None
+            taken.append(buf is not None)
+            return buf
+
+        monkeypatch.setattr(StackedParams, "take_grad_buffer", take)
+        spec = StoreSpec(type=typ, granularity="per_class", classes=CLASSES, feature_dim=6, condition_dim=4,
+                         latent_dim=3, hidden_dim=8, seed=5, gan=gan)
+        s = GeneratorStore(spec, torch.randn(len(CLASSES), 4, generator=torch.Generator().manual_seed(2)))
+        gen = torch.Generator().manual_seed(0)
+        for i in range(4):
+            for classes in ([0, 1, 2, 3], [1, 2]):
+                s.train_batch(*_batch(i, classes), gen=gen, node="n", round=1)
+        return s.state_dict()[0], any(taken)
+
+    (with_buffers, used), (fresh, _) = train(True), train(False)
+    assert used  # the buffers were really written
+    for name in fresh:
+        assert torch.equal(with_buffers[name], fresh[name]), name
+
+
+def test_step_counts_live_in_one_bank_and_count_each_keys_own_steps():
+    """Counting a step is one operation on the role's step bank; every parameter's state still
+    has its own step tensor (a view into the bank) holding exactly the steps its key took."""
+    s = _store("cvae")
+    gen = torch.Generator().manual_seed(0)
+    for classes in ([0, 1, 2, 3], [1, 2], [1, 2], [3]):
+        s.train_batch(*_batch(0, classes), gen=gen, node="n", round=1)
+    assert [s.step_count(k) for k in s.keys] == [1, 3, 3, 2]
+    bank = s._step_banks["generator"]
+    for row, key in enumerate(s.keys):
+        opt = s.optimizer(key)
+        for j, (_, p) in enumerate(s._params[key, "generator"]):
+            step = opt.state[p]["step"]
+            assert step.data_ptr() == bank[row, j].data_ptr() and float(step) == [1, 3, 3, 2][row]
+    s.reset("class/b", node="n", round=1)  # fresh state: re-banked at 0 by its next step
+    s.train_batch(*_batch(1, [1]), gen=gen, node="n", round=1)
+    assert s.step_count("class/b") == 1 and s.step_count("class/c") == 3

@@ -18,14 +18,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from feda2v.errors import NonFiniteLossError
-from feda2v.store import GeneratorStore, StoreSpec
+from feda2v.store import GeneratorStore, StoreSpec, kinds
 
 CLASSES = ["a", "b", "c", "d"]
 D, C, Z, H = 6, 4, 3, 8
 aten = torch.ops.aten
 # The dispatcher ops that read a tensor's value on the host (on CUDA each one waits for the device).
 _READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default,
-          aten.item.default}
+          aten.item.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+          aten._unique.default}
 
 
 class HostReads(TorchDispatchMode):
@@ -103,6 +104,26 @@ def test_no_host_read_inside_the_steps_and_one_per_visit(type_, gan, granularity
         per_visit[n] = (inside.calls, at_end.calls)
     assert per_visit[2][0] == [] and per_visit[6][0] == [], per_visit
     assert per_visit[2][1] == per_visit[6][1] and len(per_visit[6][1]) == 1, per_visit  # one read-back
+
+
+# The published multimodal VAE (migrated runs) projects each DISTINCT condition as a batch of one, as
+# published (models/published.py:_each_distinct_row): torch.unique, a data-dependent shape, reads
+# the device every step. Documented in the README ("Host syncs"); every other architecture reads none.
+SYNCING_ARCHS = {("cvae", "fedgfe_multimodal")}
+
+
+@pytest.mark.parametrize("type_, arch", [(k.name, a) for k in kinds.KINDS.values() for a in k.archs])
+def test_every_architecture_steps_without_a_host_read(type_, arch):
+    s = make_store(type_, "per_class", arch=arch)
+    v = s.visit(node="n", round=0)
+    with HostReads() as inside:
+        for i in range(3):
+            v.step(*batch(i, classes_of(i)), gen=torch.Generator().manual_seed(i))
+    v.finish()
+    if (type_, arch) in SYNCING_ARCHS:
+        assert inside.calls and set(inside.calls) == {"aten.unique_dim.default(torch.float32)"}
+    else:
+        assert inside.calls == []
 
 
 def test_the_counter_sees_the_reads_of_a_step_that_syncs():

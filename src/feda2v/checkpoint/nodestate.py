@@ -1,7 +1,11 @@
 """A node's own checkpoints, for node-resident stores (Flower, ``federation.sharing`` local or fedavg).
 
-Layout: ``<state dir>/node_NNN/round_RRRRRR.ckpt`` and ``latest.ckpt`` (CheckpointManager: atomic
-round files, ``latest`` moved only once a file is complete). Each file is a federation checkpoint
+Layout: ``<state dir>/<run scope>/node_NNN/round_RRRRRR.ckpt`` and ``latest.ckpt``
+(CheckpointManager: atomic round files, ``latest`` moved only once a file is complete). The run
+scope (``run_scope``: ``run-`` + a hash of the server's absolute ``checkpoint.dir``) keeps the runs
+one SuperNode serves apart: a node's state dir is the site's, not the run's, and no run may
+overwrite another's files. The same checkpoint.dir is the same run, as for the server's own files
+(resume continues it, ``train.start_over`` replaces it). Each file is a federation checkpoint
 (``runstate``) holding one store, ``node/NNN`` (primary; generator, discriminator and every AdamW
 moment), the server's state config, the round and the data-manifest hash, so ``feda2v-ckpt
 inspect|verify|diff`` and ``feda2v-evaluate`` read it like any checkpoint.
@@ -16,6 +20,7 @@ back from (a resume), and round r+1... are trained again to the same bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,19 +36,27 @@ class NodeStateError(CheckpointError):
     """A node does not hold the state the server's checkpoint says it has (refused, never skipped)."""
 
 
-def node_state_dir(state_dir: str | os.PathLike, node: str) -> Path:
-    """``node/001`` -> ``<state_dir>/node_001``."""
-    return Path(state_dir) / node.replace("/", "_")
+RUN_PREFIX = "run-"
 
 
-def held_rounds(state_dir: str | os.PathLike, node: str) -> list[int]:
-    return [r for r, _ in CheckpointManager(node_state_dir(state_dir, node), 1).round_files()]
+def run_scope(checkpoint_dir: str | os.PathLike) -> str:
+    """The folder of one run in a node's state dir: the server's checkpoint.dir identifies a run."""
+    return RUN_PREFIX + hashlib.sha256(os.path.abspath(checkpoint_dir).encode()).hexdigest()[:12]
+
+
+def node_state_dir(state_dir: str | os.PathLike, node: str, scope: str = "") -> Path:
+    """``node/001`` -> ``<state_dir>/<scope>/node_001`` (``scope`` "": ``<state_dir>/node_001``)."""
+    return Path(state_dir) / scope / node.replace("/", "_")
+
+
+def held_rounds(state_dir: str | os.PathLike, node: str, scope: str = "") -> list[int]:
+    return [r for r, _ in CheckpointManager(node_state_dir(state_dir, node, scope), 1).round_files()]
 
 
 def save_node_state(state_dir: str | os.PathLike, node: str, round_: int, store_state: tuple[dict, dict], *,
-                    config: Mapping[str, Any], manifest_hash: str | None, keep: int) -> Path:
+                    config: Mapping[str, Any], manifest_hash: str | None, keep: int, scope: str = "") -> Path:
     """Write ``node``'s store state of ``round_`` atomically; keep its newest ``keep`` files."""
-    manager = CheckpointManager(node_state_dir(state_dir, node), max(2, int(keep)))
+    manager = CheckpointManager(node_state_dir(state_dir, node, scope), max(2, int(keep)))
     for r, path in manager.round_files():
         if r > round_:  # a timeline the server went back from (see the module doc)
             try:
@@ -59,17 +72,18 @@ def save_node_state(state_dir: str | os.PathLike, node: str, round_: int, store_
 
 
 def load_node_state(state_dir: str | os.PathLike, node: str, round_: int, *, config: Mapping[str, Any],
-                    manifest_hash: str | None) -> tuple[dict, dict]:
+                    manifest_hash: str | None, scope: str = "") -> tuple[dict, dict]:
     """``node``'s verified store state of ``round_`` (tensors, meta); NodeStateError (one line
     naming the node) when it holds no such state or the file belongs to another run's config or data."""
-    directory = node_state_dir(state_dir, node)
+    directory = node_state_dir(state_dir, node, scope)
     path = directory / round_filename(int(round_))
     if not path.is_file():
-        held = held_rounds(state_dir, node)
+        held = held_rounds(state_dir, node, scope)
         raise NodeStateError(
             f"node {node} holds no state of round {round_} in {directory} (it holds "
             f"{'rounds ' + ', '.join(map(str, held)) if held else 'none'}); the server's checkpoint needs "
-            "it: give that node its state directory back, or resume from a server checkpoint of a round it holds")
+            "it: give that node its state directory back, or resume from a server checkpoint of a round it "
+            "holds (node states are kept per run: per the server's checkpoint.dir path)")
     state = read_run_state(path)  # verified: a damaged file is one CheckpointError naming it
     if state.round != int(round_) or list(state.stores) != [node] or \
             (state.extra.get(NODE_STATE) or {}).get("node") != node:
@@ -83,15 +97,25 @@ def load_node_state(state_dir: str | os.PathLike, node: str, round_: int, *, con
 
 
 # -- what an in-process run of the same config would have written ---------------------------------
-def find_node_checkpoint(state_dirs, node: str, round_: int) -> Path:
-    """``node``'s round file in one of ``state_dirs`` (each a state dir holding ``node_NNN/``)."""
-    for d in state_dirs:
-        path = node_state_dir(d, node) / round_filename(int(round_))
-        if path.is_file():
-            return path
-    raise NodeStateError(f"no state of round {round_} for node {node} in "
-                         f"{', '.join(str(d) for d in state_dirs)} (looked for {node.replace('/', '_')}/"
-                         f"{round_filename(int(round_))})")
+def find_node_checkpoint(state_dirs, node: str, round_: int, *, config: Mapping[str, Any],
+                         manifest_hash: str | None) -> Path:
+    """``node``'s round file of this run (``config``, ``manifest_hash``) in ``state_dirs``: each a
+    run's folder (``<state dir>/run-...``, holding ``node_NNN/``) or a state dir holding runs."""
+    name = f"{node.replace('/', '_')}/{round_filename(int(round_))}"
+    found = []
+    for d in map(Path, state_dirs):
+        candidates = [d / name] + sorted(d.glob(f"{RUN_PREFIX}*/{name}"))
+        for path in (p for p in candidates if p.is_file()):
+            state = read_run_state(path)
+            if state.config == dict(config) and state.data_manifest_hash == manifest_hash:
+                found.append(path)
+    if len(found) > 1:
+        raise NodeStateError(f"node {node}: several runs of this config hold round {round_} ({', '.join(map(str, found))}); "
+                             "pass the run's own folder (<state dir>/run-...) instead")
+    if not found:
+        raise NodeStateError(f"no state of round {round_} for node {node} of this run in "
+                             f"{', '.join(str(d) for d in state_dirs)} (looked for [run-*/]{name})")
+    return found[0]
 
 
 def assemble_node_resident(server_path: str | os.PathLike, state_dirs) -> RunState:
@@ -110,7 +134,8 @@ def assemble_node_resident(server_path: str | os.PathLike, state_dirs) -> RunSta
         if int(rounds[node]) == 0:
             raise NodeStateError(f"node {node} never trained by round {server.round}; no node checkpoint "
                                  "stands for its store")
-        path = find_node_checkpoint(state_dirs, node, rounds[node])
+        path = find_node_checkpoint(state_dirs, node, rounds[node], config=server.config,
+                                    manifest_hash=server.data_manifest_hash)
         state = read_run_state(path)
         if list(state.stores) != [node] or state.config != server.config or \
                 state.data_manifest_hash != server.data_manifest_hash:

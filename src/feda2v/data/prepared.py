@@ -21,10 +21,6 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from feda2v.fsutil import fsync_dir, writing
-from feda2v.progress import Steps
-from feda2v.data.conditions import make_conditions
-from feda2v.data.partition import make_partition, train_test_split
-from feda2v.data.sources import load_source
 from feda2v.errors import DataError
 from feda2v.seeding import numpy_generator
 
@@ -94,6 +90,13 @@ def prepare(cfg, report: dict | None = None) -> Path:
     ``report`` (optional dict) receives timings and cache facts for the CLI summary; they are
     kept out of the manifest so a cached re-run writes the same bytes as a cold one.
     """
+    # the making of data, imported here: a node or server that only reads prepared data (Flower's
+    # per-message ClientApp process) does not pay for the sources, partitioners and progress bars
+    from feda2v.data.conditions import make_conditions
+    from feda2v.data.partition import make_partition, train_test_split
+    from feda2v.data.sources import load_source
+    from feda2v.progress import Steps
+
     cfg = _as_config(cfg)
     t0 = time.perf_counter()
     d = cfg.data

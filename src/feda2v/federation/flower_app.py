@@ -15,7 +15,8 @@ Node-resident stores (``federation.sharing`` local and fedavg): each node's stor
 AdamW moments, lives on its node and is checkpointed there after every visit
 (``checkpoint/nodestate.py``: ``<state dir>/node_NNN/round_RRRRRR.ckpt``; the state dir is the
 SuperNode's node config ``state-dir``, else ``federation.flower.node_state_dir``, else
-``<checkpoint.dir>/nodes``). A visit's task names the round of the node's state the server's
+``<checkpoint.dir>/nodes``), in the run's folder ``run-<hash of the server's checkpoint.dir>``.
+A visit's task names the round of the node's state the server's
 records expect (``from_round``; 0 = a fresh store); the node loads exactly that file, or refuses in
 one line (the run stops, whatever the failure policy). fedavg messages carry the global parameters
 of the visit's keys out and the trained parameters back, never optimizer state; local messages
@@ -36,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -191,15 +193,60 @@ def partition_id(context) -> int:
     return int(pid)
 
 
+_LIGHT = threading.Event()
+
+
+def lighten_torch() -> None:
+    """Keep torch from importing torch._dynamo in this process for optimizer bookkeeping.
+
+    ``torch.optim.Optimizer.add_param_group`` / ``state_dict`` / ``load_state_dict`` / ``zero_grad``
+    are wrapped by ``torch._disable_dynamo``, whose first call imports torch._dynamo (fx, sympy:
+    1.2-2.7 s measured here) only to mark them as never traced by torch.compile; building a store
+    (one AdamW per key and role) triggers it. Nothing compiles in a ClientApp process, so this
+    stores that wrapper's cached decision as "call the function itself": the same functions run,
+    the import is never paid. Only where torch._dynamo is not loaded yet (then nothing can have
+    compiled); Flower's per-message `flwr-clientapp` process calls it (``handle_train``)."""
+    if _LIGHT.is_set() or "torch._dynamo" in sys.modules:
+        return
+    for name in ("add_param_group", "state_dict", "load_state_dict", "zero_grad"):
+        fn = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            fn.__dynamo_disable = fn  # see torch/_compile.py:_disable_dynamo
+    _LIGHT.set()
+
+
+def _per_message_process() -> bool:
+    """Flower's deployed ClientApp process, started afresh for every message (the same test Flower
+    makes, flwr/supercore/exit/exit.py); its imports are paid on every visit."""
+    return bool(sys.argv) and sys.argv[0].endswith("flwr-clientapp")
+
+
 def handle_query(msg, context):
     rd = RecordDict()
     rd["node"] = ConfigRecord({"partition-id": partition_id(context), "pid": os.getpid()})
     return Message(rd, reply_to=msg)
 
 
-def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+def node_device(task: dict, override: Optional[str] = None) -> torch.device:
+    """The device this node trains on: its node config ``device`` (the node's own hardware, e.g.
+    ``--node-config "... device=cuda:1"``) or else the server's ``train.device`` that the task
+    carries (cpu for tasks without one); made deterministic as the trainer does (store/device.py).
+    The bytes a node sends back are CPU tensors whatever its device."""
+    from feda2v.store.device import configure_determinism, resolve_device
+
+    try:
+        dev = resolve_device(str(override) if override else task.get("device", "cpu"))
+    except ConfigError as e:
+        raise ConfigError(f"{'node config device' if override else 'task device'} on this node: {e}") from None
+    configure_determinism(dev)
+    return dev
+
+
+def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None,
+          device: Optional[str] = None) -> tuple[bytes, dict]:
     """A node's whole part of one visit, Flower aside: store bytes in -> trained store bytes out.
-    ``data_dir``: where this node's partition is (default: the task's ``prepared_dir``)."""
+    ``data_dir``: where this node's partition is (default: the task's ``prepared_dir``);
+    ``device``: the node config's (see ``node_device``)."""
     from feda2v.federation.node import train_generators
     from feda2v.store import GeneratorStore, StoreSpec
 
@@ -212,10 +259,11 @@ def visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = Non
     # clone: tensors are views into the received buffer; the store must own its memory
     tensors = {k: v.clone() for k, v in tensors.items()}
     keys = header.get("keys")
+    dev = node_device(task, device)
     if keys is None:  # the whole store
-        store = GeneratorStore.from_state(tensors, header["store"])
+        store = GeneratorStore.from_state(tensors, header["store"], device=dev)
     else:  # a slice: the other keys of this fresh store are never trained, never sent back
-        store = GeneratorStore(StoreSpec.from_json(header["store"]["spec"]), site.conditions)
+        store = GeneratorStore(StoreSpec.from_json(header["store"]["spec"]), site.conditions, device=dev)
         merge_slice(store, tensors, header["store"])
         trains = {store.key_for_class(site.classes[c]) for c in set(site.node.train_y.tolist())}
         if not trains <= set(keys):
@@ -246,7 +294,7 @@ def read_parameters(blob: bytes, *, label: str) -> tuple[dict, dict]:
 
 
 def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: Optional[str] = None,
-                   state_dir: Optional[str] = None) -> tuple[Optional[bytes], dict]:
+                   state_dir: Optional[str] = None, device: Optional[str] = None) -> tuple[Optional[bytes], dict]:
     """A node-resident visit (local, fedavg): load this node's own state of ``from_round`` (a fresh
     store at 0), take the global parameters of the visit's keys if sent (fedavg), train, checkpoint
     the store here, reply the trained parameters (fedavg) or nothing of the store (local) and the
@@ -262,10 +310,10 @@ def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: 
     rt = task["resident"]
     site = _node_data(data_dir or task["prepared_dir"], task["manifest_hash"], partition)
     name, keys, where = node_name(partition), list(rt["keys"]), state_dir or rt["state_dir"]
-    store = GeneratorStore(StoreSpec.from_json(rt["spec"]), site.conditions)
+    store = GeneratorStore(StoreSpec.from_json(rt["spec"]), site.conditions, device=node_device(task, device))
     if rt["from_round"] > 0:
         store.load_state_dict(*load_node_state(where, name, rt["from_round"], config=rt["config"],
-                                               manifest_hash=task["manifest_hash"]))
+                                               manifest_hash=task["manifest_hash"], scope=rt["scope"]))
     trains = {store.key_for_class(site.classes[c]) for c in set(site.node.train_y.tolist())}
     if trains != set(keys):
         raise Feda2vError(f"visit of node {partition} names keys {keys} but this partition trains "
@@ -283,7 +331,7 @@ def resident_visit(blob: Optional[bytes], task: dict, partition: int, data_dir: 
                            round_=task["round"], local_epochs=task["local_epochs"],
                            batch_size=task["batch_size"], reset_on_change=task["reset_on_change"])
     save_node_state(where, name, task["round"], store.state_dict(), config=rt["config"],
-                    manifest_hash=task["manifest_hash"], keep=rt["keep"])
+                    manifest_hash=task["manifest_hash"], keep=rt["keep"], scope=rt["scope"])
     out = parameters_bytes(store, keys, round_=task["round"], node=name) if rt["parameters"] else None
     return out, node_result_to_json(res)
 
@@ -293,22 +341,26 @@ def handle_train(msg, context):
     this node's own store), train, send back what the mode lends."""
     from feda2v.errors import CheckpointError
 
+    if _per_message_process():
+        lighten_torch()
     blob, task = _unpack(msg.content)
     data_dir = context.node_config.get("data-dir")
     data_dir = str(data_dir) if data_dir else None
+    device = context.node_config.get("device")  # this node's own device (default: the task's)
     if "resident" not in task:
-        out, result = visit(blob, task, partition_id(context), data_dir)
+        out, result = visit(blob, task, partition_id(context), data_dir, device)
         return Message(_pack(out, {"node_result": result}), reply_to=msg)
     state_dir = context.node_config.get("state-dir")
     try:
         out, result = resident_visit(blob, task, partition_id(context), data_dir,
-                                     str(state_dir) if state_dir else None)
+                                     str(state_dir) if state_dir else None, device)
     except CheckpointError as e:  # its own state does not fit the server's records: refused, not lost
         return Message(_pack(None, {"refused": str(e)}), reply_to=msg)
     return Message(_pack(out, {"node_result": result}), reply_to=msg)
 
 
-def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None) -> tuple[bytes, dict]:
+def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional[str] = None,
+                     device: Optional[str] = None) -> tuple[bytes, dict]:
     """Full mode, a node's part: train the classifier it is sent on its own partition (the very
     ``train_classifier`` call and seed of the in-process engine); reply its state and weight."""
     from feda2v.federation.node import node_name, train_classifier
@@ -325,11 +377,12 @@ def classifier_visit(blob: bytes, task: dict, partition: int, data_dir: Optional
         raise Feda2vError(f"classifier message for node {partition} has kind {header.get('kind')!r}")
     model = Classifier(**header["kwargs"])
     model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    model.to(node_device(task, device))
     nd = site.node
     train_classifier(model, nd.train_x, nd.train_y, lr=task["lr"], epochs=task["epochs"],
                      batch_size=task["batch_size"],
                      gen=torch_generator(task["seed"], "classifier", task["round"], partition))
-    out = checkpoint_bytes({k: v.detach().clone() for k, v in model.state_dict().items()},
+    out = checkpoint_bytes({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                            {"kind": CLASSIFIER_KIND, "kwargs": header["kwargs"], "round": task["round"],
                             "node": node_name(partition)})
     return out, {"node": node_name(partition), "weight": float(len(nd.train_y))}
@@ -339,7 +392,8 @@ def handle_classifier(msg, context):
     """ClientApp @train("classifier"): full mode's node classifier step."""
     blob, task = _unpack(msg.content)
     data_dir = context.node_config.get("data-dir")
-    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None)
+    out, result = classifier_visit(blob, task, partition_id(context), str(data_dir) if data_dir else None,
+                                   context.node_config.get("device"))
     return Message(_pack(out, {"classifier_result": result}), reply_to=msg)
 
 
@@ -359,6 +413,7 @@ def make_task(federation, node_id: int, round_: int, store_name: str) -> dict:
     return {"node_id": int(node_id), "round": int(round_), "seed": int(cfg.seed), "store_name": store_name,
             "local_epochs": int(fed.local_epochs), "batch_size": int(fed.batch_size),
             "reset_on_change": str(fed.reset_on_class_change), "threads": int(cfg.train.threads),
+            "device": str(cfg.train.device),  # a node's config "device" overrides it (node_device)
             "prepared_dir": os.path.abspath(cfg.data.prepared_dir),
             "manifest_hash": federation.data.manifest_hash}
 
@@ -396,6 +451,7 @@ class GridRounds:
         n = len(federation.data.nodes)
         self._resident = None  # node-resident visits: what every task shares (built once)
         if federation.node_resident:
+            from feda2v.checkpoint.nodestate import run_scope
             from feda2v.checkpoint.runstate import state_config
             from feda2v.federation.sharing import SERVER
             from feda2v.store import GeneratorStore
@@ -407,6 +463,7 @@ class GridRounds:
                 layout = GeneratorStore(federation.spec, federation.data.conditions)
             self._resident = {"config": state_config(cfg), "spec": federation.spec.to_json(), "layout": layout,
                               "keep": int(cfg.checkpoint.every) + 1, "state_dir": default_node_state_dir(cfg),
+                              "scope": run_scope(cfg.checkpoint.dir),
                               "global": federation.stores.get(SERVER) if federation.sharing.lends_parameters else None}
         self.received: dict = {}  # node -> parameters its visit trained (fedavg, node-resident), per round
         self._refresh_routes(need=set(range(n)), wait_s=float(self.opts.connect_timeout_s), strict=True)
@@ -516,6 +573,7 @@ class GridRounds:
             task = dict(make_task(self.fed, plan["nd"].node_id, plan["round"], plan["store_name"]),
                         resident={"from_round": int(self.fed.node_rounds[plan["name"]]), "keys": plan["keys"],
                                   "parameters": blob is not None, "keep": r["keep"], "state_dir": r["state_dir"],
+                                  "scope": r["scope"],
                                   "config": r["config"], "spec": r["spec"]})
             kind = MSG_TRAIN
         else:

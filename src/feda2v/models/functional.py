@@ -23,9 +23,12 @@ class _StackedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, passes: "StackedParams | None" = None) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, passes: "StackedParams | None" = None,
+                names: tuple[str, str] | None = None) -> Tensor:
         ctx.save_for_backward(x, w)
-        ctx.passes = passes
+        ctx.passes, ctx.names = passes, names
+        if passes is not None and names is not None:
+            passes.count_use(names[0])
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
     @staticmethod
@@ -35,22 +38,55 @@ class _StackedLinear(torch.autograd.Function):
         # at the real samples) says so through the parameters' ``input_grads_only`` flag.
         weights = not (ctx.passes is not None and ctx.passes.input_grads_only)
         gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g.transpose(1, 2), x) if weights and ctx.needs_input_grad[1] else None
-        gb = g.sum(1) if weights and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None
+        # A first-order pass may write the parameter gradients into the caller's buffers (no fresh
+        # [K, out, in] tensor to fault in and free per step); a pass that builds a graph may not.
+        own = not torch.is_grad_enabled() and ctx.passes is not None and ctx.names is not None
+        gw = gb = None
+        if weights and ctx.needs_input_grad[1]:
+            buf = ctx.passes.take_grad_buffer(ctx.names[0], ctx.names[0]) if own else None
+            gw = torch.bmm(g.transpose(1, 2), x) if buf is None else torch.bmm(g.transpose(1, 2), x, out=buf)
+        if weights and ctx.needs_input_grad[2]:
+            buf = ctx.passes.take_grad_buffer(ctx.names[1], ctx.names[0]) if own else None
+            gb = g.sum(1) if buf is None else torch.sum(g, 1, out=buf)
+        return gx, gw, gb, None, None
 
 
 class StackedParams(dict):
     """Stacked parameters ({name: [K, ...]}) whose layers can be told, for one backward pass, that
     only input gradients are wanted: set ``input_grads_only`` around an ``autograd.grad`` w.r.t.
-    the inputs (the weight gradients that pass would otherwise compute are never read)."""
+    the inputs (the weight gradients that pass would otherwise compute are never read).
+
+    ``grad_buffers`` ({parameter name: tensor shaped like it}) are where a first-order backward
+    writes the gradients of a layer its graph uses once, instead of allocating them. Each is handed out once
+    per StackedParams (one graph): a second backward pass over the graph gets a fresh tensor, so no
+    gradient is overwritten while still in use. A weight used by several layer calls (the
+    discriminator on real and on fake samples) gets fresh tensors, which autograd sums in place
+    (a buffer it does not own it would sum into a new tensor). The caller owns the buffers and must
+    be done with a step's gradients before it builds the next step's params.
+    """
 
     input_grads_only: bool = False
 
+    def __init__(self, *args, grad_buffers: Mapping[str, Tensor] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._grad_buffers = dict(grad_buffers or {})
+        self._uses: dict[str, int] = {}
 
-def stacked_linear(x: Tensor, w: Tensor, b: Tensor, passes: StackedParams | None = None) -> Tensor:
-    """x [K, n, in], w [K, out, in], b [K, out] -> [K, n, out]."""
-    return _StackedLinear.apply(x, w, b, passes)
+    def count_use(self, name: str) -> None:
+        self._uses[name] = self._uses.get(name, 0) + 1
+
+    def take_grad_buffer(self, name: str, layer: str) -> Tensor | None:
+        """``name``'s buffer, if its layer (named by its weight) ran once in this graph and the
+        buffer was not handed out before."""
+        if self._uses.get(layer, 0) != 1:
+            return None
+        return self._grad_buffers.pop(name, None)
+
+
+def stacked_linear(x: Tensor, w: Tensor, b: Tensor, passes: StackedParams | None = None,
+                   names: tuple[str, str] | None = None) -> Tensor:
+    """x [K, n, in], w [K, out, in], b [K, out] -> [K, n, out]; ``names``: (w's, b's) in ``passes``."""
+    return _StackedLinear.apply(x, w, b, passes, names)
 
 
 def stacked_sequential(seq: nn.Sequential, prefix: str, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -58,7 +94,8 @@ def stacked_sequential(seq: nn.Sequential, prefix: str, params: Mapping[str, Ten
     passes = params if isinstance(params, StackedParams) else None
     for i, layer in enumerate(seq):
         if isinstance(layer, nn.Linear):
-            x = stacked_linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"], passes)
+            w, b = f"{prefix}.{i}.weight", f"{prefix}.{i}.bias"
+            x = stacked_linear(x, params[w], params[b], passes, (w, b))
         else:
             x = layer(x)
     return x

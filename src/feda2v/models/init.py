@@ -8,8 +8,14 @@ from torch import nn
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
-    """An uninitialised Linear: built on the meta device so construction draws no global RNG."""
-    return nn.utils.skip_init(nn.Linear, in_features, out_features)
+    """An uninitialised Linear whose construction draws no global RNG (``init_parameters`` fills it,
+    seeded): built on the meta device, then given empty CPU parameters. Not ``skip_init``: its
+    ``to_empty`` runs torch's Python reference of ``empty_like``, which imports torch.fx's symbolic
+    shapes (sympy, 0.4-0.9 s) on first use, paid by Flower's per-message ClientApp process."""
+    lin = nn.Linear(in_features, out_features, device="meta")
+    lin.weight = nn.Parameter(torch.empty(out_features, in_features))
+    lin.bias = nn.Parameter(torch.empty(out_features))
+    return lin
 
 
 def clone_structure(module: nn.Module) -> nn.Module:

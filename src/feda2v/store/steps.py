@@ -26,7 +26,6 @@ from feda2v.models.losses import (
     vae_kl_per_sample,
     vae_recon_per_sample,
 )
-from feda2v.models.functional import StackedParams
 from feda2v.store.grouping import Grouping
 from feda2v.store.optim import step_tensor
 # `GeneratorStore` appears in annotations only (never evaluated): store.py imports this module.
@@ -230,7 +229,7 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
         else:
             with torch.no_grad():
                 fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
-        d_params = StackedParams(store._stacked(grp.active, DISCRIMINATOR))
+        d_params = store._stacked(grp.active, DISCRIMINATOR)  # a StackedParams (input_grads_only below)
         if gs.r1_gamma > 0:  # real and fake apart: R1's input-gradient pass then runs over the real half only
             real = xs.detach().requires_grad_(True)
             real_logit = d_tmpl.forward_stacked(d_params, real, cs, gen=gen)

@@ -22,6 +22,7 @@ from torch.profiler import record_function
 
 from feda2v.errors import CheckpointError, ConfigError, DataError
 from feda2v.models import build_model, clone_structure, init_parameters
+from feda2v.models.functional import StackedParams
 from feda2v.seeding import derive_seed
 from feda2v.store.grouping import Grouping
 from feda2v.store import kinds
@@ -142,6 +143,11 @@ class GeneratorStore:
         # (role, active rows) -> the fused update of those keys, reused while it stays valid; a
         # node's batches meet the same few key sets again and again, so a few entries serve a run.
         self._updates: OrderedDict[tuple[str, tuple[int, ...]], FusedUpdate] = OrderedDict()
+        # role -> name -> [K_all, ...]; (role, k) -> name -> its first k rows
+        self._grad_buffers: dict[str | tuple[str, int], dict[str, Tensor]] = {}
+        # role -> [K_all, n params] float32: every key's per-parameter AdamW step counts, which the
+        # optimizers' state holds as views (see FusedUpdate)
+        self._step_banks: dict[str, Tensor] = {}
         self._role_arch = {role: self._arch(role) for role in self.roles}
         with _gc_paused():
             for role in self.roles:
@@ -315,12 +321,15 @@ class GeneratorStore:
                 return self._banks[role]
         return bank
 
-    def _stacked(self, rows: Sequence[int], role: str, grad: bool = True) -> dict[str, Tensor]:
+    def _stacked(self, rows: Sequence[int], role: str, grad: bool = True) -> StackedParams:
         """{param name: [K, ...]} of the keys at ``rows`` (indices into ``self.keys``, ascending, as
         ``Grouping.active``), as fresh autograd leaves.
 
-        Gradients are taken w.r.t. these tensors (one per name) and split per key for the
-        optimizers; with every key active this is the bank itself (no copy).
+        Gradients are taken w.r.t. these tensors (one per name) and handed to ``_apply_update``;
+        with every key active this is the bank itself (no copy). The weights' gradients are
+        written into the role's gradient buffers (allocated at the first step, reused by every
+        later one: a per_class step's weight gradients are as large as its parameters, and a fresh
+        tensor per step costs its page faults and freeing each time).
         """
         bank = self._bank(role, rows)
         if len(rows) == len(self.keys):
@@ -328,10 +337,18 @@ class GeneratorStore:
         else:
             idx = torch.tensor(rows).to(self._device, non_blocking=True)
             out = {n: b.index_select(0, idx) for n, b in bank.items()}
-        if grad:
-            for t in out.values():
-                t.requires_grad_(True)
-        return out
+        if not grad:
+            return StackedParams(out)
+        for t in out.values():
+            t.requires_grad_(True)
+        # the same view objects at every step over k keys: the update keeps their per-key rows
+        bufs = self._grad_buffers.get((role, len(rows)))
+        if bufs is None:
+            full = self._grad_buffers.get(role)
+            if full is None:
+                full = self._grad_buffers[role] = {n: torch.empty_like(b) for n, b in bank.items()}
+            bufs = self._grad_buffers[role, len(rows)] = {n: b[:len(rows)] for n, b in full.items()}
+        return StackedParams(out, grad_buffers=bufs)
 
     def _apply_update(self, role: str, rows: Sequence[int], grads: Sequence[Tensor],
                       found_inf: Tensor | None = None) -> None:
@@ -341,14 +358,18 @@ class GeneratorStore:
         update = self._updates.get(cache_key)
         if update is None or not update.valid():
             keys = [self.keys[r] for r in rows]
+            bank = self._step_banks.get(role)
+            if bank is None:
+                bank = self._step_banks[role] = torch.zeros(
+                    len(self.keys), len(self._params[self.keys[0], role]), dtype=torch.float32, device=self._device)
             update = FusedUpdate([self._optims[k, role] for k in keys],
-                                 [[p for _, p in self._params[k, role]] for k in keys])
+                                 [[p for _, p in self._params[k, role]] for k in keys], step_bank=bank, rows=rows)
             self._updates[cache_key] = update
             if len(self._updates) > _UPDATE_CACHE:
                 self._updates.popitem(last=False)
         else:
             self._updates.move_to_end(cache_key)
-        update(grads, found_inf)
+        update(grads, found_inf, kept=self._grad_buffers.get((role, len(rows)), {}).values())
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(x on the store's device, y as host long indices). Labels belong on the host (the node
@@ -627,5 +648,8 @@ class GeneratorStore:
                     if f in st:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
+        self._grad_buffers = {}  # re-allocated on the new device at the next step
+        self._step_banks = {}  # and the step counts re-banked there from the moved state
+        self._updates.clear()
         self._device = device
         return self

@@ -1,0 +1,43 @@
+"""The default cVAE's quality on the instruments defaults, the way `make compare-generators` measures
+it (seed 0): the federation's rounds in-process, then feda2v-evaluate's metrics with its seed.
+
+The floor sits between what the defaults reach (TSTR/TRTR 0.758 for seed 0) and what the
+previous defaults reached on the same data (lr 1e-3, β warm-up 200 steps: 0.701), so a change
+that loses the gain fails here. README, "Generators compared", has the 3-seed numbers.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from feda2v.config import load_config
+from feda2v.config.files import compose_conf
+from feda2v.data import load_prepared, prepare
+from feda2v.evaluate.job import compute_metrics, derive_eval_seed
+from feda2v.federation.server import Federation
+from feda2v.pipeline.train import seed_globals
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO_FLOOR = 0.72
+
+
+@pytest.mark.slow
+def test_default_cvae_tstr_over_trtr_on_instruments(tmp_path):
+    overrides = ["tracking=none", "train.progress=off", "data.progress=off", "seed=0",
+                 f"data.prepared_dir={tmp_path / 'prepared'}",
+                 f"data.instruments.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(OmegaConf.create(compose_conf(ROOT / "conf", overrides)))
+    assert (cfg.generator.type, cfg.generator.granularity) == ("cvae", "unified")
+    prepare(cfg)
+    data = load_prepared(cfg.data.prepared_dir)
+    torch.set_num_threads(1)
+    seed_globals(cfg.seed)
+    fed = Federation(cfg, data)
+    for r in range(1, cfg.federation.rounds + 1):
+        fed.run_round(r)
+    metrics, _ = compute_metrics(fed.stores[fed.primary_store], data,
+                                 samples_per_class=int(cfg.evaluate.samples_per_class),
+                                 knn_k=int(cfg.evaluate.knn_k), seed=int(derive_eval_seed(cfg)))
+    overall = metrics["overall"]
+    assert overall["tstr_trtr_ratio"] >= RATIO_FLOOR, overall
