@@ -212,12 +212,14 @@ def _node_resident_state(fed) -> dict:
     """The stores a node-resident federation's nodes keep (their last round's checkpoint in
     federation.flower.node_state_dir), named like ``_store_state``'s."""
     from feda2v.checkpoint.manager import round_filename
-    from feda2v.checkpoint.nodestate import node_state_dir
+    from feda2v.checkpoint.nodestate import node_state_dir, run_scope
     from feda2v.checkpoint.runstate import read_run_state
 
     out = {}
+    scope = run_scope(fed.cfg.checkpoint.dir)
     for node, r in fed.node_rounds.items():
-        state = read_run_state(node_state_dir(fed.cfg.federation.flower.node_state_dir, node) / round_filename(r))
+        state = read_run_state(node_state_dir(fed.cfg.federation.flower.node_state_dir, node, scope)
+                               / round_filename(r))
         out.update({f"{node}/{k}": v for k, v in state.stores[node][0].items()})
     return out
 
