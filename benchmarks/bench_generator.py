@@ -58,7 +58,7 @@ def _adamw(params, spec):
 
 class PlainStep:
     """The peer: one key of the store (unified by default) as plain modules with their own fused
-    torch AdamW."""
+    torch AdamW; like the store's step it reports its losses (``.item()``, a textbook loop's log)."""
 
     def __init__(self, store, key: str = "unified"):
         self.spec = store.spec
@@ -79,7 +79,9 @@ class PlainStep:
             rec = (recon - x).pow(2).sum(1).mean()
             kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
-            self._update("generator", rec + beta * kl)
+            loss = rec + beta * kl
+            self._update("generator", loss)
+            self.losses = (loss.item(), rec.item(), kl.item())
         else:
             G, D, gamma = self.mods["generator"], self.mods["discriminator"], s.gan.r1_gamma
             fake = G(z, c)
@@ -262,10 +264,11 @@ def _run(quick: bool) -> dict:
             plain = PlainStep(store)
             gen = torch.Generator().manual_seed(0)
             x, y = make_batch(b)
-            c = store.conditions[y]
-            z = torch.randn(b, store.spec.latent_dim, generator=torch.Generator().manual_seed(1))
+            zgen = torch.Generator().manual_seed(1)
             store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
-            plain_step = lambda: plain(x, c, z)  # noqa: E731
+            # like the store's step, the peer's looks its conditions up and draws its noise
+            plain_step = lambda: plain(x, store.conditions[y], torch.randn(  # noqa: E731
+                b, store.spec.latent_dim, generator=zgen))
             executed, useful = _flops(store_step), _flops(plain_step)
             replay, gemm_flops = _gemm_replay(plain_step)
             t_store, t_plain, t_gemm = _side_by_side([store_step, plain_step, replay], repeats)
