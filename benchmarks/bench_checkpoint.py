@@ -5,6 +5,7 @@
   integrity-checked load must do); ``safetensors.torch.load_file`` alongside for reference.
 - write: ``write_checkpoint`` (hash + write + fsync + atomic rename) vs ``safetensors.torch.save_file``
   + fsync + SHA-256 of the same tensors (what an integrity-checked safetensors write costs).
+Each is timed against its floor in alternating runs.
 Targets (issue 21): read <= 1.3x the hash, write <= 1.2x the peer, at 40 and 400 MB (the 400 MB
 case only in the full run). State: store-shaped tensors (per key: parameters + AdamW moments +
 step scalars, as a per_class store holds them).
@@ -16,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +79,19 @@ def _median(fn, repeats: int) -> float:
     return median_time(fn, repeats, warmup=1)  # one warm-up: page cache, allocator
 
 
+def _pair(fn, peer, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` and of its floor ``peer``, their runs alternating (one warm-up
+    each), so a change of the machine's load between them does not become their ratio."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats + 1):
+        for f, ts in zip((fn, peer), times):
+            t0 = time.perf_counter()
+            f()
+            if i:
+                ts.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def measure(total_mb: float, repeats: int, directory: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -83,10 +99,9 @@ def measure(total_mb: float, repeats: int, directory: Path) -> dict:
     mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
     header = {"round": 1, "config": {"note": "benchmark"}}
     ours, peer = directory / "ours.ckpt", directory / "peer.safetensors"
-    write = _median(lambda: write_checkpoint(ours, tensors, header), repeats)
-    peer_write = _median(lambda: _peer_write(peer, tensors), repeats)
-    read = _median(lambda: read_checkpoint(ours, provenance=False), repeats)
-    sha = _median(lambda: _sha256_file(ours), repeats)
+    write, peer_write = _pair(lambda: write_checkpoint(ours, tensors, header), lambda: _peer_write(peer, tensors),
+                              repeats)
+    read, sha = _pair(lambda: read_checkpoint(ours, provenance=False), lambda: _sha256_file(ours), repeats)
     st_load = _median(lambda: load_file(str(peer)), repeats)
     m = CheckpointManager(directory / "managed", keep_last=2)
     r = iter(range(10**6))

@@ -124,3 +124,22 @@ def test_gradient_buffers_change_no_bit(typ, gan, monkeypatch):
     assert used  # the buffers were really written
     for name in fresh:
         assert torch.equal(with_buffers[name], fresh[name]), name
+
+
+def test_step_counts_live_in_one_bank_and_count_each_keys_own_steps():
+    """Counting a step is one operation on the role's step bank; every parameter's state still
+    has its own step tensor (a view into the bank) holding exactly the steps its key took."""
+    s = _store("cvae")
+    gen = torch.Generator().manual_seed(0)
+    for classes in ([0, 1, 2, 3], [1, 2], [1, 2], [3]):
+        s.train_batch(*_batch(0, classes), gen=gen, node="n", round=1)
+    assert [s.step_count(k) for k in s.keys] == [1, 3, 3, 2]
+    bank = s._step_banks["generator"]
+    for row, key in enumerate(s.keys):
+        opt = s.optimizer(key)
+        for j, (_, p) in enumerate(s._params[key, "generator"]):
+            step = opt.state[p]["step"]
+            assert step.data_ptr() == bank[row, j].data_ptr() and float(step) == [1, 3, 3, 2][row]
+    s.reset("class/b", node="n", round=1)  # fresh state: re-banked at 0 by its next step
+    s.train_batch(*_batch(1, [1]), gen=gen, node="n", round=1)
+    assert s.step_count("class/b") == 1 and s.step_count("class/c") == 3

@@ -77,16 +77,20 @@ def _hyper(opt: torch.optim.Optimizer) -> tuple:
             bool(g["decoupled_weight_decay"]))
 
 
-def _fused_call(hyper: tuple, ps: list, gs: list, ms: list, vs: list, steps: list, found_inf: Tensor | None) -> None:
+def _fused_call(hyper: tuple, ps: list, gs: list, ms: list, vs: list, steps: list, found_inf: Tensor | None,
+                count_steps: bool = True) -> None:
     """Exactly what ``torch.optim.adam.adam(fused=True)`` does for one device and dtype (steps += 1,
-    then torch's fused kernel), without its per-call regrouping of the lists by device and dtype
-    (the store's tensors are all float32 on one device)."""
+    then torch's fused kernel, then steps -= found_inf), without its per-call regrouping of the
+    lists by device and dtype (the store's tensors are all float32 on one device).
+    ``count_steps=False``: the caller has already added ``1 - found_inf`` to the steps (the same
+    values where it matters: the kernel reads them only when found_inf is 0)."""
     lr, beta1, beta2, eps, wd, decoupled = hyper
-    torch._foreach_add_(steps, 1)
+    if count_steps:
+        torch._foreach_add_(steps, 1)
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     kernel(ps, gs, ms, vs, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
            maximize=False, grad_scale=None, found_inf=found_inf)
-    if found_inf is not None:
+    if count_steps and found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
@@ -124,15 +128,33 @@ class FusedUpdate:
     ``valid()``. The lists stay right while every key's optimizer keeps the same state objects
     (a reset clears them, a load or ``to()`` replaces them) and the same hyper-parameters;
     ``valid()`` checks both, one state entry per key (the store replaces a key's state whole).
+
+    ``step_bank`` ([K_all, n params], float32, on the parameters' device) and ``rows`` (the keys'
+    rows in it): each state's ``step`` becomes the 0-d view ``step_bank[row, j]`` (its value
+    copied in), so counting a step is one operation on the bank instead of one per parameter,
+    and the optimizers still hold one step tensor per parameter, as torch's own.
     """
 
-    def __init__(self, optims: Sequence[torch.optim.Optimizer], params: Sequence[Sequence[Tensor]]):
+    def __init__(self, optims: Sequence[torch.optim.Optimizer], params: Sequence[Sequence[Tensor]],
+                 step_bank: Tensor | None = None, rows: Sequence[int] | None = None):
         self._optims = list(optims)
         self._hypers = [_hyper(o) for o in self._optims]
         k, n = len(self._optims), len(params[0])
         # name-major, like the gradients: entry j * k + i is key i's parameter j
         flat_p = [params[i][j] for j in range(n) for i in range(k)]
         flat_st = [_state(self._optims[i], params[i][j]) for j in range(n) for i in range(k)]
+        self._bank = step_bank
+        if step_bank is not None:
+            rows = list(rows)
+            for j in range(n):
+                for i in range(k):
+                    st, view = flat_st[j * k + i], step_bank[rows[i], j]
+                    if st["step"].data_ptr() != view.data_ptr():
+                        view.copy_(st["step"])
+                        st["step"] = view
+            self._all_rows = len(rows) == step_bank.shape[0]
+            self._rows_idx = torch.tensor(rows, device=step_bank.device)
+            self._ones = torch.ones(k, n, dtype=step_bank.dtype, device=step_bank.device)
         self._first = [(params[i][0], flat_st[i], flat_st[i]["step"]) for i in range(k)]
         self._row_cache: dict[int, tuple[Tensor, Sequence[Tensor]]] = {}
         groups: dict[tuple, list[int]] = {}
@@ -171,6 +193,13 @@ class FusedUpdate:
         the caller's gradient buffers, the same objects at every step."""
         kept_ids = {id(t) for t in kept}
         flat = [row for g in grads for row in self._rows(g, kept_ids)]
+        banked = self._bank is not None and len(self._calls) == 1
+        if banked:  # every active key's steps += 1 - found_inf, in one operation
+            one = 1 if found_inf is None else 1 - found_inf
+            if self._all_rows:
+                self._bank.add_(one)
+            else:
+                self._bank.index_add_(0, self._rows_idx, self._ones if found_inf is None else self._ones * one)
         for hyper, pos, ps, ms, vs, steps in self._calls:
             gs = flat if pos is None else [flat[q] for q in pos]
-            _fused_call(hyper, ps, gs, ms, vs, steps, found_inf)
+            _fused_call(hyper, ps, gs, ms, vs, steps, found_inf, count_steps=not banked)

@@ -145,6 +145,9 @@ class GeneratorStore:
         self._updates: OrderedDict[tuple[str, tuple[int, ...]], FusedUpdate] = OrderedDict()
         # role -> name -> [K_all, ...]; (role, k) -> name -> its first k rows
         self._grad_buffers: dict[str | tuple[str, int], dict[str, Tensor]] = {}
+        # role -> [K_all, n params] float32: every key's per-parameter AdamW step counts, which the
+        # optimizers' state holds as views (see FusedUpdate)
+        self._step_banks: dict[str, Tensor] = {}
         self._role_arch = {role: self._arch(role) for role in self.roles}
         with _gc_paused():
             for role in self.roles:
@@ -355,8 +358,12 @@ class GeneratorStore:
         update = self._updates.get(cache_key)
         if update is None or not update.valid():
             keys = [self.keys[r] for r in rows]
+            bank = self._step_banks.get(role)
+            if bank is None:
+                bank = self._step_banks[role] = torch.zeros(
+                    len(self.keys), len(self._params[self.keys[0], role]), dtype=torch.float32, device=self._device)
             update = FusedUpdate([self._optims[k, role] for k in keys],
-                                 [[p for _, p in self._params[k, role]] for k in keys])
+                                 [[p for _, p in self._params[k, role]] for k in keys], step_bank=bank, rows=rows)
             self._updates[cache_key] = update
             if len(self._updates) > _UPDATE_CACHE:
                 self._updates.popitem(last=False)
@@ -642,5 +649,7 @@ class GeneratorStore:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
         self._grad_buffers = {}  # re-allocated on the new device at the next step
+        self._step_banks = {}  # and the step counts re-banked there from the moved state
+        self._updates.clear()
         self._device = device
         return self
