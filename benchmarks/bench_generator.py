@@ -58,7 +58,7 @@ def _adamw(params, spec):
 
 class PlainStep:
     """The peer: one key of the store (unified by default) as plain modules with their own fused
-    torch AdamW."""
+    torch AdamW; like the store's step it reports its losses (``.item()``, a textbook loop's log)."""
 
     def __init__(self, store, key: str = "unified"):
         self.spec = store.spec
@@ -79,7 +79,9 @@ class PlainStep:
             rec = (recon - x).pow(2).sum(1).mean()
             kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
-            self._update("generator", rec + beta * kl)
+            loss = rec + beta * kl
+            self._update("generator", loss)
+            self.losses = (loss.item(), rec.item(), kl.item())
         else:
             G, D, gamma = self.mods["generator"], self.mods["discriminator"], s.gan.r1_gamma
             fake = G(z, c)
@@ -173,15 +175,21 @@ class VmapStep:
         return {n: t[0] for n, t in self.params["generator"].items()}
 
 
-def _side_by_side(fns, repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each fn, their runs interleaved (a load change hits all of them alike)."""
+def _side_by_side(fns, repeats: int, warmup: int = 2, cpu: list | None = None) -> list[float]:
+    """Median wall seconds of each fn, their runs interleaved (a load change hits all of them
+    alike); with ``cpu`` (a list) also each fn's median CPU seconds of this process, appended to
+    it: on a machine shared with other work, CPU time leaves out the waits for the cores."""
     times = [[] for _ in fns]
+    cpus = [[] for _ in fns]
     for i in range(warmup + repeats):
-        for f, ts in zip(fns, times):
-            t0 = time.perf_counter()
+        for f, ts, cs in zip(fns, times, cpus):
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
             if i >= warmup:
                 ts.append(time.perf_counter() - t0)
+                cs.append(time.process_time() - c0)
+    if cpu is not None:
+        cpu.extend(statistics.median(cs) for cs in cpus)
     return [statistics.median(ts) for ts in times]
 
 
@@ -244,10 +252,12 @@ def _peers(quick: bool) -> list[dict]:
                 diffs = (_max_diff(first, vmap.first_generator()), _max_diff(first, loop.first_generator()))
                 repeats = 3 if quick or keys >= 200 else 7
                 # (the three agreement steps above were the warm-up)
-                t_store, t_vmap, t_loop = _side_by_side([store_step, vmap_step, loop_step], repeats, warmup=0)
+                cpu = []
+                t_store, t_vmap, t_loop = _side_by_side([store_step, vmap_step, loop_step], repeats, warmup=0, cpu=cpu)
                 rows.append({"type": gtype, "keys": keys, "batch": b, "store_ms": t_store * 1e3,
                              "vmap_fused_ms": t_vmap * 1e3, "loop_ms": t_loop * 1e3,
                              "store_over_vmap": t_store / t_vmap, "store_over_loop": t_store / t_loop,
+                             "store_over_vmap_cpu": cpu[0] / cpu[1], "store_over_loop_cpu": cpu[0] / cpu[2],
                              "max_diff_vmap_3_steps": diffs[0], "max_diff_loop_3_steps": diffs[1]})
     return rows
 
@@ -262,33 +272,42 @@ def _run(quick: bool) -> dict:
             plain = PlainStep(store)
             gen = torch.Generator().manual_seed(0)
             x, y = make_batch(b)
-            c = store.conditions[y]
-            z = torch.randn(b, store.spec.latent_dim, generator=torch.Generator().manual_seed(1))
+            zgen = torch.Generator().manual_seed(1)
             store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
-            plain_step = lambda: plain(x, c, z)  # noqa: E731
+            # like the store's step, the peer's looks its conditions up and draws its noise
+            plain_step = lambda: plain(x, store.conditions[y], torch.randn(  # noqa: E731
+                b, store.spec.latent_dim, generator=zgen))
             executed, useful = _flops(store_step), _flops(plain_step)
             replay, gemm_flops = _gemm_replay(plain_step)
-            t_store, t_plain, t_gemm = _side_by_side([store_step, plain_step, replay], repeats)
+            cpu = []
+            t_store, t_plain, t_gemm = _side_by_side([store_step, plain_step, replay], repeats, cpu=cpu)
             rate = gemm_flops / t_gemm / 1e9
             table.append({"type": gtype, "batch": b, "store_ms": t_store * 1e3, "plain_ms": t_plain * 1e3,
-                          "store_over_plain": t_store / t_plain, "useful_gflop": useful / 1e9,
+                          "store_over_plain": t_store / t_plain, "store_over_plain_cpu": cpu[0] / cpu[1],
+                          "useful_gflop": useful / 1e9,
                           "executed_gflop": executed / 1e9, "executed_over_useful": executed / useful,
                           "useful_gflops_per_s": useful / t_store / 1e9, "gemm_rate_same_shapes": rate,
                           "share_of_gemm_rate": useful / t_store / 1e9 / rate})
     largest = [r for r in table if r["batch"] == batches[-1]]
-    summary = ("One thread, side by side. Store step / plain module + fused AdamW (same update): "
-               + ", ".join(f"{r['type']}@{r['batch']} {r['store_over_plain']:.2f}x" for r in table)
+    summary = ("One thread, side by side, wall time (CPU time). Store step / plain module + fused AdamW "
+               "(same update): "
+               + ", ".join(f"{r['type']}@{r['batch']} {r['store_over_plain']:.2f}x ({r['store_over_plain_cpu']:.2f}x)"
+                           for r in table)
                + f". Executed / useful FLOPs (FlopCounterMode): "
                + ", ".join(f"{r['type']} {r['executed_over_useful']:.3f}" for r in largest)
                + f". At batch {batches[-1]} per useful FLOP the step reaches "
                + ", ".join(f"{r['type']} {r['share_of_gemm_rate']:.0%}" for r in largest)
                + " of the GEMM rate measured at the same shapes.")
     peers = _peers(quick)
-    worst = {t: max(r["store_over_vmap"] for r in peers if r["type"] == t) for t in ("vae", "cvae", "gan")}
+    def worst(t, col):
+        return max(r[col] for r in peers if r["type"] == t)
+
     summary += (" per_class (K keys, all with samples) store step / vmap(functional_call) + fused AdamW, worst "
-                "cell: " + ", ".join(f"{t} {w:.2f}x" for t, w in worst.items())
+                "cell: " + ", ".join(f"{t} {worst(t, 'store_over_vmap'):.2f}x ({worst(t, 'store_over_vmap_cpu'):.2f}x)"
+                                     for t in ("vae", "cvae", "gan"))
                 + "; / naive loop (K modules, K AdamWs): "
-                + f"{min(r['store_over_loop'] for r in peers):.2f}-{max(r['store_over_loop'] for r in peers):.2f}x"
+                + f"{min(r['store_over_loop'] for r in peers):.2f}-{max(r['store_over_loop'] for r in peers):.2f}x "
+                + f"({min(r['store_over_loop_cpu'] for r in peers):.2f}-{max(r['store_over_loop_cpu'] for r in peers):.2f}x)"
                 + f"; after three steps from the same state the peers' parameters agree with the store's to "
                 + f"{max(max(r['max_diff_vmap_3_steps'], r['max_diff_loop_3_steps']) for r in peers):.1e}.")
     return {"summary": summary, "table": table, "tables": {"per_class peers": peers}}

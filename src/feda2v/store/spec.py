@@ -10,8 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+from feda2v.config.schema import GanConfig, GeneratorConfig
 from feda2v.errors import CheckpointError, ConfigError
 from feda2v.store.kinds import DEFAULT_ARCH, kind  # the kinds table (type defaults); DEFAULT_ARCH re-exported
+
+
+# The config schema owns the defaults; a spec built in code (tests, tools) gets the same ones.
+_GEN = GeneratorConfig()
+_GAN = GanConfig()
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,11 @@ GAN_LOSSES = ("nonsaturating", "hinge")
 class GanSpec:
     """The GAN's training schedule and objective (generator.gan in config; see store/steps.py)."""
 
-    schedule: str = "alternating"  # D step(s), then G step(s) against the updated D | simultaneous
-    d_steps: int = 1  # discriminator updates per batch (alternating)
-    g_steps: int = 1  # generator updates per batch (alternating)
-    loss: str = "nonsaturating"  # nonsaturating | hinge
-    r1_gamma: float = 1.0  # weight gamma of the R1 penalty gamma/2 * ||grad_x D(x_real)||^2 (0 = off)
+    schedule: str = _GAN.schedule  # D step(s), then G step(s) against the updated D | simultaneous
+    d_steps: int = _GAN.d_steps  # discriminator updates per batch (alternating)
+    g_steps: int = _GAN.g_steps  # generator updates per batch (alternating)
+    loss: str = _GAN.loss  # nonsaturating | hinge
+    r1_gamma: float = _GAN.r1_gamma  # weight gamma of the R1 penalty gamma/2 * ||grad_x D(x_real)||^2 (0 = off)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r1_gamma", float(self.r1_gamma))
@@ -69,17 +75,17 @@ class StoreSpec:
     classes: tuple[str, ...]
     feature_dim: int
     condition_dim: int
-    latent_dim: int = 16
-    hidden_dim: int = 128
+    latent_dim: int = _GEN.latent_dim
+    hidden_dim: int = _GEN.hidden_dim
     # (group, classes) pairs in key order; a mapping is accepted and keeps its insertion order.
     class_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     default_group: str | None = None
-    beta_max: float = 1.0
-    beta_warmup_steps: int = 200
+    beta_max: float = _GEN.beta_max
+    beta_warmup_steps: int = _GEN.beta_warmup_steps
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
-    fusion_dim: int = 512  # the published multimodal VAE's condition projection (arch fedgfe_multimodal)
+    fusion_dim: int = _GEN.fusion_dim  # the published multimodal VAE's condition projection (arch fedgfe_multimodal)
     gan: GanSpec = field(default_factory=GanSpec)
 
     def __post_init__(self) -> None:
