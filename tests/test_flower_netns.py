@@ -5,9 +5,9 @@ registered before it starts, and each SuperNode able to read only its own site b
 server's folder and the other sites are hidden in its mount namespace). The server of a
 generator-only run reads only the manifest and the conditions (the site bundles' ``server/``).
 
-For shared relay and for full mode over fedavg (fedavg's generator exchange plus the classifier
-exchange) the deployed run's checkpoints are bit-identical to the in-process engine's, every
-round (``feda2v-ckpt diff``). A SuperNode SIGKILLed while it holds a visit: with
+For shared relay, fedavg and full mode (over fedavg) the deployed run's checkpoints are
+bit-identical to the in-process engine's, every round (``feda2v-ckpt diff``, with ``--nodes`` for
+the stores fedavg keeps on the nodes). A SuperNode SIGKILLed while it holds a visit: with
 ``on_node_failure=skip`` the run finishes and records who was missing (round metric
 ``nodes_missing``, checkpoint header ``missing_nodes``); with ``fail`` it exits non-zero with one
 line on stderr. Every checkpoint verifies either way. The module's fixture stops every process it
@@ -231,11 +231,15 @@ def test_shared_relay_is_bit_identical_to_inprocess(deployment):
     _same_as_inprocess(deployment, "shared", _raw(deployment.server, sharing="shared"))
 
 
+def test_fedavg_is_bit_identical_to_inprocess(deployment):
+    """Generator-only fedavg: each node's store stays in its state dir, only parameters travel."""
+    _same_as_inprocess(deployment, "fedavg", _raw(deployment.server, sharing="fedavg"))
+
+
 def test_full_mode_with_fedavg_is_bit_identical_to_inprocess(deployment):
     """Full mode over fedavg: every round each node trains its own node-resident store (kept in its
     state dir; only the parameters of its keys travel) and the server averages them (fedavg's very
-    messages and merge), then the nodes' classifiers are averaged and the server distils. One
-    deployed run covers fedavg and full mode (each run costs 1-2.5 min here)."""
+    messages and merge), then the nodes' classifiers are averaged and the server distils."""
     _same_as_inprocess(deployment, "full", _raw(deployment.server, sharing="fedavg", mode="full",
                                                  classifier_hidden=32))
 
