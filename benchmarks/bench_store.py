@@ -78,8 +78,10 @@ def _overhead_share(typ: str, keys: int, per_key: int, repeats: int) -> dict:
     """The share of a per_class step over ``keys`` keys (all with ``per_key`` samples) that is neither
     its matrix multiplies nor its AdamW update: the step, its GEMMs replayed alone (recorded from the
     step itself, same shapes and outputs: fresh ones, or a kept buffer where the step writes into
-    one) and the fused update of every key alone
-    (the store's own cached update with fixed gradients), their runs interleaved."""
+    one) and the fused update of every key alone (a twin store's cached update, its gradient
+    buffers filled with finite values: updating the measured store with stale or never-written
+    buffers would derail its training), their runs interleaved. The twin's update meets its
+    buffers as kept objects for every parameter, at most the cost the step's update has."""
     from bench_generator import _RecordGemms, replay_gemms
 
     names = [f"class{i}" for i in range(keys)]
@@ -96,10 +98,14 @@ def _overhead_share(typ: str, keys: int, per_key: int, repeats: int) -> dict:
         step()
     gemms = replay_gemms(rec.calls)
     rows = list(range(keys))
-    # the step's own gradient buffers as the gradients (the objects the update meets in the step)
-    grads = {role: list(store._grad_buffers[role, keys].values()) for role in store.roles}
+    twin = GeneratorStore(spec, store.conditions.clone())
+    twin.train_batch(x, y, gen=torch.Generator().manual_seed(1), node="bench", round=0)  # state + buffers
+    for role in twin.roles:
+        for b in twin._grad_buffers[role].values():
+            b.fill_(1e-3)
+    grads = {role: list(twin._grad_buffers[role, keys].values()) for role in twin.roles}
     # D and G steps update their roles once each per batch (the default schedule), a VAE its one role
-    adam = lambda: [store._apply_update(role, rows, grads[role]) for role in store.roles]  # noqa: E731
+    adam = lambda: [twin._apply_update(role, rows, grads[role]) for role in twin.roles]  # noqa: E731
     c = []
     t_step, t_gemm, t_adam = _side_by_side([step, gemms, adam], repeats, warmup=1, cpu=c)
     return {"type": typ, "keys": keys, "batch": batch, "step_ms": t_step * 1e3, "gemm_only_ms": t_gemm * 1e3,
