@@ -2,6 +2,7 @@
 ClientApp handlers in this process, so slices, reply validation, the failure policy and data
 locality are tested fast and bit for bit against the in-process engine."""
 import json
+import re
 import shutil
 import uuid
 from types import SimpleNamespace
@@ -658,9 +659,15 @@ def test_site_bundles_are_byte_reproducible(prepared, bundles, tmp_path):
     from feda2v.data.sites import write_site_bundles
 
     write_site_bundles(prepared, tmp_path)
-    for i in range(NODES):
-        for f in (bundles / f"node_{i:03d}").iterdir():
-            assert (tmp_path / f"node_{i:03d}" / f.name).read_bytes() == f.read_bytes()
+    for d in [f"node_{i:03d}" for i in range(NODES)] + ["server"]:
+        assert sorted(f.name for f in (tmp_path / d).iterdir()) == sorted(f.name for f in (bundles / d).iterdir())
+        for f in (bundles / d).iterdir():
+            assert (tmp_path / d / f.name).read_bytes() == f.read_bytes()
+
+
+# the server's bundle: manifest, conditions and the partitions' test splits alone (never a training sample)
+SERVER_BUNDLE = sorted(["conditions.safetensors", "manifest.json", "test_splits.json"]
+                       + [f"test_{i:03d}.safetensors" for i in range(NODES)])
 
 
 @pytest.mark.parametrize("sharing", ["shared", "fedavg"])
@@ -673,7 +680,7 @@ def test_nodes_read_only_their_own_bundle(prepared, bundles, tmp_path, sharing):
         shutil.copytree(bundles / f"node_{i:03d}", dirs[i])
     server = tmp_path / "server"
     shutil.copytree(bundles / "server", server)
-    assert sorted(p.name for p in server.iterdir()) == ["conditions.safetensors", "manifest.json"]
+    assert sorted(p.name for p in server.iterdir()) == SERVER_BUNDLE
     sections = {"federation": {"sharing": sharing}}
     ref, fed = _federation(prepared, **sections), _federation(server, tmp_path / "nodes", **sections)
     _inprocess(ref)
@@ -691,8 +698,9 @@ def test_nodes_read_only_their_own_bundle(prepared, bundles, tmp_path, sharing):
 
 
 def test_full_mode_server_reads_test_splits_only_and_names_a_missing_partition(prepared, bundles, tmp_path):
-    """Full mode's server evaluates on the partitions' test splits: it reads those from the node
-    files (verified against the manifest); one that is absent is one line naming the partition."""
+    """Full mode's server evaluates on the partitions' test splits: from a plain prepared dir it reads
+    them from the node files (verified against the manifest); one that is absent is one line naming
+    the partition."""
     from feda2v.data.prepared import load_server_view
 
     view = load_server_view(prepared, test_sets=True)
@@ -701,8 +709,78 @@ def test_full_mode_server_reads_test_splits_only_and_names_a_missing_partition(p
                for v, n in zip(view.nodes, full.nodes))
     server = tmp_path / "server"
     shutil.copytree(bundles / "server", server)
+    (server / "test_splits.json").unlink()  # manifest and conditions only: a plain server folder
+    for f in server.glob("test_*.safetensors"):
+        f.unlink()
     load_server_view(server)  # generator_only: manifest and conditions are enough
     with pytest.raises(DataError) as e:
         load_server_view(server, test_sets=True)
     assert str(e.value).startswith(f"prepared data {server} is missing node_000.safetensors (partition 0's test split")
     assert "\n" not in str(e.value)
+
+
+def test_server_bundle_alone_holds_the_test_splits_verified_against_the_manifest(prepared, bundles, tmp_path):
+    """DIR/server/ holds each partition's test split alone (no training sample), bit-identical to the
+    node files', tied to the manifest by test_splits.json; a damaged, missing or unlisted split is
+    one line naming the partition and the server's folder."""
+
+    from safetensors.torch import load_file
+
+    from feda2v.data.prepared import load_server_view
+
+    server = tmp_path / "server"
+    shutil.copytree(bundles / "server", server)
+    assert sorted(p.name for p in server.iterdir()) == SERVER_BUNDLE
+    assert all(sorted(load_file(f)) == ["test_x", "test_y"] for f in server.glob("test_*.safetensors"))
+    view = load_server_view(server, test_sets=True)
+    full = _federation(prepared).data
+    assert view.manifest_hash == full.manifest_hash
+    assert all(torch.equal(v.test_x, n.test_x) and torch.equal(v.test_y, n.test_y)
+               for v, n in zip(view.nodes, full.nodes))
+
+    def fails(pattern):
+        with pytest.raises(DataError) as e:
+            load_server_view(server, test_sets=True)
+        assert re.match(pattern, str(e.value)), str(e.value)
+        assert "\n" not in str(e.value)
+
+    split = server / "test_001.safetensors"
+    good = split.read_bytes()
+    b = bytearray(good)
+    b[-5] ^= 1
+    split.write_bytes(bytes(b))
+    fails(rf"^server data {re.escape(str(server))} has a corrupted test_001.safetensors \(sha256 differs from "
+          r"test_splits.json\) \(partition 1's test split.*DIR/server/\)$")
+    split.unlink()
+    fails(r"^server data .* is missing test_001.safetensors \(partition 1's test split")
+    split.write_bytes(good)
+    index = json.loads((server / "test_splits.json").read_text())
+    del index["files"]["test_002.safetensors"]
+    (server / "test_splits.json").write_text(json.dumps(index))
+    fails(r"^server data .* has a test_splits.json that does not list test_002.safetensors \(partition 2's")
+    index["manifest_hash"] = "0" * 64
+    (server / "test_splits.json").write_text(json.dumps(index))
+    fails(r"^server data .* has a test_splits.json of other prepared data \(manifest hash 000000000000")
+    (server / "test_splits.json").write_text("{")
+    fails(r"^server data .* has a damaged test_splits.json")
+
+
+@pytest.mark.parametrize("sharing", ["shared", "fedavg"])
+def test_full_mode_runs_on_the_server_bundle_alone(prepared, bundles, tmp_path, sharing):
+    """Full mode with the server's prepared dir = DIR/server/ only (no node file) and each node its
+    own bundle: generators, classifier and downstream metrics bit-identical to in-process."""
+    dirs = {}
+    for i in range(NODES):
+        dirs[i] = tmp_path / f"site{i}"
+        shutil.copytree(bundles / f"node_{i:03d}", dirs[i])
+    server = tmp_path / "server"
+    shutil.copytree(bundles / "server", server)
+    assert not list(server.glob("node_*"))
+    sections = {"federation": {"sharing": sharing, "mode": "full"}}
+    ref, fed = _federation(prepared, **sections), _federation(server, tmp_path / "nodes", **sections)
+    want = _inprocess(ref)
+    got = _run(fed, _grid(data_dirs=dirs))
+    assert_same_state(ref, fed)
+    assert all(torch.equal(a, b) for a, b in zip(ref.classifier.state_dict().values(),
+                                                 fed.classifier.state_dict().values()))
+    assert [g.downstream for g in got] == [w.downstream for w in want]

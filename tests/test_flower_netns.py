@@ -3,7 +3,8 @@ SuperNodes, each in its own network namespace (veth pairs to a bridge inside the
 namespace), TLS from a CA made by the test, SuperNode authentication with a key per SuperNode
 registered before it starts, and each SuperNode able to read only its own site bundle (the
 server's folder and the other sites are hidden in its mount namespace). The server of a
-generator-only run reads only the manifest and the conditions (the site bundles' ``server/``).
+run reads only the site bundles' ``server/``: the manifest, the conditions and (what full mode's server
+evaluates on) the partitions' test splits, no training sample.
 
 For shared relay, fedavg and full mode (over fedavg) the deployed run's checkpoints are
 bit-identical to the in-process engine's, every round (``feda2v-ckpt diff``, with ``--nodes`` for
@@ -57,11 +58,10 @@ def _raw(work: Path, **federation) -> dict:
 
 
 def _deployed(raw: dict, server: Path) -> dict:
-    """The server of a generator-only run holds no partition: only the manifest and the conditions
-    (full mode's server evaluates on the partitions' test splits, so it reads the prepared dir)."""
+    """The server holds no partition: the manifest, the conditions and the test splits (full mode's
+    held-out set) of the site bundles' server/ are its whole data."""
     raw = json.loads(json.dumps(raw))
-    if raw["federation"].get("mode", "generator_only") != "full":
-        raw["data"]["prepared_dir"] = str(server / "bundle")
+    raw["data"]["prepared_dir"] = str(server / "bundle")
     return raw
 
 
@@ -142,8 +142,9 @@ def deployment(tmp_path_factory, request):
     dep = Deployment(tmp_path_factory.mktemp("netns"))
     prepare(load_config(_raw(dep.server)))
     write_site_bundles(dep.server / "prepared", dep.sites)
-    # what the server of a generator-only run reads: the manifest and the conditions (sites.py)
+    # what the server reads, in every mode: manifest, conditions, test splits (sites.py)
     shutil.copytree(dep.sites / "server", dep.server / "bundle")
+    assert not list((dep.server / "bundle").glob("node_*"))
     # registered before `up`: a failed start-up is torn down too (every PID in the namespaces)
     request.addfinalizer(lambda: dep.sh("down", timeout=60))
     up = dep.sh("up", dep.server, dep.sites, timeout=180)

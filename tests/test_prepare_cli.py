@@ -52,6 +52,27 @@ def test_second_process_writes_the_same_bytes(prepared_once, tmp_path):
     assert snapshot(tmp_path / "data/prepared") == files
 
 
+def test_site_bundles_dir_adds_bundles_and_a_self_sufficient_server_folder(prepared_once, tmp_path):
+    """data.site_bundles_dir=DIR leaves data/prepared/ byte-identical and writes DIR/node_NNN/ and
+    DIR/server/: manifest, conditions and the test splits alone, enough for full mode's server."""
+    import torch
+
+    from feda2v.data import load_prepared
+    from feda2v.data.prepared import load_server_view
+
+    _, _, files = prepared_once
+    r = run(tmp_path, *DIGITS, "data.site_bundles_dir=sites")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(tmp_path / "data/prepared") == files
+    assert "site bundles: 4 under sites" in r.stdout and "test splits" in r.stdout
+    server = tmp_path / "sites" / "server"
+    assert sorted(snapshot(server)) == sorted(["conditions.safetensors", "manifest.json", "test_splits.json"]
+                                              + [f"test_00{i}.safetensors" for i in range(4)])
+    view, full = load_server_view(server, test_sets=True), load_prepared(tmp_path / "data/prepared")
+    assert all(torch.equal(v.test_x, n.test_x) and torch.equal(v.test_y, n.test_y)
+               for v, n in zip(view.nodes, full.nodes))
+
+
 BAD = {
     "unknown_source": (["data.name=cifar"], "data.name: 'cifar' is not one of"),
     "alpha_zero": (["data.partition.scheme=dirichlet", "data.partition.alpha=0"], "alpha must be > 0"),

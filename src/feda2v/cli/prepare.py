@@ -23,7 +23,7 @@ def task(cfg) -> None:
 
         sites = write_site_bundles(path, cfg.data.site_bundles_dir)
         print(f"site bundles: {len(sites) - 1} under {cfg.data.site_bundles_dir} (one per partition) and "
-              "server/ (manifest and conditions: the Flower server's data.prepared_dir)")
+              "server/ (manifest, conditions, test splits: the Flower server's data.prepared_dir)")
 
 
 def main() -> None:

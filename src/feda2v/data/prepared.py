@@ -288,8 +288,9 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def read_verified(path: Path, name: str, sha256: str, bad=None) -> dict:
-    """One safetensors file of prepared data, its sha256 checked; ``bad(what)`` builds the error."""
+def read_verified(path: Path, name: str, sha256: str, bad=None, listed_in: str = MANIFEST) -> dict:
+    """One safetensors file of prepared data, its sha256 checked against ``listed_in``'s;
+    ``bad(what)`` builds the error."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -299,7 +300,7 @@ def read_verified(path: Path, name: str, sha256: str, bad=None) -> dict:
         raise bad(f"is missing {name}")
     b = fp.read_bytes()
     if hashlib.sha256(b).hexdigest() != sha256:
-        raise bad(f"has a corrupted {name} (sha256 differs from the manifest)")
+        raise bad(f"has a corrupted {name} (sha256 differs from {listed_in})")
     try:
         return load(b)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -315,20 +316,26 @@ def check_conditions(t: dict, C: int, cdim: int, bad):
     return cond
 
 
-def check_node(i: int, t: dict, C: int, fdim: int, counts: dict, bad) -> NodeData:
-    """Node ``i``'s tensors against dims and the manifest's per-class ``counts`` ({split: row})."""
+def check_split(name: str, split: str, t: dict, C: int, fdim: int, row: list, bad) -> None:
+    """One split's ``{split}_x``/``{split}_y`` in file ``name`` against dims and the manifest's
+    per-class counts ``row``."""
     import torch
 
+    x, y = t.get(f"{split}_x"), t.get(f"{split}_y")
+    ok = (x is not None and y is not None and x.dtype == torch.float32 and y.dtype == torch.int64
+          and x.dim() == 2 and x.shape[1] == fdim and y.shape == (x.shape[0],))
+    if not ok:
+        raise bad(f"has {name} without float32 {split}_x [n, {fdim}] and int64 {split}_y [n]")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+        raise bad(f"has {name} with {split} labels outside the {C} classes")
+    if torch.bincount(y, minlength=C).tolist() != row:
+        raise bad(f"has {name} whose {split} class counts differ from the manifest")
+
+
+def check_node(i: int, t: dict, C: int, fdim: int, counts: dict, bad) -> NodeData:
+    """Node ``i``'s tensors against dims and the manifest's per-class ``counts`` ({split: row})."""
     for split in ("train", "test"):
-        x, y = t.get(f"{split}_x"), t.get(f"{split}_y")
-        ok = (x is not None and y is not None and x.dtype == torch.float32 and y.dtype == torch.int64
-              and x.dim() == 2 and x.shape[1] == fdim and y.shape == (x.shape[0],))
-        if not ok:
-            raise bad(f"has {node_file(i)} without float32 {split}_x [n, {fdim}] and int64 {split}_y [n]")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
-            raise bad(f"has {node_file(i)} with {split} labels outside the {C} classes")
-        if torch.bincount(y, minlength=C).tolist() != counts[split]:
-            raise bad(f"has {node_file(i)} whose {split} class counts differ from the manifest")
+        check_split(node_file(i), split, t, C, fdim, counts[split], bad)
     return NodeData(i, t["train_x"], t["train_y"], t["test_x"], t["test_y"])
 
 
@@ -374,11 +381,49 @@ class NodeView:
         self._not_here("training labels")
 
 
+# The server bundle's held-out test set (data/sites.py writes it): one file per partition holding
+# only its test split, and an index binding their sha256s to the manifest hash. The manifest's own
+# files map hashes whole node files, so a test split alone needs this index to be verifiable.
+TEST_SPLITS = "test_splits.json"
+TEST_SPLITS_KIND = "feda2v-test-splits"
+
+
+def test_split_file(i: int) -> str:
+    return f"test_{i:03d}.safetensors"
+
+
+def test_split_index(manifest: dict, files: Mapping[str, str]) -> bytes:
+    """``test_splits.json``: the test-split files' sha256s and the manifest hash they belong to."""
+    index = {"kind": TEST_SPLITS_KIND, "format": FORMAT, "manifest_hash": manifest["hash"],
+             "files": dict(sorted(files.items()))}
+    return (json.dumps(index, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _read_test_split_index(path: Path, manifest: dict) -> dict:
+    """The verified files map of ``path/test_splits.json``; DataError naming the index otherwise."""
+    def bad(what: str) -> DataError:
+        return DataError(f"server data {path} {what}; copy the server bundle again (feda2v-prepare "
+                         "data.site_bundles_dir=DIR writes DIR/server/)")
+    try:
+        index = json.loads((path / TEST_SPLITS).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"has a damaged {TEST_SPLITS} ({e})") from None
+    if (not isinstance(index, dict) or index.get("kind") != TEST_SPLITS_KIND or index.get("format") != FORMAT
+            or not isinstance(index.get("files"), dict)):
+        raise bad(f"has a {TEST_SPLITS} that is not a feda2v test-split index of format {FORMAT}")
+    if index.get("manifest_hash") != manifest["hash"]:
+        raise bad(f"has a {TEST_SPLITS} of other prepared data (manifest hash "
+                  f"{str(index.get('manifest_hash'))[:12]}, {MANIFEST} has {manifest['hash'][:12]})")
+    return index["files"]
+
+
 def load_server_view(path, *, test_sets: bool = False) -> PreparedData:
     """What the server of a distributed run reads: the manifest and the conditions (verified), and
     with ``test_sets`` (full mode: the held-out test set it evaluates on) each partition's test
-    split, from its file verified against the manifest. ``nodes`` are NodeViews. A folder holding
-    only ``manifest.json`` and ``conditions.safetensors`` is enough without ``test_sets``."""
+    split: from the server bundle's ``test_NNN.safetensors`` (``test_splits.json`` present, each
+    verified against it), else from the node files of a plain prepared dir (against the manifest).
+    ``nodes`` are NodeViews. A folder holding only ``manifest.json`` and ``conditions.safetensors``
+    is enough without ``test_sets``."""
     path = Path(path)
     manifest = read_manifest(path)
     files = manifest["files"]
@@ -387,18 +432,31 @@ def load_server_view(path, *, test_sets: bool = False) -> PreparedData:
     cond = check_conditions(read_verified(path, CONDITIONS, files[CONDITIONS]), C, cdim,
                             lambda what: _bad(path, what))
     counts = manifest["counts"]
+    split_files = _read_test_split_index(path, manifest) if test_sets and (path / TEST_SPLITS).is_file() else None
     nodes = []
     for i in range(manifest["nodes"]):
         mine = {s: counts[s][i] for s in ("train", "test")}
         if not test_sets:
             nodes.append(NodeView(i, mine))
             continue
+        if split_files is None:
+            def bad(what: str, i=i) -> DataError:
+                return DataError(f"prepared data {path} {what} (partition {i}'s test split, which the server "
+                                 "evaluates full mode on); copy that file from the prepared data or run "
+                                 "feda2v-prepare again")
+            nd = check_node(i, read_verified(path, node_file(i), files[node_file(i)], bad), C, fdim, mine, bad)
+            nodes.append(NodeView(i, mine, nd.test_x, nd.test_y))
+            continue
 
         def bad(what: str, i=i) -> DataError:
-            return DataError(f"prepared data {path} {what} (partition {i}'s test split, which the server "
-                             "evaluates full mode on); copy that file from the prepared data or run "
-                             "feda2v-prepare again")
-        nd = check_node(i, read_verified(path, node_file(i), files[node_file(i)], bad), C, fdim, mine, bad)
-        nodes.append(NodeView(i, mine, nd.test_x, nd.test_y))
+            return DataError(f"server data {path} {what} (partition {i}'s test split, which the server "
+                             "evaluates full mode on); copy the server bundle again (feda2v-prepare "
+                             "data.site_bundles_dir=DIR writes DIR/server/)")
+        name = test_split_file(i)
+        if name not in split_files:
+            raise bad(f"has a {TEST_SPLITS} that does not list {name}")
+        t = read_verified(path, name, split_files[name], bad, TEST_SPLITS)
+        check_split(name, "test", t, C, fdim, mine["test"], bad)
+        nodes.append(NodeView(i, mine, t["test_x"], t["test_y"]))
     return PreparedData(classes=classes, conditions=cond, nodes=nodes, manifest=manifest,
                         manifest_hash=manifest["hash"], feature_dim=fdim, condition_dim=cdim)

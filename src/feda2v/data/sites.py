@@ -5,8 +5,9 @@ site's partition (``node_NNN.safetensors``), the class conditions and ``site.jso
 manifest entry (its per-class counts, classes, dims) plus the federation's files map (file names and
 sha256 only), so the site verifies alone that its two files belong to the federation whose manifest
 hash the server announces. ``DIR/server/`` holds what the server of a distributed run reads
-(``data/prepared.py:load_server_view``): ``manifest.json`` and the conditions, no partition (full
-mode's server also needs the partitions' test splits: their node files). ``load_partition`` reads a bundle, or one partition of a full prepared
+(``data/prepared.py:load_server_view``): ``manifest.json``, the conditions and, for full mode's
+server, the partitions' held-out test splits alone (``test_NNN.safetensors``, their sha256s and the
+manifest hash in ``test_splits.json``), no training sample. ``load_partition`` reads a bundle, or one partition of a full prepared
 dir, and checks only that partition's files; errors name the partition and the site's directory.
 """
 from __future__ import annotations
@@ -15,8 +16,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from feda2v.data.prepared import (CONDITIONS, MANIFEST, FORMAT, NodeData, _write_dir_atomically, check_conditions,
-                                  check_node, files_hash, node_file, read_manifest, read_verified)
+import hashlib
+
+from feda2v.data.prepared import (CONDITIONS, MANIFEST, FORMAT, TEST_SPLITS, NodeData, _safetensors_bytes,
+                                  _write_dir_atomically, check_conditions, check_node, files_hash, node_file,
+                                  read_manifest, read_verified, test_split_file, test_split_index)
 from feda2v.errors import DataError
 
 SITE = "site.json"
@@ -53,17 +57,26 @@ def write_site_bundles(prepared_dir, out_dir) -> list[Path]:
     directory written atomically, byte-reproducible: the same prepared data gives the same bytes)."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     manifest = read_manifest(prepared_dir)
-    written = []
+    written, test_splits = [], {}
     for i in range(manifest["nodes"]):
         blobs = {}
+        read_verified(prepared_dir, CONDITIONS, manifest["files"][CONDITIONS])  # never copy a damaged file
+        t = read_verified(prepared_dir, node_file(i), manifest["files"][node_file(i)])
         for name in (CONDITIONS, node_file(i)):
-            read_verified(prepared_dir, name, manifest["files"][name])  # never copy a damaged file
             blobs[name] = (prepared_dir / name).read_bytes()
+        node = check_node(i, t, len(manifest["classes"]), manifest["feature_dim"],
+                          {s: manifest["counts"][s][i] for s in ("train", "test")},
+                          lambda what: DataError(f"prepared data {prepared_dir} {what}; run feda2v-prepare again"))
+        test_splits[test_split_file(i)] = _safetensors_bytes({"test_x": node.test_x.numpy(),
+                                                              "test_y": node.test_y.numpy()})
         blobs[SITE] = (json.dumps(site_entry(manifest, i), indent=1, sort_keys=True) + "\n").encode()
         target = out_dir / site_dir_name(i)
         _write_dir_atomically(target, blobs)
         written.append(target)
-    blobs = {MANIFEST: (prepared_dir / MANIFEST).read_bytes(), CONDITIONS: (prepared_dir / CONDITIONS).read_bytes()}
+    # full mode's server evaluates on the test splits: they go alone, never the training samples
+    blobs = {MANIFEST: (prepared_dir / MANIFEST).read_bytes(), CONDITIONS: (prepared_dir / CONDITIONS).read_bytes(),
+             **test_splits,
+             TEST_SPLITS: test_split_index(manifest, {n: hashlib.sha256(b).hexdigest() for n, b in test_splits.items()})}
     _write_dir_atomically(out_dir / SERVER_DIR, blobs)  # verified above (read_manifest, read_verified)
     written.append(out_dir / SERVER_DIR)
     return written
