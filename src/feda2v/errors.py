@@ -54,9 +54,15 @@ class RunDirError(Feda2vError):
     run's checkpoints or reports and this run was not told to resume or to start over."""
 
 
-class TrainingStopped(Feda2vError):
+class TrainingStopped(BaseException):
     """SIGTERM or SIGINT stopped training at a safe point; the last complete checkpoint is kept.
-    Exits with the shell's code for the signal (128 + its number: 143 for SIGTERM, 130 for SIGINT)."""
+    Exits with the shell's code for the signal (128 + its number: 143 for SIGTERM, 130 for SIGINT).
+
+    A BaseException, like KeyboardInterrupt, because the signal handler raises it wherever the main
+    thread happens to be: library code that catches ``Exception`` there would swallow or re-wrap it
+    (OmegaConf's attribute access re-raises what it catches as ``type(e)(message)``; a tracking call
+    would count it as a tracking failure). Not a Feda2vError for the same reason; the command line
+    prints it as one line all the same."""
 
     def __init__(self, signum: int, message: str):
         self.signum = signum

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from feda2v.errors import Feda2vError
+from feda2v.errors import Feda2vError, TrainingStopped
 from feda2v.fsutil import output_error
 
 # Stable paths for pipeline runs: no date folders, no .hydra/ copies, logs on stdout only.
@@ -289,7 +289,7 @@ def run_app(task: Callable, config_name: str = "config") -> None:
         in_task = True
         try:
             task(load_config(_per_job_outputs(raw)))
-        except Feda2vError as e:
+        except (Feda2vError, TrainingStopped) as e:
             fail(e, e.exit_code)
         except OSError as e:  # an OS condition no write path named: still one line
             fail(output_error(e.filename or "a file", e, "access"), 2)

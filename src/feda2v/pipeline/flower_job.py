@@ -13,7 +13,7 @@ import os
 
 from flwr.serverapp import ServerApp
 
-from feda2v.errors import ConfigError, Feda2vError
+from feda2v.errors import ConfigError, Feda2vError, TrainingStopped
 
 
 def deployment_main(grid, context) -> None:
@@ -34,7 +34,7 @@ def deployment_main(grid, context) -> None:
         os.chdir(str(workdir))
     try:
         summary = train(cfg, engine=FlowerEngine(grid=grid))
-    except Feda2vError as e:  # the one line the deploy script and `flwr log` show; Flower marks the run failed
+    except (Feda2vError, TrainingStopped) as e:  # the one line the deploy script and `flwr log` show; Flower marks the run failed
         print(f"feda2v: error: {e}", flush=True)
         raise
     print(f"feda2v: flower deployment run finished: {json.dumps(summary, sort_keys=True, default=str)}",
