@@ -506,21 +506,30 @@ def test_a_crashed_node_write_leaves_its_previous_state(prepared, tmp_path, monk
     assert (d / "round_000001.ckpt").read_bytes() == before and read_run_state(d / "latest.ckpt").round == 1
 
 
+def _crash_after_round_2(prepared, tmp_path, sections, rounds):
+    """The in-process reference over ``rounds`` rounds, and a node-resident federation whose server
+    saved tmp_path/server2.ckpt after round 2, then ran on to ``rounds`` and "crashed" unsaved."""
+    from feda2v.checkpoint.runstate import write_run_state
+
+    ref = _federation(prepared, **sections)
+    _inprocess(ref, rounds=rounds)
+    fed = _federation(prepared, tmp_path / "nodes", **sections)
+    grid_rounds = flower_app.GridRounds(_grid(), fed)
+    for r in range(1, rounds + 1):
+        grid_rounds.run_round(r)
+        if r == 2:
+            write_run_state(tmp_path / "server2.ckpt", fed.state_dict())
+    return ref, fed
+
+
 @pytest.mark.parametrize("sharing", ["local", "fedavg"])
 def test_resume_after_a_server_crash_between_node_and_server_checkpoints(prepared, sharing, tmp_path):
     """Nodes wrote round 3, the server died before its round-3 checkpoint: resuming from the
     round-2 server checkpoint trains round 3 again from the nodes' round-2 state, bit for bit."""
-    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+    from feda2v.checkpoint.runstate import read_run_state
 
     sections = {"federation": {"sharing": sharing}}
-    ref = _federation(prepared, **sections)
-    _inprocess(ref, rounds=3)
-    fed = _federation(prepared, tmp_path / "nodes", **sections)
-    rounds = flower_app.GridRounds(_grid(), fed)
-    for r in (1, 2):
-        rounds.run_round(r)
-    write_run_state(tmp_path / "server2.ckpt", fed.state_dict())
-    rounds.run_round(3)  # the nodes' round-3 files exist; the server "crashes" before saving round 3
+    ref, fed = _crash_after_round_2(prepared, tmp_path, sections, rounds=3)  # nodes wrote round 3
     again = _federation(prepared, tmp_path / "nodes", **sections)
     state = read_run_state(tmp_path / "server2.ckpt")
     assert state.extra["node_rounds"] == {f"node/{i:03d}": 2 for i in range(NODES)}
@@ -543,18 +552,10 @@ def test_checkpoint_every_n_rounds_nodes_keep_what_the_last_server_checkpoint_na
     """checkpoint.every=2: the server's last checkpoint (round 2) names the nodes' round-2 state
     while the nodes go on to write rounds 3 and 4; they keep every + 1 = 3 files, so a crash
     before the server's round-4 checkpoint resumes from round 2, bit for bit."""
-    from feda2v.checkpoint.runstate import read_run_state, write_run_state
+    from feda2v.checkpoint.runstate import read_run_state
 
     sections = {"federation": {"sharing": "fedavg"}, "checkpoint": {"every": 2}}
-    ref = _federation(prepared, **sections)
-    _inprocess(ref, rounds=4)
-    fed = _federation(prepared, tmp_path / "nodes", **sections)
-    rounds = flower_app.GridRounds(_grid(), fed)
-    for r in (1, 2):
-        rounds.run_round(r)
-    write_run_state(tmp_path / "server2.ckpt", fed.state_dict())
-    for r in (3, 4):
-        rounds.run_round(r)  # the server "crashes" before saving round 4
+    ref, fed = _crash_after_round_2(prepared, tmp_path, sections, rounds=4)
     assert sorted(p.name for p in _node_dir(fed, "node/001").glob("round_*")) == [
         "round_000002.ckpt", "round_000003.ckpt", "round_000004.ckpt"]
     again = _federation(prepared, tmp_path / "nodes", **sections)
