@@ -31,6 +31,27 @@ CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = ROOT / "reports" / "mlflow_compare.png"
 COMMON_LOSS = "loss/generator"
 EVAL_METRIC = "eval/overall/tstr_acc"
+# scroll MLflow's virtual metric grid (react-virtualized, its own overflow-hidden scroller) by a
+# few rows; true if it moved, false at its end, null if there is no such grid
+SCROLL_METRIC_GRID = """px => {
+  const link = document.querySelector('a[title="Plot chart"]');
+  const grid = link && link.closest('.ReactVirtualized__Grid');
+  if (!grid) return null;
+  const before = grid.scrollTop;
+  grid.scrollTop = before + px;
+  return grid.scrollTop > before;
+}"""
+# true once the metric's link lies inside the grid's visible window; until then scroll it there
+# (a row rendered below the window, clicked as it is, scrolls the grid under the pointer)
+METRIC_ROW_IN_VIEW = """text => {
+  const link = [...document.querySelectorAll('a[title="Plot chart"]')].find(a => a.innerText === text);
+  if (!link) return false;
+  const row = link.getBoundingClientRect();
+  const grid = link.closest('.ReactVirtualized__Grid').getBoundingClientRect();
+  if (row.top >= grid.top && row.bottom <= grid.bottom) return true;
+  link.scrollIntoView({block: "center"});
+  return false;
+}"""
 
 
 def _free_port() -> int:
@@ -107,16 +128,25 @@ def test_compare_two_runs_shows_common_loss_chart_and_eval_metrics(ui, tmp_path)
             shown = set(metric_links.all_inner_texts())
             assert EVAL_METRIC in shown and "eval/overall/frechet" in shown, shown
             page.screenshot(path=str(tmp_path / "compare_table.png"), full_page=True)
-            # 4. the common per-round loss: the table is virtual, scroll to its row, open its chart
+            # 4. the common per-round loss: the table is a virtual grid (7 rows on screen, ~17 in the
+            # DOM). Scroll its own container three rows at a time and let each scroll render before
+            # the next: queued wheel events on a loaded machine land together and jump past the row
             target = metric_links.filter(has_text=COMMON_LOSS)
-            deadline = time.monotonic() + 120  # a loaded 2-core machine renders slowly
-            while not target.count() and time.monotonic() < deadline:
-                metric_links.last.hover()
-                page.mouse.wheel(0, 200)
-                page.wait_for_timeout(300)  # let the virtual table render the rows it scrolled to
-            assert target.count(), f"{COMMON_LOSS} not in the comparison's metrics"
+            rendered = metric_links.all_inner_texts()
+            while not target.count():
+                moved = page.evaluate(SCROLL_METRIC_GRID, 135)
+                assert moved is not None, "the comparison's metric table is no longer a virtual grid"
+                if not moved:
+                    break  # the grid's end
+                page.wait_for_function(  # the grid renders further rows as it scrolls down
+                    "last => [...document.querySelectorAll('a[title=\"Plot chart\"]')]"
+                    ".pop().innerText !== last", arg=rendered[-1], timeout=60_000)
+                rendered = metric_links.all_inner_texts()
+            assert target.count(), f"{COMMON_LOSS} not in the comparison's metrics: {rendered}"
+            page.wait_for_function(METRIC_ROW_IN_VIEW, arg=COMMON_LOSS, polling=500, timeout=60_000)
             target.first.click()
             page.wait_for_url("**/metric?**", timeout=60_000)
+            assert "loss%2Fgenerator" in page.url, page.url  # the chart of the row clicked
             page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
             # one chart, both runs on it (the legend names each run with the metric)
             for name in names:
