@@ -1,6 +1,8 @@
 """Real GeneratorStore state through the container: every granularity x generator type."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -114,3 +116,14 @@ def test_file_of_another_granularity_is_refused(tmp_path, per_class_file):
     with pytest.raises(Feda2vError) as e:
         unified.load_state_dict(inner, h["stores"]["server"])
     assert "granularity" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_from_before_output_variance_resumes_with_it_off(tmp_path, per_class_file):
+    from feda2v.checkpoint import check_resumable, read_run_state
+
+    state = dataclasses.replace(read_run_state(per_class_file),
+                                config={"generator": {"granularity": "per_class", "type": "cvae"}})  # before the key
+    base = {"granularity": "per_class", "type": "cvae"}
+    check_resumable({"generator": {**base, "output_variance": False}}, state, None, per_class_file)
+    with pytest.raises(CheckpointError, match="generator.output_variance is False there, True here"):
+        check_resumable({"generator": {**base, "output_variance": True}}, state, None, per_class_file)

@@ -47,6 +47,7 @@ BAD = {
     "generator.hidden_dim": -4,
     "generator.beta_max": -1.0,
     "generator.beta_warmup_steps": -1,
+    "generator.output_variance": "maybe",
     "generator.optimizer.name": "sgd",
     "generator.optimizer.lr": 0.0,
     "generator.optimizer.betas": [0.9],

@@ -1,6 +1,8 @@
 """GeneratorStore: keys, one optimizer per (key, role), shared relay, reset policy, grouped training."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,9 +273,13 @@ def _reference_step(ref: GeneratorStore, x, y, g: torch.Generator) -> dict:
             kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)).mean()
             beta = spec.beta_max * min(1.0, ref.step_count(key) / spec.beta_warmup_steps)
             loss = rec + beta * kl
+            objective = loss
+            if m.output_variance:  # the learned per-feature variance's Gaussian NLL on the detached residual
+                lv = m.output_log_var
+                objective = loss + (0.5 * ((recon.detach() - xk) ** 2 / lv.exp() + lv).sum(1)).mean()
             opt = ref.optimizer(key)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             opt.step()
             out[key] = {"loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "beta": beta}
     return out
@@ -326,9 +332,14 @@ def test_sample_uses_each_class_key_and_condition():
     out = s.sample(torch.tensor([0, 1, 0]), gen=gen(5))
     assert out.shape == (3, D)
     assert torch.equal(out, s.sample(torch.tensor([0, 1, 0]), gen=gen(5)))
-    z = torch.randn(3, Z, generator=gen(5))
+    g = gen(5)
+    z = torch.randn(3, Z, generator=g)
+    noise = torch.randn(3, D, generator=g)  # the likelihood's noise, drawn after the latents
     with torch.no_grad():
-        ref = s.module("unified").decode(z, s.conditions[torch.tensor([0, 1, 0])])
+        m = s.module("unified")
+        m.output_log_var.fill_(math.log(0.25))  # sigma 0.5
+        out = s.sample(torch.tensor([0, 1, 0]), gen=gen(5))
+        ref = m.decode(z, s.conditions[torch.tensor([0, 1, 0])]) + 0.5 * noise
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     a0, a1 = s.sample(torch.tensor([0]), gen=gen(6)), s.sample(torch.tensor([1]), gen=gen(6))
     assert not torch.allclose(a0, a1)  # same noise, other condition
@@ -338,13 +349,35 @@ def test_sample_uses_each_class_key_and_condition():
 def test_sample_per_class_uses_that_class_generator(type_):
     s = make_store(type_, "per_class")
     idx = torch.tensor([2, 0, 2, 3])
-    out = s.sample(idx, gen=gen(9))
-    z = torch.randn(4, Z, generator=gen(9))
+    g = gen(9)
+    z = torch.randn(4, Z, generator=g)
+    noise = torch.randn(4, D, generator=g)  # VAE: its likelihood's noise, after the latents
     with torch.no_grad():
+        if type_ == "vae":  # each class key its own sigma
+            for c in range(len(CLASSES)):
+                s.module(f"class/{CLASSES[c]}").output_log_var.fill_(math.log(0.1 * (c + 1)))
+        out = s.sample(idx, gen=gen(9))
         for i, c in enumerate(idx.tolist()):
             m = s.module(f"class/{CLASSES[c]}")
-            ref = m.decode(z[i:i + 1]) if type_ == "vae" else m(z[i:i + 1], s.conditions[c:c + 1])
+            if type_ == "vae":
+                ref = m.decode(z[i:i + 1]) + math.sqrt(0.1 * (c + 1)) * noise[i:i + 1]
+            else:
+                ref = m(z[i:i + 1], s.conditions[c:c + 1])
             torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("type_", ["vae", "cvae"])
+def test_sample_without_output_variance_is_the_decoder_mean(type_):
+    # what stores built before the output variance existed (and output_variance=False) sample
+    s = make_store(type_, "unified", output_variance=False)
+    assert not any("output_log_var" in n for n, _ in s.module("unified").named_parameters())
+    idx = torch.tensor([0, 1, 3])
+    out = s.sample(idx, gen=gen(4))
+    z = torch.randn(3, Z, generator=gen(4))
+    with torch.no_grad():
+        m = s.module("unified")
+        ref = m.decode(z, s.conditions[idx]) if type_ == "cvae" else m.decode(z)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_batches_are_data_errors():

@@ -215,3 +215,25 @@ def test_parameter_tensors_round_trip_and_averaging():
     shaped["class/b/generator/param/decoder.0.bias"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match="'class/b/generator/param/decoder.0.bias' has shape"):
         a.load_parameter_tensors(shaped)
+
+
+@pytest.mark.parametrize("type_", ["vae", "cvae"])
+def test_state_from_before_the_output_variance_loads_as_mean_sampling(type_):
+    # A checkpoint written before generator.output_variance existed: its spec has no such field and
+    # its VAE has no output_log_var; it must rebuild as that same model (mean sampling, same bytes).
+    old = make_store(type_, "unified", output_variance=False)
+    old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
+    tensors, meta = old.state_dict()
+    meta = json.loads(json.dumps(meta))
+    assert "output_variance" not in meta["arch"]["unified/generator"]["kwargs"]  # recorded as before
+    assert not any("output_log_var" in n for n in tensors)
+    del meta["spec"]["output_variance"]
+    rebuilt = GeneratorStore.from_state(tensors, meta)
+    assert rebuilt.spec.output_variance is False
+    assert torch.equal(rebuilt.sample(torch.tensor([0, 2]), gen=gen(3)), old.sample(torch.tensor([0, 2]), gen=gen(3)))
+    new = make_store(type_, "unified")  # the default now: the learned variance is state, kept and restored
+    new.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
+    t2, m2 = new.state_dict()
+    assert m2["arch"]["unified/generator"]["kwargs"]["output_variance"] is True
+    assert "unified/generator/param/output_log_var" in t2
+    assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)

@@ -270,6 +270,13 @@ def read_primary_store(path: str | os.PathLike, store: str | None = None
 # -------------------------------------------------------------------------------- resume check
 
 
+# State-determining config keys added after checkpoints existed: the value a checkpoint written
+# before the key ran with (so it resumes with that value set, and is refused, naming it, otherwise).
+ADDED_CONFIG_KEYS: dict[str, Any] = {
+    "generator.output_variance": False,  # VAE stores sampled the decoder mean (models/generators.py)
+}
+
+
 def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: str | None,
                     source: str | os.PathLike) -> None:
     """Refuse (CheckpointError, one line naming the first differing key) a checkpoint that this
@@ -280,6 +287,8 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
         raise CheckpointError(f"{source} was trained on other prepared data (manifest hash differs); "
                               "re-run prepare with that checkpoint's data config or start without resume")
     mine, theirs = flatten_dotted(dict(config)), flatten_dotted(state.config)
+    for name, value in ADDED_CONFIG_KEYS.items():  # a checkpoint older than the key ran with this value
+        theirs.setdefault(name, value)
     for name in sorted(set(mine) | set(theirs)):
         if _free(name, RESUME_FREE):
             continue

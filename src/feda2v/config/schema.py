@@ -84,6 +84,11 @@ class GeneratorConfig:
     # half of the default run's unified steps (20 rounds x 10 nodes x 4 batches x 5 epochs ~ 4000):
     # measured on the instruments defaults, 3 seeds, against 200 (README, generator comparison).
     beta_warmup_steps: int = 2000
+    # VAE kinds (default arch): learn a per-feature output variance (its own Gaussian likelihood
+    # term, on the detached residual) and sample decoder mean + sigma * noise instead of the mean
+    # alone, so synthetic classes have the within-class spread the decoder mean lacks (README,
+    # generator comparison). false = the mean only (what stores built before it do).
+    output_variance: bool = True
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gan: GanConfig = field(default_factory=GanConfig)
 

@@ -11,6 +11,7 @@ from feda2v.models.generators import (
     ProjectionDiscriminator,
     build_model,
     constructor_args,
+    recorded_kwargs,
 )
 from feda2v.models.init import clone_structure, init_parameters
 # the published FedA2V architectures (generator.arch=fedgfe*), registered in ARCHITECTURES on import
@@ -23,7 +24,7 @@ from feda2v.models.losses import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "constructor_args", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator",
+    "ARCHITECTURES", "Architecture", "constructor_args", "recorded_kwargs", "CVAE", "VAE", "Classifier", "GANDiscriminator", "GANGenerator",
     "ProjectionDiscriminator", "build_model",
     "clone_structure", "init_parameters", "stacked_linear", "stacked_sequential", "beta_schedule", "bce_logits_per_sample",
     "vae_kl_per_sample", "vae_recon_per_sample", "PUBLISHED_ARCHITECTURES",

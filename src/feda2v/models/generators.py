@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from feda2v.errors import CheckpointError
 from feda2v.models.functional import stacked_sequential
-from feda2v.models.init import init_parameters, linear
+from feda2v.models.init import init_linears, init_parameters, linear
 
 
 def _default_gen() -> torch.Generator:
@@ -34,27 +34,61 @@ def constructor_args(cls: type[nn.Module]) -> tuple[str, ...]:
     return tuple(n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "gen"))
 
 
+def recorded_kwargs(cls: type[nn.Module], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as a checkpoint records them: an argument with a default (one added after
+    checkpoints existed) only where it differs from that default, so an architecture built as
+    before records, and compares, exactly as before (older checkpoints keep loading)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: v for n, v in kwargs.items() if params[n].default is inspect.Parameter.empty or v != params[n].default}
+
+
 class Architecture(nn.Module):
     """Base of every generator architecture: each keeps its constructor arguments as attributes of
     the same name, so ``kwargs()`` (what rebuilds it) is derived, never listed per class."""
 
     def kwargs(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in constructor_args(type(self))}
+        return recorded_kwargs(type(self), {n: getattr(self, n) for n in constructor_args(type(self))})
+
+
+# The learned output log-variance (output_variance=True): one per feature, shared by all samples.
+OUTPUT_LOG_VAR = "output_log_var"
 
 
 class _VAEBase(Architecture):
+    """Encoder and decoder MLPs; with ``output_variance`` also a learned per-feature log-variance
+    of the Gaussian likelihood p(x | z) = N(decoder(z), diag(exp(output_log_var))).
+
+    Why: the decoder mean alone is a smooth function of z, and only a few latent dimensions stay
+    active, so mean-only samples of a class lie on a thin manifold with too little within-class
+    spread; a classifier trained on them (TSTR) learns boundaries that real data crosses. Sampling
+    the likelihood adds the spread the latents do not carry. The variance is fitted to the
+    detached residual (``losses.output_nll_per_sample``), so the decoder's own training (squared
+    error + beta KL) is unchanged; a sigma-VAE-style calibrated likelihood weighting the squared
+    error (Rybkin et al., 2021) was measured worse here (it lowers the effective beta; README).
+    """
+
     conditional: bool = False
 
     def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, condition_dim: int,
-                 gen: torch.Generator | None = None):
+                 gen: torch.Generator | None = None, output_variance: bool = False):
         super().__init__()
         self.feature_dim, self.latent_dim, self.hidden_dim = feature_dim, latent_dim, hidden_dim
-        self.condition_dim = condition_dim
+        self.condition_dim, self.output_variance = condition_dim, bool(output_variance)
         d, z, h, c = feature_dim, latent_dim, hidden_dim, condition_dim
         # The encoder's last layer emits [mu, logvar] side by side.
         self.encoder = nn.Sequential(linear(d + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, 2 * z))
         self.decoder = nn.Sequential(linear(z + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, d))
+        if self.output_variance:
+            self.output_log_var = nn.Parameter(torch.empty(d))
         init_parameters(self, gen or _default_gen())
+
+    @torch.no_grad()
+    def init_from(self, gen: torch.Generator) -> None:
+        """The Linear layers as ``init_parameters`` draws them (the same draws with or without the
+        variance, which draws nothing); the output variance starts at 1 (log 0), a z-scored feature's."""
+        init_linears(self, gen)
+        if self.output_variance:
+            self.output_log_var.zero_()
 
     def _c(self, cond: Tensor | None) -> Tensor | None:
         if not self.conditional:
@@ -89,14 +123,24 @@ class _VAEBase(Architecture):
     def decode_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None) -> Tensor:
         return stacked_sequential(self.decoder, "decoder", params, _cat(z, self._c(cond)))
 
+    def sample_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None,
+                       noise: Tensor | None) -> Tensor:
+        """Samples of p(x | z): the decoder mean, plus ``noise`` ([K, n, feature_dim] standard
+        normal) scaled by the learned sigma when the model has an output variance."""
+        mean = self.decode_stacked(params, z, cond)
+        if not self.output_variance:
+            return mean
+        return mean + torch.exp(0.5 * params[OUTPUT_LOG_VAR]).unsqueeze(1) * noise
+
 
 class VAE(_VAEBase):
     """Unconditional VAE: one per key; sampling a class decodes prior noise with that class's key."""
 
     conditional = False
 
-    def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, gen: torch.Generator | None = None):
-        super().__init__(feature_dim, latent_dim, hidden_dim, 0, gen)
+    def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, output_variance: bool = False,
+                 gen: torch.Generator | None = None):
+        super().__init__(feature_dim, latent_dim, hidden_dim, 0, gen, output_variance)
 
 
 class CVAE(_VAEBase):
@@ -105,8 +149,8 @@ class CVAE(_VAEBase):
     conditional = True
 
     def __init__(self, feature_dim: int, condition_dim: int, latent_dim: int, hidden_dim: int,
-                 gen: torch.Generator | None = None):
-        super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen)
+                 output_variance: bool = False, gen: torch.Generator | None = None):
+        super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen, output_variance)
 
 
 class GANGenerator(Architecture):

@@ -43,6 +43,12 @@ def init_parameters(module: nn.Module, gen: torch.Generator) -> None:
     if callable(own):
         own(gen)
         return
+    init_linears(module, gen)
+
+
+@torch.no_grad()
+def init_linears(module: nn.Module, gen: torch.Generator) -> None:
+    """``init_parameters``' default: every Linear (and LayerNorm) of ``module``, in module order."""
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             bound = 1.0 / math.sqrt(sub.in_features)

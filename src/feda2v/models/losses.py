@@ -22,6 +22,14 @@ def vae_recon_per_sample(recon: Tensor, x: Tensor) -> Tensor:
     return (recon - x).pow(2).sum(-1)
 
 
+def output_nll_per_sample(recon: Tensor, x: Tensor, log_var: Tensor) -> Tensor:
+    """Gaussian negative log-likelihood (up to constants) of ``x`` under N(recon, diag(exp(log_var))),
+    summed over features, per sample, with the residual detached: it fits the learned output
+    variance (per feature, [K, 1, D] or [D]) to the squared residual and trains nothing else."""
+    r2 = (recon.detach() - x).pow(2)
+    return 0.5 * (r2 * torch.exp(-log_var) + log_var).sum(-1)
+
+
 def vae_kl_per_sample(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(q(z|x) || N(0, I)) summed over latent dimensions, per sample."""
     return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(-1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from feda2v.errors import ConfigError
-from feda2v.models import ARCHITECTURES, constructor_args
+from feda2v.models import ARCHITECTURES, constructor_args, recorded_kwargs
 from feda2v.store.steps import DISCRIMINATOR, GENERATOR, gan_step, vae_step
 # `StoreSpec` appears in annotations only (never evaluated): importing spec.py, which imports
 # this table, would close an import circle.
@@ -32,7 +32,8 @@ class RoleArch:
     from_spec: Mapping[str, str] = field(default_factory=dict)  # constructor arg -> StoreSpec field
 
     def kwargs(self, spec: StoreSpec) -> dict[str, Any]:
-        return {a: getattr(spec, self.from_spec.get(a, a)) for a in constructor_args(ARCHITECTURES[self.cls])}
+        cls = ARCHITECTURES[self.cls]
+        return recorded_kwargs(cls, {a: getattr(spec, self.from_spec.get(a, a)) for a in constructor_args(cls)})
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ class StoreSpec:
     default_group: str | None = None
     beta_max: float = _GEN.beta_max
     beta_warmup_steps: int = _GEN.beta_warmup_steps
+    output_variance: bool = _GEN.output_variance  # VAE kinds: learned output variance, sampled (models/generators.py)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
@@ -123,6 +124,7 @@ class StoreSpec:
             class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
+            output_variance=bool(g.output_variance),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
@@ -148,6 +150,7 @@ class StoreSpec:
             if d.get("type") == "gan":
                 d.setdefault("arch", "concat")
         d.setdefault("arch", DEFAULT_ARCH)
+        d.setdefault("output_variance", False)  # before it existed: VAEs sampled the decoder mean
         d.setdefault("fusion_dim", StoreSpec.fusion_dim)
         expected = set(cls.__dataclass_fields__)
         got = set(d)

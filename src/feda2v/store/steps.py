@@ -22,10 +22,12 @@ from feda2v.models.losses import (
     beta_schedule,
     gan_d_loss_per_sample,
     gan_g_loss_per_sample,
+    output_nll_per_sample,
     r1_per_sample,
     vae_kl_per_sample,
     vae_recon_per_sample,
 )
+from feda2v.models.generators import OUTPUT_LOG_VAR
 from feda2v.store.grouping import Grouping
 from feda2v.store.optim import step_tensor
 # `GeneratorStore` appears in annotations only (never evaluated): store.py imports this module.
@@ -176,9 +178,13 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
         beta = beta_schedule(steps, store.spec.beta_max, store.spec.beta_warmup_steps)
         loss = rec + beta * kl
-    visit.check(loss, "loss")
+        objective = loss  # the reported loss stays the ELBO's; the output variance's fit is added to the gradient
+        if OUTPUT_LOG_VAR in params:
+            objective = loss + grp.masked_mean(
+                output_nll_per_sample(recon, xs, params[OUTPUT_LOG_VAR].unsqueeze(1)))
+    visit.check(objective, "loss")
     with record_function("generator_step/backward"):
-        grads = stacked_grads(loss.sum(), params, keys, visit)
+        grads = stacked_grads(objective.sum(), params, keys, visit)
     with record_function("generator_step/optimizer"):
         store._apply_update(GENERATOR, grp.active, grads, visit.found_inf)
     return torch.stack([loss, rec, kl, beta], dim=1).detach()

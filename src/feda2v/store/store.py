@@ -435,7 +435,12 @@ class GeneratorStore:
         keys = [self.keys[i] for i in grp.active]
         zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y.to(self._device)])
         params = self._stacked(grp.active, GENERATOR, grad=False)
-        out = self._modules[keys[0], GENERATOR].decode_stacked(params, zs, cs)
+        template = self._modules[keys[0], GENERATOR]
+        if getattr(template, "output_variance", False):  # a VAE's likelihood: its noise drawn after z's
+            noise = torch.randn(y.numel(), self.spec.feature_dim, generator=gen, device=gen.device)
+            out = template.sample_stacked(params, zs, cs, grp.pad(noise.to(self._device)))
+        else:
+            out = template.decode_stacked(params, zs, cs)
         return grp.unpad(out)
 
     # -- class observation and reset -----------------------------------------------------------
