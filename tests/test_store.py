@@ -275,7 +275,7 @@ def _reference_step(ref: GeneratorStore, x, y, g: torch.Generator) -> dict:
             loss = rec + beta * kl
             objective = loss
             if m.output_variance:  # the learned per-feature variance's Gaussian NLL on the detached residual
-                lv = m.output_log_var
+                lv = 8.0 * m.output_scaled_log_var  # log sigma^2 (stored divided by 8)
                 objective = loss + (0.5 * ((recon.detach() - xk) ** 2 / lv.exp() + lv).sum(1)).mean()
             opt = ref.optimizer(key)
             opt.zero_grad(set_to_none=True)
@@ -337,7 +337,7 @@ def test_sample_uses_each_class_key_and_condition():
     noise = torch.randn(3, D, generator=g)  # the likelihood's noise, drawn after the latents
     with torch.no_grad():
         m = s.module("unified")
-        m.output_log_var.fill_(math.log(0.25))  # sigma 0.5
+        m.output_scaled_log_var.fill_(math.log(0.25) / 8)  # sigma 0.5
         out = s.sample(torch.tensor([0, 1, 0]), gen=gen(5))
         ref = m.decode(z, s.conditions[torch.tensor([0, 1, 0])]) + 0.5 * noise
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -347,7 +347,7 @@ def test_sample_uses_each_class_key_and_condition():
 
 @pytest.mark.parametrize("type_", ["vae", "gan"])
 def test_sample_per_class_uses_that_class_generator(type_):
-    s = make_store(type_, "per_class")
+    s = make_store(type_, "per_class", **({"output_variance": True} if type_ == "vae" else {}))
     idx = torch.tensor([2, 0, 2, 3])
     g = gen(9)
     z = torch.randn(4, Z, generator=g)
@@ -355,7 +355,7 @@ def test_sample_per_class_uses_that_class_generator(type_):
     with torch.no_grad():
         if type_ == "vae":  # each class key its own sigma
             for c in range(len(CLASSES)):
-                s.module(f"class/{CLASSES[c]}").output_log_var.fill_(math.log(0.1 * (c + 1)))
+                s.module(f"class/{CLASSES[c]}").output_scaled_log_var.fill_(math.log(0.1 * (c + 1)) / 8)
         out = s.sample(idx, gen=gen(9))
         for i, c in enumerate(idx.tolist()):
             m = s.module(f"class/{CLASSES[c]}")

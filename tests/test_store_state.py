@@ -231,9 +231,16 @@ def test_state_from_before_the_output_variance_loads_as_mean_sampling(type_):
     rebuilt = GeneratorStore.from_state(tensors, meta)
     assert rebuilt.spec.output_variance is False
     assert torch.equal(rebuilt.sample(torch.tensor([0, 2]), gen=gen(3)), old.sample(torch.tensor([0, 2]), gen=gen(3)))
-    new = make_store(type_, "unified")  # the default now: the learned variance is state, kept and restored
+    new = make_store(type_, "unified", output_variance=True)  # the learned variance is state, kept and restored
     new.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
     t2, m2 = new.state_dict()
     assert m2["arch"]["unified/generator"]["kwargs"]["output_variance"] is True
-    assert "unified/generator/param/output_log_var" in t2
+    assert "unified/generator/param/output_scaled_log_var" in t2
     assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
+
+
+def test_output_variance_defaults_to_the_kind():
+    assert make_store("cvae", "unified").spec.output_variance is True
+    assert make_store("vae", "unified").spec.output_variance is False
+    assert make_store("gan", "unified").spec.output_variance is False
+    assert make_store("cvae", "unified", output_variance=False).spec.output_variance is False

@@ -287,8 +287,9 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
         raise CheckpointError(f"{source} was trained on other prepared data (manifest hash differs); "
                               "re-run prepare with that checkpoint's data config or start without resume")
     mine, theirs = flatten_dotted(dict(config)), flatten_dotted(state.config)
-    for name, value in ADDED_CONFIG_KEYS.items():  # a checkpoint older than the key ran with this value
+    for name, value in ADDED_CONFIG_KEYS.items():  # a config older than the key ran with this value
         theirs.setdefault(name, value)
+        mine.setdefault(name, value)
     for name in sorted(set(mine) | set(theirs)):
         if _free(name, RESUME_FREE):
             continue

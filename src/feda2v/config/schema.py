@@ -86,9 +86,10 @@ class GeneratorConfig:
     beta_warmup_steps: int = 2000
     # VAE kinds (default arch): learn a per-feature output variance (its own Gaussian likelihood
     # term, on the detached residual) and sample decoder mean + sigma * noise instead of the mean
-    # alone, so synthetic classes have the within-class spread the decoder mean lacks (README,
-    # generator comparison). false = the mean only (what stores built before it do).
-    output_variance: bool = True
+    # alone, so synthetic classes get the within-class spread the decoder mean lacks. false = the
+    # mean only (what stores built before it did); null = the type's default (store/kinds.py:
+    # cvae true, vae false; measured in README, generator comparison).
+    output_variance: Optional[bool] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gan: GanConfig = field(default_factory=GanConfig)
 

@@ -50,13 +50,23 @@ class Architecture(nn.Module):
         return recorded_kwargs(type(self), {n: getattr(self, n) for n in constructor_args(type(self))})
 
 
-# The learned output log-variance (output_variance=True): one per feature, shared by all samples.
-OUTPUT_LOG_VAR = "output_log_var"
+# The learned output variance (output_variance=True), one per feature, shared by all samples, is
+# held as log(sigma^2) / OUTPUT_LOG_VAR_SCALE: Adam moves a parameter by about lr per step whatever
+# its gradient's size, and the scale lets log(sigma^2) travel from 0 (sigma^2 = 1, a z-scored
+# feature's variance) to the residual's (about -2 here) within a per-class key's ~800 steps; at
+# scale 1 those keys ended at sigma^2 ~0.2 against ~0.06 fitted (README, generator comparison).
+OUTPUT_LOG_VAR = "output_scaled_log_var"
+OUTPUT_LOG_VAR_SCALE = 8.0
+
+
+def output_log_var(scaled: Tensor) -> Tensor:
+    """log(sigma^2) per feature from the stored parameter."""
+    return OUTPUT_LOG_VAR_SCALE * scaled
 
 
 class _VAEBase(Architecture):
-    """Encoder and decoder MLPs; with ``output_variance`` also a learned per-feature log-variance
-    of the Gaussian likelihood p(x | z) = N(decoder(z), diag(exp(output_log_var))).
+    """Encoder and decoder MLPs; with ``output_variance`` also a learned per-feature variance
+    sigma^2 of the Gaussian likelihood p(x | z) = N(decoder(z), diag(sigma^2)), which sampling draws from.
 
     Why: the decoder mean alone is a smooth function of z, and only a few latent dimensions stay
     active, so mean-only samples of a class lie on a thin manifold with too little within-class
@@ -79,7 +89,7 @@ class _VAEBase(Architecture):
         self.encoder = nn.Sequential(linear(d + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, 2 * z))
         self.decoder = nn.Sequential(linear(z + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, d))
         if self.output_variance:
-            self.output_log_var = nn.Parameter(torch.empty(d))
+            self.output_scaled_log_var = nn.Parameter(torch.empty(d))
         init_parameters(self, gen or _default_gen())
 
     @torch.no_grad()
@@ -88,7 +98,7 @@ class _VAEBase(Architecture):
         variance, which draws nothing); the output variance starts at 1 (log 0), a z-scored feature's."""
         init_linears(self, gen)
         if self.output_variance:
-            self.output_log_var.zero_()
+            self.output_scaled_log_var.zero_()
 
     def _c(self, cond: Tensor | None) -> Tensor | None:
         if not self.conditional:
@@ -130,7 +140,7 @@ class _VAEBase(Architecture):
         mean = self.decode_stacked(params, z, cond)
         if not self.output_variance:
             return mean
-        return mean + torch.exp(0.5 * params[OUTPUT_LOG_VAR]).unsqueeze(1) * noise
+        return mean + torch.exp(0.5 * output_log_var(params[OUTPUT_LOG_VAR])).unsqueeze(1) * noise
 
 
 class VAE(_VAEBase):

@@ -82,7 +82,8 @@ class StoreSpec:
     default_group: str | None = None
     beta_max: float = _GEN.beta_max
     beta_warmup_steps: int = _GEN.beta_warmup_steps
-    output_variance: bool = _GEN.output_variance  # VAE kinds: learned output variance, sampled (models/generators.py)
+    # VAE kinds: learned output variance, sampled (models/generators.py); None = the kind's default
+    output_variance: bool | None = _GEN.output_variance
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
@@ -96,6 +97,8 @@ class StoreSpec:
             object.__setattr__(self, "optimizer", OptimizerSpec(**dict(self.optimizer)))
         if isinstance(self.gan, Mapping):
             object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
+        ov = kind(self.type).output_variance if self.output_variance is None else bool(self.output_variance)
+        object.__setattr__(self, "output_variance", ov)
         # What the prepared data decides (no config check has seen it):
         if not self.classes:
             raise ConfigError("the generator store needs at least one class")
@@ -124,7 +127,7 @@ class StoreSpec:
             class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
-            output_variance=bool(g.output_variance),
+            output_variance=None if g.output_variance is None else bool(g.output_variance),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),

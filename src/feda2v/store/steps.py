@@ -27,7 +27,7 @@ from feda2v.models.losses import (
     vae_kl_per_sample,
     vae_recon_per_sample,
 )
-from feda2v.models.generators import OUTPUT_LOG_VAR
+from feda2v.models.generators import OUTPUT_LOG_VAR, output_log_var
 from feda2v.store.grouping import Grouping
 from feda2v.store.optim import step_tensor
 # `GeneratorStore` appears in annotations only (never evaluated): store.py imports this module.
@@ -181,7 +181,7 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         objective = loss  # the reported loss stays the ELBO's; the output variance's fit is added to the gradient
         if OUTPUT_LOG_VAR in params:
             objective = loss + grp.masked_mean(
-                output_nll_per_sample(recon, xs, params[OUTPUT_LOG_VAR].unsqueeze(1)))
+                output_nll_per_sample(recon, xs, output_log_var(params[OUTPUT_LOG_VAR]).unsqueeze(1)))
     visit.check(objective, "loss")
     with record_function("generator_step/backward"):
         grads = stacked_grads(objective.sum(), params, keys, visit)
