@@ -127,3 +127,32 @@ def test_stacked_linear_gradients_are_exact_and_laid_out_like_parameters():
     assert torch.autograd.gradcheck(stacked_linear, (x, w, b))
     gw = torch.autograd.grad(stacked_linear(x, w, b).sum(), [w])[0]
     assert gw.is_contiguous()  # the fused optimizer reads gradients linearly
+
+
+def test_output_variance_is_an_extra_parameter_with_the_same_linear_draws():
+    plain, with_var = CVAE(D, C, Z, H, gen=_gen(4)), CVAE(D, C, Z, H, output_variance=True, gen=_gen(4))
+    names = [n for n, _ in with_var.named_parameters()]
+    assert names == ["output_scaled_log_var"] + [n for n, _ in plain.named_parameters()]
+    for n, p in plain.named_parameters():  # the variance draws nothing: the layers are as before
+        assert torch.equal(p, dict(with_var.named_parameters())[n]), n
+    assert torch.equal(with_var.output_scaled_log_var, torch.zeros(D))  # sigma^2 = 1 at the start
+    assert "output_variance" not in plain.kwargs()  # recorded as before it existed
+    assert with_var.kwargs()["output_variance"] is True
+    assert build_model("CVAE", with_var.kwargs()).output_variance
+
+
+def test_output_nll_fits_the_variance_to_the_residual_and_trains_nothing_else():
+    from feda2v.models.losses import output_nll_per_sample
+
+    g = _gen(8)
+    x = torch.randn(400, D, generator=g) * torch.linspace(0.2, 2.0, D)  # per-feature residual scales
+    recon = torch.zeros(400, D, requires_grad=True)
+    r2 = x.pow(2).mean(0)
+    log_var = r2.log().requires_grad_(True)  # the minimiser: the per-feature mean squared residual
+    gv, gr = torch.autograd.grad(output_nll_per_sample(recon, x, log_var).mean(), [log_var, recon],
+                                 allow_unused=True)
+    torch.testing.assert_close(gv, torch.zeros(D), atol=1e-6, rtol=0)
+    assert gr is None  # the residual is detached: the decoder's training is unchanged
+    off = (r2.log() + 0.5).requires_grad_(True)  # too large a variance: the gradient lowers it
+    (g_off,) = torch.autograd.grad(output_nll_per_sample(recon, x, off).mean(), off)
+    assert (g_off > 0).all()

@@ -97,8 +97,10 @@ class StoreSpec:
             object.__setattr__(self, "optimizer", OptimizerSpec(**dict(self.optimizer)))
         if isinstance(self.gan, Mapping):
             object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
-        ov = kind(self.type).output_variance if self.output_variance is None else bool(self.output_variance)
-        object.__setattr__(self, "output_variance", ov)
+        ov = self.output_variance
+        if ov is None:  # the kind's default, for its own architecture (the published ones have none)
+            ov = kind(self.type).output_variance and self.arch == DEFAULT_ARCH
+        object.__setattr__(self, "output_variance", bool(ov))
         # What the prepared data decides (no config check has seen it):
         if not self.classes:
             raise ConfigError("the generator store needs at least one class")
