@@ -285,11 +285,14 @@ def _reference_step(ref: GeneratorStore, x, y, g: torch.Generator) -> dict:
     return out
 
 
-@pytest.mark.parametrize("type_", ["vae", "cvae", "gan"])
+@pytest.mark.parametrize("type_", ["vae", "cvae", "gan", "cvae+output_variance", "vae+output_variance"])
 @pytest.mark.parametrize("granularity", ["unified", "per_class", "per_group"])
 def test_grouped_step_equals_separate_per_key_training(type_, granularity):
     # GAN: the simultaneous schedule without R1 (the alternating default: tests/test_gan_schedule.py)
     extra = {"gan": {"schedule": "simultaneous", "r1_gamma": 0.0}} if type_ == "gan" else {}
+    type_, _, ov = type_.partition("+")
+    if ov:
+        extra["output_variance"] = True
     s = make_store(type_, granularity, **extra)
     ref = clone(s)
     for step, classes in enumerate([(0, 1, 2, 3), (0, 2), (1, 2, 3), (0, 1, 2, 3)]):
@@ -328,7 +331,7 @@ def test_non_finite_loss_raises_before_any_change(type_):
 
 # -- sampling, inputs, profiler ranges --------------------------------------------------------------
 def test_sample_uses_each_class_key_and_condition():
-    s = make_store("cvae", "unified")
+    s = make_store("cvae", "unified", output_variance=True)
     out = s.sample(torch.tensor([0, 1, 0]), gen=gen(5))
     assert out.shape == (3, D)
     assert torch.equal(out, s.sample(torch.tensor([0, 1, 0]), gen=gen(5)))
@@ -347,7 +350,7 @@ def test_sample_uses_each_class_key_and_condition():
 
 @pytest.mark.parametrize("type_", ["vae", "gan"])
 def test_sample_per_class_uses_that_class_generator(type_):
-    s = make_store(type_, "per_class", **({"output_variance": True} if type_ == "vae" else {}))
+    s = make_store(type_, "per_class", **({"output_variance": True} if type_ == "vae" else {}))  # VAE: sampled
     idx = torch.tensor([2, 0, 2, 3])
     g = gen(9)
     z = torch.randn(4, Z, generator=g)

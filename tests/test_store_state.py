@@ -221,7 +221,7 @@ def test_parameter_tensors_round_trip_and_averaging():
 def test_state_from_before_the_output_variance_loads_as_mean_sampling(type_):
     # A checkpoint written before generator.output_variance existed: its spec has no such field and
     # its VAE has no output_log_var; it must rebuild as that same model (mean sampling, same bytes).
-    old = make_store(type_, "unified", output_variance=False)
+    old = make_store(type_, "unified")  # the default: no output variance
     old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
     tensors, meta = old.state_dict()
     meta = json.loads(json.dumps(meta))
@@ -239,8 +239,10 @@ def test_state_from_before_the_output_variance_loads_as_mean_sampling(type_):
     assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
 
 
-def test_output_variance_defaults_to_the_kind():
-    assert make_store("cvae", "unified").spec.output_variance is True
-    assert make_store("vae", "unified").spec.output_variance is False
-    assert make_store("gan", "unified").spec.output_variance is False
-    assert make_store("cvae", "unified", output_variance=False).spec.output_variance is False
+def test_output_variance_is_opt_in_and_refused_where_no_architecture_has_one():
+    assert make_store("cvae", "unified").spec.output_variance is False
+    assert make_store("cvae", "unified", output_variance=True).spec.output_variance is True
+    with pytest.raises(ConfigError, match="generator.output_variance=true needs"):
+        make_store("gan", "unified", output_variance=True)
+    with pytest.raises(ConfigError, match="arch fedgfe"):
+        make_store("cvae", "unified", output_variance=True, arch="fedgfe")

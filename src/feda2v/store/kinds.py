@@ -44,8 +44,6 @@ class Kind:
     archs: Mapping[str, Mapping[str, RoleArch]]  # variant -> role -> architecture
     # generator.optimizer settings left null in config take these (the type's own defaults)
     optimizer_defaults: Mapping[str, Any] = field(default_factory=dict)
-    # generator.output_variance left null in config takes this (VAE kinds; models/generators.py)
-    output_variance: bool = False
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -67,10 +65,6 @@ _VAE_OPTIMIZER = {"lr": 2e-3, "betas": (0.9, 0.999)}
 # overshoot each other; lr and beta2 measured on the instruments defaults (README, GAN section).
 _GAN_OPTIMIZER = {"lr": 1e-3, "betas": (0.5, 0.99)}
 
-# Output variance (sampling the likelihood, not only the decoder mean), measured on the instruments
-# defaults (README, generator comparison): the unified cVAE's TSTR/TRTR rises (its ~5 active latents
-# leave too little within-class spread); the per-class VAE, whose keys each model one class, lost
-# TSTR with it (seed 0: 0.857 -> 0.826), so the unconditional VAE keeps the mean.
 KINDS: dict[str, Kind] = {k.name: k for k in (
     # "fedgfe*": the published FedA2V architectures (models/published.py), for migrated runs
     Kind("vae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("VAE")},
@@ -78,7 +72,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")},
                                            "fedgfe": {GENERATOR: RoleArch("FedgfeCVAE")},
                                            "fedgfe_multimodal": {GENERATOR: RoleArch("FedgfeMultiModalVAE")}},
-         _VAE_OPTIMIZER, output_variance=True),
+         _VAE_OPTIMIZER),
     Kind("gan", (GENERATOR, DISCRIMINATOR), gan_step, {
         DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("ProjectionDiscriminator")},
         # the discriminator this project's GAN stores had before the projection one (still readable)

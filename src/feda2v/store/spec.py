@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from feda2v.config.schema import GanConfig, GeneratorConfig
 from feda2v.errors import CheckpointError, ConfigError
+from feda2v.models import ARCHITECTURES, constructor_args
 from feda2v.store.kinds import DEFAULT_ARCH, kind  # the kinds table (type defaults); DEFAULT_ARCH re-exported
 
 
@@ -82,8 +83,7 @@ class StoreSpec:
     default_group: str | None = None
     beta_max: float = _GEN.beta_max
     beta_warmup_steps: int = _GEN.beta_warmup_steps
-    # VAE kinds: learned output variance, sampled (models/generators.py); None = the kind's default
-    output_variance: bool | None = _GEN.output_variance
+    output_variance: bool = _GEN.output_variance  # VAE kinds: learned output variance, sampled (models/generators.py)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
@@ -97,10 +97,12 @@ class StoreSpec:
             object.__setattr__(self, "optimizer", OptimizerSpec(**dict(self.optimizer)))
         if isinstance(self.gan, Mapping):
             object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
-        ov = self.output_variance
-        if ov is None:  # the kind's default, for its own architecture (the published ones have none)
-            ov = kind(self.type).output_variance and self.arch == DEFAULT_ARCH
-        object.__setattr__(self, "output_variance", bool(ov))
+        object.__setattr__(self, "output_variance", bool(self.output_variance))
+        if self.output_variance and "output_variance" not in constructor_args(
+                ARCHITECTURES[kind(self.type).arch(self.arch)["generator"].cls]):
+            raise ConfigError(f"generator.output_variance=true needs an architecture with an output variance "
+                              f"(generator.type vae or cvae, generator.arch=default), not type {self.type} "
+                              f"arch {self.arch}; set it false")
         # What the prepared data decides (no config check has seen it):
         if not self.classes:
             raise ConfigError("the generator store needs at least one class")
@@ -129,7 +131,7 @@ class StoreSpec:
             class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
-            output_variance=None if g.output_variance is None else bool(g.output_variance),
+            output_variance=bool(g.output_variance),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
