@@ -291,6 +291,56 @@ def test_skip_policy_finishes_rounds_without_the_lost_node(prepared, capsys, tmp
     assert "missing_nodes" not in _federation(prepared).state_dict().extra  # none lost: no field
 
 
+def test_skip_policy_run_records_who_was_missing_in_mlflow(prepared, tmp_path, monkeypatch):
+    """Through feda2v's training job (the one a deployed ServerApp runs): the lost node's name is in
+    the run's tag and its own metric series, beside the count; the checkpoint still verifies."""
+    mlflow = pytest.importorskip("mlflow")
+    from feda2v.checkpoint.runstate import read_run_state
+    from feda2v.federation.flower_engine import FlowerEngine
+    from feda2v.pipeline.train import train
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    raw = _raw(prepared, federation={
+        "flower": {"on_node_failure": "skip", "node_state_dir": str(tmp_path / "nodes")}},
+        tracking={"enabled": True, "uri": uri, "experiment": "lost", "system_metrics": False},
+        checkpoint={"dir": str(tmp_path / "ckpt")},
+        train={"reports_dir": str(tmp_path / "reports"), "progress": "off",
+               "metrics_path": str(tmp_path / "metrics.json"), "timing_path": str(tmp_path / "timing.json")})
+    cfg = load_config(raw)
+    grid = _grid()
+    push = grid.push_messages
+
+    def push_killing_node_2(msgs):  # partition 2 dies as its first visit arrives
+        if any(m.metadata.message_type == flower_app.MSG_TRAIN and m.metadata.dst_node_id == 102 for m in msgs):
+            grid.dead.add(102)
+        return push(msgs)
+
+    grid.push_messages = push_killing_node_2
+    train(cfg, engine=FlowerEngine(grid=grid))
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lost").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert json.loads(run.data.tags["feda2v.nodes_missing"]) == {"node/002": [1, 2]}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "nodes_missing/node/002")] \
+        == [(1, 1.0), (2, 1.0)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "nodes_missing")] == [1.0, 1.0]
+    assert "nodes_missing/node/000" not in run.data.metrics  # nodes that answered get no series
+    # the same record in the checkpoint, which verifies
+    state = read_run_state(tmp_path / "ckpt" / "latest.ckpt")
+    assert state.extra["missing_nodes"] == {"1": ["node/002"], "2": ["node/002"]}
+    found = client.search_runs([run.info.experiment_id],
+                               "tags.`feda2v.nodes_missing` LIKE '%node/002%'")
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+    # a resumed run, partition 2 back: its run still says who the earlier rounds lost
+    raw["federation"]["rounds"], raw["train"]["resume"] = 3, "latest"
+    train(load_config(raw), engine=FlowerEngine(grid=_grid()))
+    (resumed,) = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert json.loads(resumed.data.tags["feda2v.nodes_missing"]) == {"node/002": [1, 2]}
+    assert resumed.data.metrics["nodes_missing"] == 0.0
+    assert "nodes_missing/node/002" not in resumed.data.metrics
+
+
 def test_skip_then_a_restarted_node_rejoins_by_partition(prepared, tmp_path):
     sections = {"federation": {"flower": {"on_node_failure": "skip"}, "sharing": "fedavg"}}
     ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)

@@ -194,3 +194,36 @@ def test_tensorboard_plugin_lists_the_run(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_the_store_step_opens_no_profiler_range_unless_a_profiler_records():
+    """profiling.step_range: an unprofiled step enters no record_function (each one is a dispatcher
+    call even with nothing recording); under torch.profiler the same step records every range."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from feda2v.profiling import RANGES
+    from feda2v.store import GeneratorStore, StoreSpec
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    spec = StoreSpec(type="gan", granularity="unified", classes=("a", "b"), feature_dim=4, condition_dim=3,
+                     latent_dim=2, hidden_dim=8)
+    store = GeneratorStore(spec, torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 3)
+
+    def step():
+        store.train_batch(x, y, gen=torch.Generator().manual_seed(2), node="n", round=0)
+
+    with Ops() as ops:
+        step()
+    assert ops.names and not [n for n in ops.names if "record_function" in n]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    assert set(RANGES) <= {e.key for e in prof.key_averages()}

@@ -248,3 +248,49 @@ def test_a_visit_is_finished_once():
         v.step(*batch(0), gen=torch.Generator())
     with pytest.raises(RuntimeError):
         v.finish()
+
+
+def _checked_visit(k_active=3):
+    s = make_store("cvae", "per_class")
+    v = s.visit(node="n", round=1)
+    v.begin_step(list(range(k_active)))
+    return v
+
+
+def test_one_check_over_groups_names_only_the_first_failing_groups_keys():
+    """Visit.check over (loss, gradients) gives the verdict of checking them one after the other:
+    a key non-finite in an earlier group is named with that group's check; a key non-finite only
+    in a later group is not named while an earlier group failed, and is when none did."""
+    nan = float("nan")
+    v = _checked_visit()
+    v.check(("loss", torch.tensor([0.0, nan, 1.0])), ("gradient", torch.tensor([[1.0, 2.0], [0.0, 0.0], [nan, 1.0]])))
+    v.end_step(torch.zeros(3, 4))
+    with pytest.raises(NonFiniteLossError) as ei:
+        v.finish()
+    assert ei.value.keys == ["class/b"] and str(ei.value).startswith("non-finite loss for generator key 'class/b' ")
+
+    v = _checked_visit()
+    v.check(("loss", torch.tensor([0.0, 1.0, 1.0])), ("gradient", torch.tensor([[1.0, 2.0], [0.0, float("inf")], [nan, 1.0]])))
+    v.end_step(torch.zeros(3, 4))
+    with pytest.raises(NonFiniteLossError) as ei:
+        v.finish()
+    assert ei.value.keys == ["class/b", "class/c"] and str(ei.value).startswith("non-finite gradient for generator keys")
+
+
+def test_a_later_failure_in_the_visit_names_nothing_new_and_the_first_step_is_reported():
+    nan = float("nan")
+    v = _checked_visit()
+    fine = ("generator loss", torch.zeros(3)), ("gradient", torch.zeros(3, 2))
+    for step in range(4):
+        if step == 2:
+            v.check(("discriminator loss", torch.tensor([nan, 0.0, 0.0])), ("gradient", torch.zeros(3, 2)))
+        elif step == 3:
+            v.check(("discriminator loss", torch.tensor([0.0, 0.0, nan])), ("gradient", torch.zeros(3, 2)))
+        v.check(*fine)
+        assert float(v.found_inf) == (1.0 if step >= 2 else 0.0)
+        v.end_step(torch.zeros(3, 4))
+    with pytest.raises(NonFiniteLossError) as ei:
+        v.finish()
+    assert (ei.value.keys, ei.value.step) == (["class/a"], 3)
+    assert str(ei.value).startswith("non-finite discriminator loss for generator key 'class/a' on node n in round 1 "
+                                    "(step 3 of 4 of the visit)")

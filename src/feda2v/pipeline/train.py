@@ -280,7 +280,7 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
     from feda2v.federation.server import Federation
     from feda2v.profiling import StepProfiler
     from feda2v.tracking import default_run_name, flatten, make_tracker, run_tags, unique_run_name
-    from feda2v.tracking.tags import prepared_dataset
+    from feda2v.tracking.tags import missing_nodes_tag, prepared_dataset
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -313,6 +313,8 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
                   tags=run_tags(cfg, stage="federated-train", manifest_hash=data.manifest_hash,
                                 extra={"resumed_from": resumed_from} if resumed_from else None))
     tracker.log_dataset(**prepared_dataset(data, cfg.data.prepared_dir, cfg.data.name), context="training")
+    if federation.missing:  # resumed: the rounds before still lost those nodes
+        tracker.set_tags({"feda2v.nodes_missing": missing_nodes_tag(federation.missing)})
     status = "FAILED"
     progress = None
     summary: dict = {}
@@ -326,6 +328,9 @@ def _train(cfg, stop, last: dict, engine=None) -> dict:
                                      on_node=progress.node_done):
                 losses.add(result)
                 tracker.log_metrics(result.metrics, step=result.round)
+                if result.missing:  # who, beside the count: a 1 in each lost node's series, and a tag
+                    tracker.log_metrics({f"nodes_missing/{n}": 1.0 for n in result.missing}, step=result.round)
+                    tracker.set_tags({"feda2v.nodes_missing": missing_nodes_tag(federation.missing)})
                 downstream = result.downstream if result.downstream is not None else downstream
                 if checkpointer.due(result.round, rounds):
                     with stop.critical():  # a signal waits until latest names the new file

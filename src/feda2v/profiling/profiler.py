@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from feda2v.fsutil import atomic_write_text, ensure_dir, writing
-
-RANGES = ("generator_step", "generator_step/forward", "generator_step/backward",
-          "generator_step/optimizer")
+from feda2v.profiling.ranges import RANGES
 
 
 def _safe_run_name(run_name: str) -> str:

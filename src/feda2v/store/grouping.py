@@ -12,14 +12,18 @@ from torch import Tensor
 class Grouping:
     def __init__(self, key_idx: Tensor, num_keys: int):
         b = key_idx.numel()
-        counts_all = torch.bincount(key_idx, minlength=num_keys)
-        active = torch.nonzero(counts_all).squeeze(1)
-        self.active: list[int] = active.tolist()
-        self.k = len(self.active)
-        counts = counts_all[active]
-        self.n_max = int(counts.max()) if self.k else 0
-        self.counts = counts.to(torch.float32)
         self.batch = b
+        if num_keys == 1 and b:  # unified: the layout follows from the batch size alone (no counting)
+            self.active, self.k, self.n_max = [0], 1, b
+            self.counts = torch.tensor([float(b)])
+        else:
+            counts_all = torch.bincount(key_idx, minlength=num_keys)
+            active = torch.nonzero(counts_all).squeeze(1)
+            self.active = active.tolist()
+            self.k = len(self.active)
+            counts = counts_all[active]
+            self.n_max = int(counts.max()) if self.k else 0
+            self.counts = counts.to(torch.float32)
         if self.k == 1:
             # One key (always the case for unified): the layout is the batch itself.
             self.flat_pos = None
@@ -63,4 +67,6 @@ class Grouping:
 
     def masked_mean(self, per_sample: Tensor) -> Tensor:
         """Per-key mean over that key's real samples: [K, n_max] -> [K]."""
+        # (Always multiplied, even by an all-ones mask: the product's backward hands the layers
+        # a materialised gradient; an expanded one takes other matmul/reduction paths, other bits.)
         return (per_sample * self.mask).sum(1) / self.counts

@@ -3,7 +3,7 @@
 Each step function receives the store, a batch already laid out per key ([K, n_max, ...], see
 ``grouping.py``) and the node's ``Visit``; it computes the losses for every active key at once from
 the keys' stacked parameters, takes gradients w.r.t. those stacked tensors, checks losses and
-gradients finite on the device (``Visit.check``), and updates every key's own optimizer(s) with
+gradients finite on the device (``Visit.check``, one check per update), and updates every key's own optimizer(s) with
 one fused Adam(W) call per role, which the visit's found-inf flag vetoes. It returns the per-key
 losses as one device tensor [K, len(kind.metrics)]. No step reads a device value on the host: a
 visit's losses and its non-finite verdict are read once, by ``Visit.finish``. The store owns the
@@ -15,7 +15,6 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.profiler import record_function
 
 from feda2v.errors import NonFiniteLossError
 from feda2v.models.losses import (
@@ -28,6 +27,7 @@ from feda2v.models.losses import (
     vae_recon_per_sample,
 )
 from feda2v.models.generators import OUTPUT_LOG_VAR, output_log_var
+from feda2v.profiling.ranges import step_range
 from feda2v.store.grouping import Grouping
 from feda2v.store.optim import step_tensor
 # `GeneratorStore` appears in annotations only (never evaluated): store.py imports this module.
@@ -37,7 +37,8 @@ GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 VAE_METRICS = ("loss", "recon", "kl", "beta")  # the columns of vae_step's result, in this order
 GAN_METRICS = ("g_loss", "d_loss")  # gan_step's
 CHECKS = ("loss", "gradient", "discriminator loss", "generator loss")  # what a failing check names
-_CODES = 8  # > len(CHECKS): a key's first failure is recorded as step * _CODES + (check index + 1)
+_CODES = 8  # > len(CHECKS): a failing group's code is priority * _CODES + (check index + 1)
+_NEVER = float(64 * _CODES)  # above every code: a code compared with worst + found_inf * _NEVER never matches
 
 
 class Visit:
@@ -53,7 +54,8 @@ class Visit:
       non-finite loss or gradient sets it and nothing clears it, so from that check on no update
       lands on any key: the store ends the visit as it was before the failing step (an alternating
       GAN step's D update that came before its failing G check excepted, as before);
-    - per key, the step and check of the visit's first failure (for the message).
+    - per key, the check of the visit's first failure, and the number of steps that ended with
+      the flag set (from which ``finish`` tells the failing step), for the message.
 
     ``finish()`` copies them to the host at once: per-key mean losses, or NonFiniteLossError naming
     the key(s), the check, the step, the node and the round. A visit that failed still runs its
@@ -64,8 +66,13 @@ class Visit:
         self.store, self.node, self.round = store, str(node), int(round_)
         dev, k = store.device, len(store.keys)
         self.metrics: tuple[str, ...] = store._kind.metrics
-        self._sums = torch.zeros(k, len(self.metrics), dtype=torch.float64, device=dev)
-        self._first = torch.zeros(k, dtype=torch.float64, device=dev)
+        m = len(self.metrics)
+        # what finish() reads back, in one buffer (one copy to the host, no gathering):
+        # [K * m] loss sums | [K] first failure's code | [1] steps that ended flagged
+        self._readback = torch.zeros(k * m + k + 1, dtype=torch.float64, device=dev)
+        self._sums = self._readback[:k * m].view(k, m)
+        self._first = self._readback[k * m:k * m + k]
+        self._flagged_steps = self._readback[-1]
         self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
         self._counts = [0] * k  # steps per key (the layout is known on the host)
         self._order: list[int] = []  # key rows in the order they first stepped (the result's order)
@@ -99,17 +106,32 @@ class Visit:
             return t
         return torch.cat([t, t.new_zeros((1,) + tuple(t.shape[1:]))]).index_select(0, self._spread)
 
-    def check(self, values: Tensor, what: str) -> None:
-        """Flag non-finite ``values`` ([K] or [K, m], per active key) on the device: no host read."""
-        bad = torch.isfinite(values.detach()).logical_not_()
-        if bad.dim() > 1:
-            bad = bad.any(1)
-        first = bad & (self.found_inf == 0)  # only the visit's first failing check names its keys
-        self._first += self._full(first.to(torch.float64) * float(self.steps * _CODES + CHECKS.index(what) + 1))
-        self.found_inf = torch.maximum(self.found_inf, bad.any().to(torch.float32))
+    def check(self, *groups: tuple[str, Tensor]) -> None:
+        """Flag non-finite values on the device, no host read: ``groups`` = (what, values [K] or
+        [K, m] per active key), in the order they were once checked one by one, checked in one go.
+
+        The same verdict as checking them in turn: if the flag was already set nothing is named;
+        else the first group with a non-finite value names its keys (those non-finite in it) and
+        sets the flag. One pass over all groups: each value column carries its group's code (the
+        earlier the group, the higher), a key's score is its highest failing code, and the keys
+        whose score is the step's worst are the first failing group's keys."""
+        cols = [v.detach() if v.dim() == 2 else v.detach().reshape(v.shape[0], -1) for _, v in groups]
+        sig = (self._first.device,) + tuple((what, c.shape[1]) for (what, _), c in zip(groups, cols))
+        codes = self.store._check_codes.get(sig)
+        if codes is None:  # built once per signature (a few per store), never per step
+            n = len(groups)
+            host = [float((n - i) * _CODES + CHECKS.index(what) + 1) for i, ((what, _), c) in enumerate(zip(groups, cols))
+                    for _ in range(c.shape[1])]
+            codes = self.store._check_codes[sig] = torch.tensor(host, dtype=torch.float32).to(sig[0])
+        score = torch.where(torch.cat(cols, 1).isfinite(), 0.0, codes).amax(1)  # [K]
+        worst = score.amax()
+        named = score.eq(worst + self.found_inf * _NEVER)  # the first failing group's keys; none once flagged
+        self._first += self._full(score * named)
+        self.found_inf = torch.maximum(self.found_inf, worst.clamp(max=1.0))
 
     def end_step(self, stats: Tensor) -> None:
         self._sums += self._full(stats.detach().to(torch.float64))
+        self._flagged_steps += self.found_inf  # the failing step and every later one
         self.steps += 1
 
     def finish(self) -> dict[str, dict[str, float]]:
@@ -122,15 +144,15 @@ class Visit:
         if not self.steps:
             return {}
         k, m = self._sums.shape
-        host = torch.cat([self._sums.flatten(), self._first]).cpu().tolist()  # the visit's one sync
-        sums, first = host[:k * m], host[k * m:]
+        host = self._readback.cpu().tolist()  # the visit's one sync
+        sums, first, flagged = host[:k * m], host[k * m:-1], host[-1]
         keys = self.store.keys
         failed = [i for i, v in enumerate(first) if v]
         if failed:
             self._drop_vetoed_state()
             code = int(first[failed[0]])
             raise NonFiniteLossError([keys[i] for i in failed], self.node, self.round,
-                                     CHECKS[code % _CODES - 1], step=code // _CODES + 1, steps=self.steps)
+                                     CHECKS[code % _CODES - 1], step=self.steps - int(flagged) + 1, steps=self.steps)
         return {keys[r]: {name: sums[r * m + j] / self._counts[r] for j, name in enumerate(self.metrics)}
                 for r in self._order}
 
@@ -142,22 +164,22 @@ class Visit:
                 del opt.state[p]
 
 
-def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], keys: Sequence[str], visit: Visit,
-                  retain_graph: bool = False) -> list[Tensor]:
+def stacked_grads(loss: Tensor, stacked: Mapping[str, Tensor], retain_graph: bool = False
+                  ) -> tuple[list[Tensor], tuple[str, Tensor]]:
     """Gradients w.r.t. the stacked [K, ...] tensors (one per name, not one per leaf, in the
-    role's parameter order), checked finite on the device, laid out for the fused update (contiguous)."""
+    role's parameter order), laid out for the fused update (contiguous), and the ``Visit.check``
+    group that checks them: ("gradient", the bias gradients side by side [K, sum of widths]).
+
+    A bias gradient is the sum of its layer's output gradients, so it is non-finite iff one of
+    them is; the weight gradients are those same output gradients times finite inputs. Checking
+    the (tiny) bias gradients therefore catches a non-finite backward without a pass over every
+    weight gradient (which would cost as much as the optimizer's read of them)."""
     names = list(stacked)
     gs = torch.autograd.grad(loss, [stacked[n] for n in names], retain_graph=retain_graph)
-    # A bias gradient is the sum of its layer's output gradients, so it is non-finite iff one of
-    # them is; the weight gradients are those same output gradients times finite inputs. Checking
-    # the (tiny) bias gradients therefore catches a non-finite backward without a pass over
-    # every weight gradient (which would cost as much as the optimizer's read of them).
-    bias = [g.flatten(1).sum(1) for n, g in zip(names, gs) if n.endswith(".bias")]
-    if bias:
-        visit.check(torch.stack(bias, dim=1), "gradient")
+    bias = [g if g.dim() == 2 else g.flatten(1) for n, g in zip(names, gs) if n.endswith(".bias")]
     # torch's fused CPU Adam reads memory linearly and silently mixes elements of a
     # non-contiguous grad, so each is laid out like its parameter (a no-op for ours).
-    return [g.contiguous() for g in gs]
+    return [g.contiguous() for g in gs], ("gradient", torch.cat(bias, 1) if bias else gs[0].new_zeros(len(gs[0]), 0))
 
 
 def _step_or_zero(store: GeneratorStore, key: str, role: str) -> Tensor:
@@ -168,7 +190,7 @@ def _step_or_zero(store: GeneratorStore, key: str, role: str) -> Tensor:
 def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, cs: Tensor, eps: Tensor,
              visit: Visit, *, gen: torch.Generator | None = None) -> Tensor:
     """One VAE update of every active key; [K, 4] = VAE_METRICS per key."""
-    with record_function("generator_step/forward"):
+    with step_range("generator_step/forward"):
         template = store._modules[keys[0], GENERATOR]
         params = store._stacked(grp.active, GENERATOR)
         # gen: the batch's generator, for architectures with dropout (drawn after the noise)
@@ -182,10 +204,10 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         if OUTPUT_LOG_VAR in params:
             objective = loss + grp.masked_mean(
                 output_nll_per_sample(recon, xs, output_log_var(params[OUTPUT_LOG_VAR]).unsqueeze(1)))
-    visit.check(objective, "loss")
-    with record_function("generator_step/backward"):
-        grads = stacked_grads(objective.sum(), params, keys, visit)
-    with record_function("generator_step/optimizer"):
+    with step_range("generator_step/backward"):
+        grads, grad_check = stacked_grads(objective.sum(), params)
+    visit.check(("loss", objective), grad_check)  # both before the update they veto
+    with step_range("generator_step/optimizer"):
         store._apply_update(GENERATOR, grp.active, grads, visit.found_inf)
     return torch.stack([loss, rec, kl, beta], dim=1).detach()
 
@@ -228,7 +250,7 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
     gs = store.spec.gan
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
     n = xs.shape[1]
-    with record_function("generator_step/forward"):
+    with step_range("generator_step/forward"):
         g_params = store._stacked(grp.active, GENERATOR, grad=keep_fake)
         if keep_fake:
             fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
@@ -254,10 +276,10 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
                 d_params.input_grads_only = False
             per_sample = per_sample + (0.5 * gs.r1_gamma) * r1_per_sample(grad_real)
         d_loss = grp.masked_mean(per_sample)
-    visit.check(d_loss, "discriminator loss")
-    with record_function("generator_step/backward"):
-        d_grads = stacked_grads(d_loss.sum(), d_params, keys, visit)
-    with record_function("generator_step/optimizer"):
+    with step_range("generator_step/backward"):
+        d_grads, grad_check = stacked_grads(d_loss.sum(), d_params)
+    visit.check(("discriminator loss", d_loss), grad_check)
+    with step_range("generator_step/optimizer"):
         store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
     return d_loss.detach(), ((fake, g_params) if keep_fake else None)
 
@@ -266,7 +288,7 @@ def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, z
             visit: Visit, kept, gen: torch.Generator | None) -> Tensor:
     """One generator update against the current D; ``kept`` = (fakes, G params) from the D step."""
     g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
-    with record_function("generator_step/forward"):
+    with step_range("generator_step/forward"):
         if kept is None:
             g_params = store._stacked(grp.active, GENERATOR)
             fake = g_tmpl.forward_stacked(g_params, zs, cs, gen=gen)
@@ -275,10 +297,10 @@ def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, z
         d_params = store._stacked(grp.active, DISCRIMINATOR, grad=False)  # D constant: no D weight grads
         logit = d_tmpl.forward_stacked(d_params, fake, cs, gen=gen)
         g_loss = grp.masked_mean(gan_g_loss_per_sample(logit, store.spec.gan.loss))
-    visit.check(g_loss, "generator loss")
-    with record_function("generator_step/backward"):
-        g_grads = stacked_grads(g_loss.sum(), g_params, keys, visit)
-    with record_function("generator_step/optimizer"):
+    with step_range("generator_step/backward"):
+        g_grads, grad_check = stacked_grads(g_loss.sum(), g_params)
+    visit.check(("generator loss", g_loss), grad_check)
+    with step_range("generator_step/optimizer"):
         store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
     return g_loss.detach()
 
@@ -299,7 +321,7 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, visit, gen) -> Tensor:
     # Both roles' losses and gradients are computed (and checked) before either optimizer steps
     # (so a non-finite loss vetoes both), from one D forward over real and fake samples.
     gs = store.spec.gan
-    with record_function("generator_step/forward"):
+    with step_range("generator_step/forward"):
         g_tmpl, d_tmpl = store._modules[keys[0], GENERATOR], store._modules[keys[0], DISCRIMINATOR]
         g_params = store._stacked(grp.active, GENERATOR)
         d_params = store._stacked(grp.active, DISCRIMINATOR)
@@ -309,12 +331,12 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, visit, gen) -> Tensor:
         real_logit, fake_logit = logits[:, :n], logits[:, n:]
         d_loss = grp.masked_mean(gan_d_loss_per_sample(real_logit, fake_logit, gs.loss))
         g_loss = grp.masked_mean(gan_g_loss_per_sample(fake_logit, gs.loss))
-    visit.check(torch.stack([g_loss, d_loss], 1), "loss")
-    with record_function("generator_step/backward"):
+    with step_range("generator_step/backward"):
         # D's gradient holds the fake samples fixed (= detached); G's holds D fixed.
-        d_grads = stacked_grads(d_loss.sum(), d_params, keys, visit, retain_graph=True)
-        g_grads = stacked_grads(g_loss.sum(), g_params, keys, visit)
-    with record_function("generator_step/optimizer"):
+        d_grads, d_check = stacked_grads(d_loss.sum(), d_params, retain_graph=True)
+        g_grads, g_check = stacked_grads(g_loss.sum(), g_params)
+    visit.check(("loss", torch.stack([g_loss, d_loss], 1)), d_check, g_check)
+    with step_range("generator_step/optimizer"):
         store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
         store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
     return torch.stack([g_loss, d_loss], dim=1).detach()

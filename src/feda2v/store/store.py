@@ -18,11 +18,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from feda2v.errors import CheckpointError, ConfigError, DataError
 from feda2v.models import build_model, clone_structure, init_parameters
 from feda2v.models.functional import StackedParams
+from feda2v.profiling.ranges import step_range
 from feda2v.seeding import derive_seed
 from feda2v.store.grouping import Grouping
 from feda2v.store import kinds
@@ -148,6 +148,10 @@ class GeneratorStore:
         # role -> [K_all, n params] float32: every key's per-parameter AdamW step counts, which the
         # optimizers' state holds as views (see FusedUpdate)
         self._step_banks: dict[str, Tensor] = {}
+        # role -> (its bank, {name: a requires-grad view of the bank}): _stacked's leaves over all keys
+        self._leaves: dict[str, tuple[dict, dict[str, Tensor]]] = {}
+        # (device, (check, width)...) -> the codes of a Visit.check's value columns (steps.py)
+        self._check_codes: dict[tuple, Tensor] = {}
         self._role_arch = {role: self._arch(role) for role in self.roles}
         with _gc_paused():
             for role in self.roles:
@@ -302,6 +306,7 @@ class GeneratorStore:
             for row, pk in enumerate(per_key):
                 pk[i][1].data = bank[name][row]
         self._banks[role] = bank
+        self._leaves.pop(role, None)
         self._bank_first[role] = [pk[0][1] for pk in per_key]  # what _bank checks, per key row
 
     def _bank(self, role: str, rows: Sequence[int]) -> dict[str, Tensor]:
@@ -323,7 +328,7 @@ class GeneratorStore:
 
     def _stacked(self, rows: Sequence[int], role: str, grad: bool = True) -> StackedParams:
         """{param name: [K, ...]} of the keys at ``rows`` (indices into ``self.keys``, ascending, as
-        ``Grouping.active``), as fresh autograd leaves.
+        ``Grouping.active``), as autograd leaves (with ``grad=False``, tensors that need none).
 
         Gradients are taken w.r.t. these tensors (one per name) and handed to ``_apply_update``;
         with every key active this is the bank itself (no copy). The weights' gradients are
@@ -333,14 +338,21 @@ class GeneratorStore:
         """
         bank = self._bank(role, rows)
         if len(rows) == len(self.keys):
-            out = {n: b.detach() for n, b in bank.items()}
+            if not grad:  # the banks themselves: they need no gradient (their rows are the Parameters)
+                return StackedParams(bank)
+            # the same leaves at every step (gradients are taken with autograd.grad, never stored
+            # on them): views of the bank, made once per bank instead of once per name and step
+            leaves = self._leaves.get(role)
+            if leaves is None or leaves[0] is not bank:
+                leaves = self._leaves[role] = (bank, {n: b.detach().requires_grad_(True) for n, b in bank.items()})
+            out = dict(leaves[1])
         else:
             idx = torch.tensor(rows).to(self._device, non_blocking=True)
             out = {n: b.index_select(0, idx) for n, b in bank.items()}
-        if not grad:
-            return StackedParams(out)
-        for t in out.values():
-            t.requires_grad_(True)
+            if not grad:
+                return StackedParams(out)
+            for t in out.values():
+                t.requires_grad_(True)
         # the same view objects at every step over k keys: the update keeps their per-key rows
         bufs = self._grad_buffers.get((role, len(rows)))
         if bufs is None:
@@ -407,7 +419,7 @@ class GeneratorStore:
         return v.finish()
 
     def _train_step(self, visit: Visit, x: Tensor, y: Tensor, gen: torch.Generator) -> None:
-        with record_function("generator_step"):
+        with step_range("generator_step"):
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
                 return
@@ -654,6 +666,7 @@ class GeneratorStore:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
         self._grad_buffers = {}  # re-allocated on the new device at the next step
+        self._leaves = {}
         self._step_banks = {}  # and the step counts re-banked there from the moved state
         self._updates.clear()
         self._device = device

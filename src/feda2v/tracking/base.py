@@ -29,6 +29,10 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         raise NotImplementedError
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) run tags after ``start``: facts learnt while the run goes on."""
+        raise NotImplementedError
+
     def log_store_model(self, checkpoint_path: str | Path) -> None:
         raise NotImplementedError
 
@@ -66,6 +70,9 @@ class NullTracker(Tracker):
         pass
 
     def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def set_tags(self, tags) -> None:
         pass
 
     def log_store_model(self, checkpoint_path) -> None:

@@ -514,6 +514,13 @@ class MlflowTracker(Tracker):
 
         self._call("logging metrics", _log)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        def _tag():
+            for k, v in tags.items():
+                self.client.set_tag(self._run_id, str(k), str(v))
+
+        self._call("tagging the run", _tag)
+
     def flush(self) -> None:
         """Block until every queued metric and artifact is stored."""
         if self._batcher is not None:

@@ -171,6 +171,17 @@ def unique_run_name(cfg: Mapping | DictConfig, *, resumed: bool = False,
     return "-".join(parts)
 
 
+def missing_nodes_tag(missing: Mapping[int, list[str]]) -> str:
+    """``Federation.missing`` (round -> lost participants) as the ``feda2v.nodes_missing`` tag
+    value, by node: ``{"node/001": [2, 3]}``. Searchable in MLflow (``tags.`feda2v.nodes_missing`
+    LIKE '%node/001%'``); cut to a tag's size (the checkpoint keeps the whole record)."""
+    by_node: dict[str, list[int]] = {}
+    for round_, names in sorted(missing.items()):
+        for name in names:
+            by_node.setdefault(name, []).append(int(round_))
+    return _param_value(dict(sorted(by_node.items())))
+
+
 def prepared_dataset(data: Any, prepared_dir: str | Path, name: str) -> dict:
     """``Tracker.log_dataset`` arguments for a prepared folder (a ``PreparedData``): digest =
     its manifest hash, source = the folder, a schema of what a sample is and a profile of counts."""
