@@ -101,14 +101,16 @@ def _server_side_s(cfg, data, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def deployed(raw: dict, *, server_side_s: float) -> dict:
+def deployed(raw: dict, *, server_side_s: float, supernode: str = "feda2v") -> dict:
     """A real deployment (scripts/flower_netns.sh: a SuperLink and one SuperNode per node, each in
     its own network namespace, TLS, SuperNode authentication, each site holding only its bundle) of
     the bench's config, shared relay. The FAB's ClientApp is benchmarks/flower_probe.py (feda2v's
     handlers, timed), so a visit's seconds split into what is ours (importing feda2v and torch in
     Flower's per-message `flwr-clientapp` process, the handler: partition read and verify, decode,
     train, encode; the server's encode/decode/merge) and what is Flower's (starting that process,
-    delivering the message both ways: SuperNode and server polling, TLS, HTTP). Needs root."""
+    delivering the message both ways: SuperNode and server polling, TLS, HTTP). ``supernode``:
+    feda2v (feda2v-supernode, Flower's SuperNode with its idle waits capped at 0.1 s) or flower
+    (plain flower-supernode: a fixed 3 s idle sleep, 0.5 s reply polling). Needs root."""
     import json
     import re
     import shutil
@@ -135,7 +137,7 @@ def deployed(raw: dict, *, server_side_s: float) -> dict:
         write_site_bundles(server / "prepared", sites)
         cfg_path = server / "config.json"
         cfg_path.write_text(json.dumps(to_plain(load_config(raw))))
-        env = dict(os.environ, FEDA2V_FLOWER_PROBE=str(probe))
+        env = dict(os.environ, FEDA2V_FLOWER_PROBE=str(probe), SUPERNODE=supernode, IDLE_POLL_S="0.1")
         from feda2v.numerics import OPT_OUT, PINNED_ENV
 
         if any(os.environ.get(k) != v for k, v in PINNED_ENV.items()):
@@ -183,7 +185,7 @@ def deployed(raw: dict, *, server_side_s: float) -> dict:
     in_process = med(lambda r: r["handler_end"] - r["process_start"])
     ours = feda2v_import + handler + server_side_s
     return {
-        "nodes": nodes, "rounds": rounds, "visits_timed": len(steady), "flwr_run_s": run_s,
+        "supernode": supernode, "nodes": nodes, "rounds": rounds, "visits_timed": len(steady), "flwr_run_s": run_s,
         "deployed_round_s_median_after_first": statistics.median(secs[1:] or secs),
         "deployed_round_s_first": secs[0],
         "deployed_per_visit_s": per_visit,
@@ -303,20 +305,25 @@ def run(quick: bool = False) -> dict:
                f"(target >= 20x)")
     breakdown = None
     if not quick and os.environ.get("BENCH_FLOWER_DEPLOY", "1") != "0":
-        # the same config, same run: a real deployment beside the two engines above
-        dep = deployed(_raw(prepared, rounds, "shared", max_samples), server_side_s=server_s)
-        final = dep.pop("_state", None)
-        engines.append({"engine": "flower-deployment", "sharing": "shared", "rounds": rounds, "nodes": nodes, **dep})
-        if "error" in dep:
-            summary += f"; deployed: FAILED: {dep['error']}"
-        else:
-            breakdown = {k: v for k, v in dep.items() if k.startswith("visit_")}
+        # the same config, same run: a real deployment beside the two engines above, with our
+        # SuperNode launcher (Flower's waits capped) and with Flower's own timing
+        for supernode in ("feda2v", "flower"):
+            dep = deployed(_raw(prepared, rounds, "shared", max_samples), server_side_s=server_s,
+                           supernode=supernode)
+            final = dep.pop("_state", None)
+            engine = "flower-deployment" + ("" if supernode == "feda2v" else " (flower-supernode)")
+            engines.append({"engine": engine, "sharing": "shared", "rounds": rounds, "nodes": nodes, **dep})
+            if "error" in dep:
+                summary += f"; deployed ({supernode}-supernode): FAILED: {dep['error']}"
+                continue
+            if supernode == "feda2v":
+                breakdown = {k: v for k, v in dep.items() if k.startswith("visit_")}
             ref = states["shared"]
             same = set(final) == set(ref) and all(torch.equal(final[k], ref[k]) for k in ref)
-            table.append(_row("flower-deployment", "shared", rounds, dep["deployed_round_s_first"],
+            table.append(_row(engine, "shared", rounds, dep["deployed_round_s_first"],
                               dep["deployed_round_s_median_after_first"], same))
-            summary += (f"; per visit (shared): in-process {ip['per_visit_s'] * 1e3:.0f} ms, simulation "
-                        f"{fl['per_visit_s'] * 1e3:.0f} ms, deployed {dep['deployed_per_visit_s']:.2f} s "
+            summary += (f"; per visit (shared), {supernode}-supernode: in-process {ip['per_visit_s'] * 1e3:.0f} ms, "
+                        f"simulation {fl['per_visit_s'] * 1e3:.0f} ms, deployed {dep['deployed_per_visit_s']:.2f} s "
                         f"(netns, TLS, SuperNode auth; +{dep['deployed_per_visit_s'] - ip['per_visit_s']:.2f} s, "
                         f"target <= 3 s): ours {dep['visit_ours_s']:.2f} s (feda2v+torch import "
                         f"{dep['visit_ours_feda2v_import_s']:.2f} s, handler {dep['visit_ours_handler_s']:.2f} s of "

@@ -75,7 +75,8 @@ flower-superlink --insecure --disable-runtime-dependency-installation --host 127
 PIDS+=($!); echo "flower_deploy: SuperLink PID $! on 127.0.0.1:$LINK_PORT (insecure)"
 flower_wait_port 127.0.0.1 "$LINK_PORT" "$WORK/logs"
 for i in 0 1; do
-  flower-supernode --insecure --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port $((NODE_PORT0 + i)) \
+  feda2v-supernode --idle-poll-s "${IDLE_POLL_S:-0.1}" --insecure --superlink "127.0.0.1:$LINK_PORT" \
+    --host 127.0.0.1 --port $((NODE_PORT0 + i)) \
     --node-config "partition-id=$i num-partitions=2 data-dir=\"$WORK/sites/node_00$i\"" \
     >"$WORK/logs/supernode$i.log" 2>&1 &
   PIDS+=($!); echo "flower_deploy: SuperNode $i PID $! (partition-id=$i, runtime port $((NODE_PORT0 + i)))"

@@ -20,7 +20,8 @@
 #   flower_netns.sh pid WORK I                     SuperNode I's PID
 #   flower_netns.sh down WORK                      stop every process in the namespaces by PID, delete them
 #
-# Env: VENV (default .venv of this checkout), PORT (SuperLink, default 9093).
+# Env: VENV (default .venv of this checkout), PORT (SuperLink, default 9093), SUPERNODE (feda2v:
+# feda2v-supernode --idle-poll-s IDLE_POLL_S, default 0.1 | flower: plain flower-supernode).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
@@ -45,6 +46,13 @@ ns_node() { echo "f2v${TAG}N$1"; }
 link_ip() { echo "$NET.1"; }
 
 node_state() { echo "$WORK/state/site$1"; }
+supernode_command() {  # feda2v-supernode: Flower's SuperNode with its fixed 3 s / 0.5 s waits capped
+  case ${SUPERNODE:-feda2v} in
+    feda2v) echo "$(command -v feda2v-supernode) --idle-poll-s ${IDLE_POLL_S:-0.1}" ;;
+    flower) command -v flower-supernode ;;  # Flower's own timing, for comparison (bench_flower)
+    *) die "SUPERNODE=$SUPERNODE: use feda2v or flower" ;;
+  esac
+}
 start_node() {  # I: in its namespace, with the server's folder and the other sites (data, state) hidden
   local i=$1 ns site hide=("$SERVER_DIR") d
   ns=$(ns_node "$i"); site=$(printf '%s/node_%03d' "$SITES_DIR" "$i")
@@ -53,10 +61,11 @@ start_node() {  # I: in its namespace, with the server's folder and the other si
   # data-dir: its site bundle; state-dir: where it keeps its own store (sharing local/fedavg)
   FLOWER_CA=$WORK/tls/ca.crt FLOWER_LINK="$(link_ip):$PORT" FLOWER_KEY=$WORK/keys/node$i \
   FLOWER_NODE_CONFIG="partition-id=$i num-partitions=$NODES data-dir=\"$site\" state-dir=\"$(node_state "$i")\"" \
+  FLOWER_SUPERNODE=$(supernode_command) \
   ip netns exec "$ns" sh -c 'for d in "$@"; do mount -t tmpfs -o size=1m,mode=0700 feda2v-hidden "$d" || exit 2; done
-      exec "$0" --root-certificates "$FLOWER_CA" --superlink "$FLOWER_LINK" \
+      exec $FLOWER_SUPERNODE --root-certificates "$FLOWER_CA" --superlink "$FLOWER_LINK" \
         --auth-supernode-private-key "$FLOWER_KEY" --node-config "$FLOWER_NODE_CONFIG" --host 127.0.0.1 --port 9094' \
-    "$(command -v flower-supernode)" "${hide[@]}" \
+    sh "${hide[@]}" \
     >>"$WORK/logs/supernode$i.log" 2>&1 &
   echo $! >"$WORK/pids/node$i"
 }
@@ -67,6 +76,7 @@ up)
   command -v ip >/dev/null || die "'ip' (iproute2) is not installed; run scripts/setup.sh"
   [[ $(id -u) == 0 ]] || die "network namespaces need root"
   command -v flower-superlink >/dev/null || die "flower-superlink is not in $VENV/bin; install the 'flower' extra"
+  command -v feda2v-supernode >/dev/null || die "feda2v-supernode is not in $VENV/bin; run scripts/setup.sh"
   [[ -f $STATE ]] && die "$WORK already holds a deployment; 'flower_netns.sh down $WORK' first"
   SERVER_DIR=$(realpath "$1") SITES_DIR=$(realpath "$2")
   [[ $SITES_DIR/ == "$SERVER_DIR"/* || $SERVER_DIR/ == "$SITES_DIR"/* ]] && die "SERVER_DIR and SITES_DIR must not contain each other"
