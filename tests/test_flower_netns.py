@@ -2,9 +2,11 @@
 SuperNodes, each in its own network namespace (veth pairs to a bridge inside the SuperLink's
 namespace), TLS from a CA made by the test, SuperNode authentication with a key per SuperNode
 registered before it starts, and each SuperNode able to read only its own site bundle (the
-server's folder and the other sites are hidden in its mount namespace). The server of a
-run reads only the site bundles' ``server/``: the manifest, the conditions and (what full mode's server
-evaluates on) the partitions' test splits, no training sample.
+server's folder and the other sites are hidden in its mount namespace). The SuperLink's namespace
+holds no partition either (the sites' folder, with the whole prepared data of the in-process
+reference, is hidden there): the server of a run reads only the site bundles' ``server/``: the
+manifest, the conditions and (what full mode's server evaluates on) the partitions' test splits, no
+training sample.
 
 For shared relay, fedavg and full mode (over fedavg) the deployed run's checkpoints are
 bit-identical to the in-process engine's, every round (``feda2v-ckpt diff``, with ``--nodes`` for
@@ -140,8 +142,10 @@ def deployment(tmp_path_factory, request):
     if shutil.which("ip") is None:
         pytest.fail("iproute2's 'ip' is missing; scripts/setup.sh installs it")
     dep = Deployment(tmp_path_factory.mktemp("netns"))
-    prepare(load_config(_raw(dep.server)))
-    write_site_bundles(dep.server / "prepared", dep.sites)
+    prepare(load_config(_raw(dep.sites)))
+    # the whole prepared folder (the in-process reference's data) sits beside the bundles: hidden
+    # in the SuperLink's namespace (SITES_DIR) and in every SuperNode's (not its own bundle)
+    write_site_bundles(dep.sites / "prepared", dep.sites)
     # what the server reads, in every mode: manifest, conditions, test splits (sites.py)
     shutil.copytree(dep.sites / "server", dep.server / "bundle")
     assert not list((dep.server / "bundle").glob("node_*"))
@@ -225,30 +229,36 @@ def test_every_supernode_sees_only_its_own_site(deployment):
         assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
     for d in states:
         (d / "visible-to-owner-only").unlink()
+    # the SuperLink (and the ServerApp it runs) sees no site's data: only the server's folder
+    link = int((dep.work / "deploy" / "pids" / "link").read_text())
+    root = f"/proc/{link}/root"
+    assert os.listdir(f"{root}{dep.sites}") == []
+    assert "bundle" in os.listdir(f"{root}{dep.server}")
+    assert not list(dep.server.rglob("node_*.safetensors"))  # nothing under it holds a partition
     assert (dep.work / "deploy" / "logs" / "register.log").read_text().count("registered successfully") == NODES
 
 
 def test_shared_relay_is_bit_identical_to_inprocess(deployment):
-    _same_as_inprocess(deployment, "shared", _raw(deployment.server, sharing="shared"))
+    _same_as_inprocess(deployment, "shared", _raw(deployment.sites, sharing="shared"))
 
 
 def test_fedavg_is_bit_identical_to_inprocess(deployment):
     """Generator-only fedavg: each node's store stays in its state dir, only parameters travel."""
-    _same_as_inprocess(deployment, "fedavg", _raw(deployment.server, sharing="fedavg"))
+    _same_as_inprocess(deployment, "fedavg", _raw(deployment.sites, sharing="fedavg"))
 
 
 def test_full_mode_with_fedavg_is_bit_identical_to_inprocess(deployment):
     """Full mode over fedavg: every round each node trains its own node-resident store (kept in its
     state dir; only the parameters of its keys travel) and the server averages them (fedavg's very
     messages and merge), then the nodes' classifiers are averaged and the server distils."""
-    _same_as_inprocess(deployment, "full", _raw(deployment.server, sharing="fedavg", mode="full",
+    _same_as_inprocess(deployment, "full", _raw(deployment.sites, sharing="fedavg", mode="full",
                                                  classifier_hidden=32))
 
 
 def _failing(dep: Deployment, policy: str) -> dict:
     # shared relay: one visit at a time, so a healthy visit is far inside the reply timeout even on
     # a busy machine (parallel fedavg visits took up to 23 s there)
-    return _raw(dep.server, sharing="shared",
+    return _raw(dep.sites, sharing="shared",
                 flower={"on_node_failure": policy, "reply_timeout_s": LOST_TIMEOUT_S})
 
 
