@@ -369,16 +369,21 @@ def test_fail_policy_stops_with_one_line_naming_the_node(prepared):
     assert "on_node_failure=fail" in msg
 
 
-def test_wait_policy_resends_to_the_restarted_node(prepared, tmp_path):
+@pytest.mark.parametrize("same_id", [False, True], ids=["new-node-id", "same-node-id"])
+def test_wait_policy_resends_to_the_restarted_node(prepared, tmp_path, same_id):
+    """A restarted SuperNode comes back under a new Flower node id, or (SuperNode authentication:
+    the id belongs to the registered key) under its old one, which must be asked again."""
     sections = {"federation": {"flower": {"on_node_failure": "wait", "retries": 1}}}
     ref, fed = _federation(prepared, **sections), _federation(prepared, tmp_path / "nodes", **sections)
     grid = _grid()
     rounds = flower_app.GridRounds(grid, fed)
     grid.dead.add(101)
+    back = 101 if same_id else 555
 
-    def restart(g, nid):  # the lost node comes back under a new id
+    def restart(g, nid):  # the lost node comes back
         g.nodes.pop(nid, None)
-        g.nodes[555] = 1
+        g.dead.discard(nid)
+        g.nodes[back] = 1
         g.on_lost = None
 
     grid.on_lost = restart
@@ -387,7 +392,7 @@ def test_wait_policy_resends_to_the_restarted_node(prepared, tmp_path):
     assert_same_state(ref, fed)  # nothing lost: the visit was trained again from the same state
     assert [g.missing for g in got] == [[], []]
 
-    grid.dead.add(555)  # lost again, and never back: retries run out -> one line
+    grid.dead.add(back)  # lost again, and never back: retries run out -> one line
     with pytest.raises(Feda2vError, match=r"^node node/001 \(partition 1\) .* after 1 retries; the run stops"):
         rounds.run_round(3)
 

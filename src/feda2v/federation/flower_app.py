@@ -712,7 +712,10 @@ class GridRounds:
         if policy == "wait" and attempt < int(self.opts.retries):
             print(f"feda2v: warning: {err}; waiting for partition {plan['nd'].node_id} to rejoin "
                   f"(retry {attempt + 1} of {self.opts.retries})", flush=True)
-            self.routes.pop(plan["nd"].node_id, None)
+            lost = self.routes.pop(plan["nd"].node_id, None)
+            # under SuperNode authentication the node id belongs to the registered key: a restarted
+            # SuperNode comes back under its old id, which must be asked for its partition again
+            self._queried.discard(lost)
             self._refresh_routes(need={plan["nd"].node_id}, wait_s=float(self.opts.connect_timeout_s))
             return True
         tried = f" after {attempt} retries" if policy == "wait" else ""
