@@ -726,16 +726,22 @@ SERVER_BUNDLE = sorted(["conditions.safetensors", "manifest.json", "test_splits.
                        + [f"test_{i:03d}.safetensors" for i in range(NODES)])
 
 
+def _copy_sites(bundles, tmp_path):
+    """Each site's bundle and the server's bundle, each in a folder of its own:
+    ({partition: site dir}, server dir)."""
+    dirs = {i: tmp_path / f"site{i}" for i in range(NODES)}
+    for i, d in dirs.items():
+        shutil.copytree(bundles / f"node_{i:03d}", d)
+    server = tmp_path / "server"
+    shutil.copytree(bundles / "server", server)
+    return dirs, server
+
+
 @pytest.mark.parametrize("sharing", ["shared", "fedavg"])
 def test_nodes_read_only_their_own_bundle(prepared, bundles, tmp_path, sharing):
     """Each node's data-dir holds only its bundle, the server's prepared dir only the manifest and
     conditions (bundles/server); the rounds are still bit-identical."""
-    dirs = {}
-    for i in range(NODES):
-        dirs[i] = tmp_path / f"site{i}"
-        shutil.copytree(bundles / f"node_{i:03d}", dirs[i])
-    server = tmp_path / "server"
-    shutil.copytree(bundles / "server", server)
+    dirs, server = _copy_sites(bundles, tmp_path)
     assert sorted(p.name for p in server.iterdir()) == SERVER_BUNDLE
     sections = {"federation": {"sharing": sharing}}
     ref, fed = _federation(prepared, **sections), _federation(server, tmp_path / "nodes", **sections)
@@ -825,12 +831,7 @@ def test_server_bundle_alone_holds_the_test_splits_verified_against_the_manifest
 def test_full_mode_runs_on_the_server_bundle_alone(prepared, bundles, tmp_path, sharing):
     """Full mode with the server's prepared dir = DIR/server/ only (no node file) and each node its
     own bundle: generators, classifier and downstream metrics bit-identical to in-process."""
-    dirs = {}
-    for i in range(NODES):
-        dirs[i] = tmp_path / f"site{i}"
-        shutil.copytree(bundles / f"node_{i:03d}", dirs[i])
-    server = tmp_path / "server"
-    shutil.copytree(bundles / "server", server)
+    dirs, server = _copy_sites(bundles, tmp_path)
     assert not list(server.glob("node_*"))
     sections = {"federation": {"sharing": sharing, "mode": "full"}}
     ref, fed = _federation(prepared, **sections), _federation(server, tmp_path / "nodes", **sections)
