@@ -486,8 +486,7 @@ class MlflowTracker(Tracker):
         keep = 1 if self.upload_checkpoints == "last" else self.keep_last
         for p in alive[-keep:]:
             if self._in_model(p):  # uploaded once already, as the store model's artifact
-                self._call("tagging the run", self.client.set_tag, self._run_id,
-                           "feda2v.final_checkpoint", f"{self.model_uri} (artifacts/{self._model_ckpt_name})")
+                self.set_tags({"feda2v.final_checkpoint": f"{self.model_uri} (artifacts/{self._model_ckpt_name})"})
                 continue
             self.log_artifact(p, "checkpoints")
 
