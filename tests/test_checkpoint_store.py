@@ -127,3 +127,14 @@ def test_checkpoint_from_before_output_variance_resumes_with_it_off(tmp_path, pe
     check_resumable({"generator": {**base, "output_variance": False}}, state, None, per_class_file)
     with pytest.raises(CheckpointError, match="generator.output_variance is False there, True here"):
         check_resumable({"generator": {**base, "output_variance": True}}, state, None, per_class_file)
+
+
+def test_checkpoint_from_before_conditional_prior_resumes_with_it_off(tmp_path, per_class_file):
+    from feda2v.checkpoint import check_resumable, read_run_state
+
+    state = dataclasses.replace(read_run_state(per_class_file),
+                                config={"generator": {"granularity": "per_class", "type": "cvae"}})  # before the key
+    base = {"granularity": "per_class", "type": "cvae"}
+    check_resumable({"generator": {**base, "conditional_prior": False}}, state, None, per_class_file)
+    with pytest.raises(CheckpointError, match="generator.conditional_prior is False there, True here"):
+        check_resumable({"generator": {**base, "conditional_prior": True}}, state, None, per_class_file)

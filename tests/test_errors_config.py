@@ -48,6 +48,7 @@ BAD = {
     "generator.beta_max": -1.0,
     "generator.beta_warmup_steps": -1,
     "generator.output_variance": "maybe",
+    "generator.conditional_prior": "perhaps",
     "generator.optimizer.name": "sgd",
     "generator.optimizer.lr": 0.0,
     "generator.optimizer.betas": [0.9],

@@ -141,6 +141,32 @@ def test_output_variance_is_an_extra_parameter_with_the_same_linear_draws():
     assert build_model("CVAE", with_var.kwargs()).output_variance
 
 
+def test_conditional_prior_is_an_extra_layer_after_the_same_draws_starting_at_n01():
+    plain, with_prior = CVAE(D, C, Z, H, gen=_gen(4)), CVAE(D, C, Z, H, conditional_prior=True, gen=_gen(4))
+    names = [n for n, _ in with_prior.named_parameters()]
+    assert names == [n for n, _ in plain.named_parameters()] + ["prior.0.weight", "prior.0.bias"]
+    for n, p in plain.named_parameters():  # drawn last: the encoder and decoder are as before
+        assert torch.equal(p, dict(with_prior.named_parameters())[n]), n
+    mean, logvar = with_prior.prior(torch.randn(3, C, generator=_gen(5))).chunk(2, dim=-1)
+    assert torch.equal(mean, torch.zeros(3, Z)) and torch.equal(logvar, torch.zeros(3, Z))  # N(0, I)
+    assert "conditional_prior" not in plain.kwargs()  # recorded as before it existed
+    assert with_prior.kwargs()["conditional_prior"] is True
+    assert build_model("CVAE", with_prior.kwargs()).conditional_prior
+
+
+def test_kl_to_the_conditional_prior_is_the_gaussian_kl():
+    from torch.distributions import Normal, kl_divergence
+
+    from feda2v.models.losses import vae_kl_per_sample, vae_kl_to_prior_per_sample
+
+    g = _gen(6)
+    mu, lv, pm, plv = (torch.randn(5, Z, dtype=torch.float64, generator=g) for _ in range(4))
+    want = kl_divergence(Normal(mu, (0.5 * lv).exp()), Normal(pm, (0.5 * plv).exp())).sum(-1)
+    torch.testing.assert_close(vae_kl_to_prior_per_sample(mu, lv, pm, plv), want)
+    zero = torch.zeros_like(mu)  # at the N(0, I) prior it is the usual KL
+    torch.testing.assert_close(vae_kl_to_prior_per_sample(mu, lv, zero, zero), vae_kl_per_sample(mu, lv))
+
+
 def test_output_nll_fits_the_variance_to_the_residual_and_trains_nothing_else():
     from feda2v.models.losses import output_nll_per_sample
 

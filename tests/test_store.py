@@ -270,7 +270,11 @@ def _reference_step(ref: GeneratorStore, x, y, g: torch.Generator) -> dict:
             m = ref.module(key)
             recon, mu, logvar = m(xk, ck, eps=zk)
             rec = ((recon - xk) ** 2).sum(1).mean()
-            kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)).mean()
+            if m.conditional_prior:  # KL(N(mu, s^2) || N(pm, ps^2)) of the learned p(z | c), written out
+                pm, plv = m.prior(ck).chunk(2, dim=-1)
+                kl = (0.5 * (plv - logvar + (logvar.exp() + (mu - pm) ** 2) / plv.exp() - 1).sum(1)).mean()
+            else:
+                kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)).mean()
             beta = spec.beta_max * min(1.0, ref.step_count(key) / spec.beta_warmup_steps)
             loss = rec + beta * kl
             objective = loss
@@ -285,14 +289,15 @@ def _reference_step(ref: GeneratorStore, x, y, g: torch.Generator) -> dict:
     return out
 
 
-@pytest.mark.parametrize("type_", ["vae", "cvae", "gan", "cvae+output_variance", "vae+output_variance"])
+@pytest.mark.parametrize("type_", ["vae", "cvae", "gan", "cvae+output_variance", "vae+output_variance",
+                                   "cvae+conditional_prior"])
 @pytest.mark.parametrize("granularity", ["unified", "per_class", "per_group"])
 def test_grouped_step_equals_separate_per_key_training(type_, granularity):
     # GAN: the simultaneous schedule without R1 (the alternating default: tests/test_gan_schedule.py)
     extra = {"gan": {"schedule": "simultaneous", "r1_gamma": 0.0}} if type_ == "gan" else {}
     type_, _, ov = type_.partition("+")
     if ov:
-        extra["output_variance"] = True
+        extra[ov] = True
     s = make_store(type_, granularity, **extra)
     ref = clone(s)
     for step, classes in enumerate([(0, 1, 2, 3), (0, 2), (1, 2, 3), (0, 1, 2, 3)]):
@@ -381,6 +386,27 @@ def test_sample_without_output_variance_is_the_decoder_mean(type_):
         m = s.module("unified")
         ref = m.decode(z, s.conditions[idx]) if type_ == "cvae" else m.decode(z)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["unified", "per_class"])
+def test_sample_with_conditional_prior_draws_from_p_z_given_c(granularity):
+    s = make_store("cvae", granularity, conditional_prior=True)
+    idx = torch.tensor([0, 1, 3, 1])
+    with torch.no_grad():  # a prior other than its N(0, I) start, per key
+        for k in s.keys:
+            pr = s.module(k).prior[0]
+            pr.weight.copy_(torch.randn(pr.weight.shape, generator=gen(11)))
+            pr.bias.copy_(torch.linspace(-1.0, 1.0, pr.bias.numel()))
+        out = s.sample(idx, gen=gen(4))
+        z = torch.randn(4, Z, generator=gen(4))
+        for i, c in enumerate(idx.tolist()):
+            m = s.module(s.key_for_class(CLASSES[c]))
+            cond = s.conditions[c:c + 1]
+            pm, plv = m.prior(cond).chunk(2, dim=-1)
+            ref = m.decode(pm + torch.exp(0.5 * plv) * z[i:i + 1], cond)
+            torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-6)
+        plain = make_store("cvae", granularity)  # the N(0, I) prior samples z itself
+        assert not torch.allclose(out, plain.sample(idx, gen=gen(4)))
 
 
 def test_bad_batches_are_data_errors():

@@ -239,6 +239,32 @@ def test_state_from_before_the_output_variance_loads_as_mean_sampling(type_):
     assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
 
 
+def test_state_from_before_the_conditional_prior_loads_with_the_n01_prior():
+    old = make_store("cvae", "unified")  # the default: N(0, I) prior
+    old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
+    tensors, meta = old.state_dict()
+    meta = json.loads(json.dumps(meta))
+    assert "conditional_prior" not in meta["arch"]["unified/generator"]["kwargs"]  # recorded as before
+    assert not any("prior" in n for n in tensors)
+    del meta["spec"]["conditional_prior"]
+    rebuilt = GeneratorStore.from_state(tensors, meta)
+    assert rebuilt.spec.conditional_prior is False
+    assert torch.equal(rebuilt.sample(torch.tensor([0, 2]), gen=gen(3)), old.sample(torch.tensor([0, 2]), gen=gen(3)))
+    new = make_store("cvae", "per_class", conditional_prior=True)  # the prior's layer is state, kept and restored
+    new.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
+    t2, m2 = new.state_dict()
+    assert m2["arch"]["class/a/generator"]["kwargs"]["conditional_prior"] is True
+    assert "class/a/generator/param/prior.0.weight" in t2
+    assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
+
+
+def test_conditional_prior_is_opt_in_and_refused_where_no_architecture_has_one():
+    assert make_store("cvae", "unified").spec.conditional_prior is False
+    for type_, arch in (("vae", "default"), ("gan", "default"), ("cvae", "fedgfe")):
+        with pytest.raises(ConfigError, match=f"generator.conditional_prior=true needs .*type {type_} arch {arch}"):
+            make_store(type_, "unified", conditional_prior=True, arch=arch)
+
+
 def test_output_variance_is_opt_in_and_refused_where_no_architecture_has_one():
     assert make_store("cvae", "unified").spec.output_variance is False
     assert make_store("cvae", "unified", output_variance=True).spec.output_variance is True

@@ -86,6 +86,23 @@ def test_resume_is_bit_identical(tmp_path, prepared, sharing, granularity, gtype
         (split / "reports/train/round_losses.csv").read_text()
 
 
+CONDITIONAL_PRIOR = [("shared", "unified", True), ("local", "per_class", False), ("fedavg", "per_group", True)]
+
+
+@pytest.mark.parametrize("sharing, granularity, reset", CONDITIONAL_PRIOR,
+                         ids=[f"{s}-{g}-{'reset' if r else 'keep'}" for s, g, r in CONDITIONAL_PRIOR])
+def test_resume_with_the_conditional_prior_is_bit_identical(tmp_path, prepared, sharing, granularity, reset):
+    sections = {"federation": {"sharing": sharing, "reset_on_class_change": reset},
+                "generator": {"type": "cvae", "granularity": granularity, "conditional_prior": True}}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(straight, prepared, rounds=3, **sections)
+    run(split, prepared, rounds=1, **sections)
+    run(split, prepared, rounds=3, resume="latest", **sections)
+    assert_same(straight / "ckpt" / "latest.ckpt", split / "ckpt" / "latest.ckpt")
+    tensors, _ = read_checkpoint(straight / "ckpt" / "latest.ckpt")
+    assert any(n.endswith("/generator/param/prior.0.weight") for n in tensors)
+
+
 def test_same_config_twice_gives_identical_checkpoints_and_metrics(tmp_path, prepared):
     for name in ("a", "b"):
         run(tmp_path / name, prepared, federation={"sharing": "fedavg"},

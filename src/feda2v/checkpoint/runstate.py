@@ -274,6 +274,7 @@ def read_primary_store(path: str | os.PathLike, store: str | None = None
 # before the key ran with (so it resumes with that value set, and is refused, naming it, otherwise).
 ADDED_CONFIG_KEYS: dict[str, Any] = {
     "generator.output_variance": False,  # VAE stores sampled the decoder mean (models/generators.py)
+    "generator.conditional_prior": False,  # cVAE stores had the N(0, I) prior (models/generators.py)
 }
 
 

@@ -80,25 +80,33 @@ class _VAEBase(Architecture):
     conditional: bool = False
 
     def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, condition_dim: int,
-                 gen: torch.Generator | None = None, output_variance: bool = False):
+                 gen: torch.Generator | None = None, output_variance: bool = False,
+                 conditional_prior: bool = False):
         super().__init__()
         self.feature_dim, self.latent_dim, self.hidden_dim = feature_dim, latent_dim, hidden_dim
         self.condition_dim, self.output_variance = condition_dim, bool(output_variance)
+        self.conditional_prior = bool(conditional_prior)
         d, z, h, c = feature_dim, latent_dim, hidden_dim, condition_dim
         # The encoder's last layer emits [mu, logvar] side by side.
         self.encoder = nn.Sequential(linear(d + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, 2 * z))
         self.decoder = nn.Sequential(linear(z + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, d))
         if self.output_variance:
             self.output_scaled_log_var = nn.Parameter(torch.empty(d))
+        if self.conditional_prior:  # after the encoder and decoder: their init draws stay the same
+            self.prior = nn.Sequential(linear(c, 2 * z))
         init_parameters(self, gen or _default_gen())
 
     @torch.no_grad()
     def init_from(self, gen: torch.Generator) -> None:
         """The Linear layers as ``init_parameters`` draws them (the same draws with or without the
-        variance, which draws nothing); the output variance starts at 1 (log 0), a z-scored feature's."""
+        variance, which draws nothing); the output variance starts at 1 (log 0), a z-scored feature's;
+        the conditional prior starts as N(0, I) for every condition (zero weights, drawn last)."""
         init_linears(self, gen)
         if self.output_variance:
             self.output_scaled_log_var.zero_()
+        if self.conditional_prior:
+            for p in self.prior.parameters():
+                p.zero_()
 
     def _c(self, cond: Tensor | None) -> Tensor | None:
         if not self.conditional:
@@ -133,10 +141,19 @@ class _VAEBase(Architecture):
     def decode_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None) -> Tensor:
         return stacked_sequential(self.decoder, "decoder", params, _cat(z, self._c(cond)))
 
+    def prior_stacked(self, params: Mapping[str, Tensor], cond: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of the learned conditional prior p(z | c) (``conditional_prior``)."""
+        mean, logvar = stacked_sequential(self.prior, "prior", params, cond).chunk(2, dim=-1)
+        return mean, logvar
+
     def sample_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None,
                        noise: Tensor | None) -> Tensor:
         """Samples of p(x | z): the decoder mean, plus ``noise`` ([K, n, feature_dim] standard
-        normal) scaled by the learned sigma when the model has an output variance."""
+        normal) scaled by the learned sigma when the model has an output variance. ``z`` is
+        standard normal noise; with a conditional prior it is moved to p(z | c) first."""
+        if self.conditional_prior:
+            mean_z, logvar_z = self.prior_stacked(params, cond)
+            z = mean_z + torch.exp(0.5 * logvar_z) * z
         mean = self.decode_stacked(params, z, cond)
         if not self.output_variance:
             return mean
@@ -159,8 +176,9 @@ class CVAE(_VAEBase):
     conditional = True
 
     def __init__(self, feature_dim: int, condition_dim: int, latent_dim: int, hidden_dim: int,
-                 output_variance: bool = False, gen: torch.Generator | None = None):
-        super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen, output_variance)
+                 output_variance: bool = False, conditional_prior: bool = False,
+                 gen: torch.Generator | None = None):
+        super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen, output_variance, conditional_prior)
 
 
 class GANGenerator(Architecture):

@@ -35,6 +35,11 @@ def vae_kl_per_sample(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
 
 
+def vae_kl_to_prior_per_sample(mu: Tensor, logvar: Tensor, prior_mu: Tensor, prior_logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over latent dimensions, per sample."""
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) * torch.exp(-prior_logvar) - 1.0).sum(-1)
+
+
 def bce_logits_per_sample(logits: Tensor, target: float) -> Tensor:
     """Binary cross-entropy with logits against a constant target (1 = real, 0 = fake)."""
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none")

@@ -84,6 +84,7 @@ class StoreSpec:
     beta_max: float = _GEN.beta_max
     beta_warmup_steps: int = _GEN.beta_warmup_steps
     output_variance: bool = _GEN.output_variance  # VAE kinds: learned output variance, sampled (models/generators.py)
+    conditional_prior: bool = _GEN.conditional_prior  # cVAE: learned prior p(z | c), sampled (models/generators.py)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
@@ -98,6 +99,12 @@ class StoreSpec:
         if isinstance(self.gan, Mapping):
             object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
         object.__setattr__(self, "output_variance", bool(self.output_variance))
+        object.__setattr__(self, "conditional_prior", bool(self.conditional_prior))
+        if self.conditional_prior and "conditional_prior" not in constructor_args(
+                ARCHITECTURES[kind(self.type).arch(self.arch)["generator"].cls]):
+            raise ConfigError(f"generator.conditional_prior=true needs a conditional VAE architecture "
+                              f"(generator.type cvae, generator.arch=default), not type {self.type} "
+                              f"arch {self.arch}; set it false")
         if self.output_variance and "output_variance" not in constructor_args(
                 ARCHITECTURES[kind(self.type).arch(self.arch)["generator"].cls]):
             raise ConfigError(f"generator.output_variance=true needs an architecture with an output variance "
@@ -131,7 +138,7 @@ class StoreSpec:
             class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
-            output_variance=bool(g.output_variance),
+            output_variance=bool(g.output_variance), conditional_prior=bool(g.conditional_prior),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
@@ -158,6 +165,7 @@ class StoreSpec:
                 d.setdefault("arch", "concat")
         d.setdefault("arch", DEFAULT_ARCH)
         d.setdefault("output_variance", False)  # before it existed: VAEs sampled the decoder mean
+        d.setdefault("conditional_prior", False)  # before it existed: cVAEs had the N(0, I) prior
         d.setdefault("fusion_dim", StoreSpec.fusion_dim)
         expected = set(cls.__dataclass_fields__)
         got = set(d)

@@ -24,6 +24,7 @@ from feda2v.models.losses import (
     output_nll_per_sample,
     r1_per_sample,
     vae_kl_per_sample,
+    vae_kl_to_prior_per_sample,
     vae_recon_per_sample,
 )
 from feda2v.models.generators import OUTPUT_LOG_VAR, output_log_var
@@ -196,7 +197,10 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         # gen: the batch's generator, for architectures with dropout (drawn after the noise)
         recon, mu, logvar = template.forward_stacked(params, xs, cs, eps, gen=gen)
         rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
-        kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
+        if getattr(template, "conditional_prior", False):  # KL to the learned p(z | c), trained with the rest
+            kl = grp.masked_mean(vae_kl_to_prior_per_sample(mu, logvar, *template.prior_stacked(params, cs)))
+        else:
+            kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
         steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
         beta = beta_schedule(steps, store.spec.beta_max, store.spec.beta_warmup_steps)
         loss = rec + beta * kl

@@ -451,6 +451,8 @@ class GeneratorStore:
         if getattr(template, "output_variance", False):  # a VAE's likelihood: its noise drawn after z's
             noise = torch.randn(y.numel(), self.spec.feature_dim, generator=gen, device=gen.device)
             out = template.sample_stacked(params, zs, cs, grp.pad(noise.to(self._device)))
+        elif getattr(template, "conditional_prior", False):  # prior noise moved to p(z | c)
+            out = template.sample_stacked(params, zs, cs, None)
         else:
             out = template.decode_stacked(params, zs, cs)
         return grp.unpad(out)
