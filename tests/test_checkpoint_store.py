@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -138,3 +139,31 @@ def test_checkpoint_from_before_conditional_prior_resumes_with_it_off(tmp_path, 
     check_resumable({"generator": {**base, "conditional_prior": False}}, state, None, per_class_file)
     with pytest.raises(CheckpointError, match="generator.conditional_prior is False there, True here"):
         check_resumable({"generator": {**base, "conditional_prior": True}}, state, None, per_class_file)
+
+
+def test_null_conditional_prior_is_recorded_as_the_type_default(per_class_file):
+    # null (the default) means the type's own default; the checkpoint records what it resolved to,
+    # so a run from before the key (no conditional prior) resumes where null means none (vae, gan)
+    # and is refused, naming the key, where null now means one (cvae)
+    from pathlib import Path
+
+    from feda2v.checkpoint import check_resumable, read_run_state, state_config
+    from feda2v.config import load_config
+    from feda2v.config.files import compose_conf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for type_, want in (("cvae", True), ("vae", False), ("gan", False)):
+        cfg = load_config(compose_conf(conf, [f"generator={type_}"]))
+        assert cfg.generator.conditional_prior is None
+        mine = state_config(cfg)
+        assert mine["generator"]["conditional_prior"] is want
+        old = json.loads(json.dumps(mine))
+        del old["generator"]["conditional_prior"]  # written before the key existed
+        state = dataclasses.replace(read_run_state(per_class_file), config=old, data_manifest_hash=None)
+        if want:
+            with pytest.raises(CheckpointError, match="generator.conditional_prior is False there, True here"):
+                check_resumable(mine, state, None, per_class_file)
+        else:
+            check_resumable(mine, state, None, per_class_file)
+    explicit = load_config(compose_conf(conf, ["generator.conditional_prior=false"]))
+    assert state_config(explicit)["generator"]["conditional_prior"] is False

@@ -290,14 +290,14 @@ def _reference_step(ref: GeneratorStore, x, y, g: torch.Generator) -> dict:
 
 
 @pytest.mark.parametrize("type_", ["vae", "cvae", "gan", "cvae+output_variance", "vae+output_variance",
-                                   "cvae+conditional_prior"])
+                                   "cvae+no_conditional_prior"])
 @pytest.mark.parametrize("granularity", ["unified", "per_class", "per_group"])
 def test_grouped_step_equals_separate_per_key_training(type_, granularity):
     # GAN: the simultaneous schedule without R1 (the alternating default: tests/test_gan_schedule.py)
     extra = {"gan": {"schedule": "simultaneous", "r1_gamma": 0.0}} if type_ == "gan" else {}
     type_, _, ov = type_.partition("+")
-    if ov:
-        extra[ov] = True
+    if ov:  # "+name": that option on; "+no_name": off (where the type's default has it on)
+        extra[ov.removeprefix("no_")] = not ov.startswith("no_")
     s = make_store(type_, granularity, **extra)
     ref = clone(s)
     for step, classes in enumerate([(0, 1, 2, 3), (0, 2), (1, 2, 3), (0, 1, 2, 3)]):
@@ -377,7 +377,7 @@ def test_sample_per_class_uses_that_class_generator(type_):
 @pytest.mark.parametrize("type_", ["vae", "cvae"])
 def test_sample_without_output_variance_is_the_decoder_mean(type_):
     # what stores built before the output variance existed (and output_variance=False) sample
-    s = make_store(type_, "unified", output_variance=False)
+    s = make_store(type_, "unified", output_variance=False, conditional_prior=False)
     assert not any("output_log_var" in n for n, _ in s.module("unified").named_parameters())
     idx = torch.tensor([0, 1, 3])
     out = s.sample(idx, gen=gen(4))
@@ -405,7 +405,7 @@ def test_sample_with_conditional_prior_draws_from_p_z_given_c(granularity):
             pm, plv = m.prior(cond).chunk(2, dim=-1)
             ref = m.decode(pm + torch.exp(0.5 * plv) * z[i:i + 1], cond)
             torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-6)
-        plain = make_store("cvae", granularity)  # the N(0, I) prior samples z itself
+        plain = make_store("cvae", granularity, conditional_prior=False)  # the N(0, I) prior samples z itself
         assert not torch.allclose(out, plain.sample(idx, gen=gen(4)))
 
 

@@ -240,7 +240,7 @@ def test_state_from_before_the_output_variance_loads_as_mean_sampling(type_):
 
 
 def test_state_from_before_the_conditional_prior_loads_with_the_n01_prior():
-    old = make_store("cvae", "unified")  # the default: N(0, I) prior
+    old = make_store("cvae", "unified", conditional_prior=False)  # as stores were before: the N(0, I) prior
     old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
     tensors, meta = old.state_dict()
     meta = json.loads(json.dumps(meta))
@@ -258,8 +258,11 @@ def test_state_from_before_the_conditional_prior_loads_with_the_n01_prior():
     assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
 
 
-def test_conditional_prior_is_opt_in_and_refused_where_no_architecture_has_one():
-    assert make_store("cvae", "unified").spec.conditional_prior is False
+def test_conditional_prior_is_the_cvae_default_and_refused_where_no_architecture_has_one():
+    assert make_store("cvae", "unified").spec.conditional_prior is True  # None (config null): the type's default
+    assert make_store("cvae", "unified", conditional_prior=False).spec.conditional_prior is False
+    for type_, arch in (("vae", "default"), ("gan", "default"), ("cvae", "fedgfe")):
+        assert make_store(type_, "unified", arch=arch).spec.conditional_prior is False  # they have none
     for type_, arch in (("vae", "default"), ("gan", "default"), ("cvae", "fedgfe")):
         with pytest.raises(ConfigError, match=f"generator.conditional_prior=true needs .*type {type_} arch {arch}"):
             make_store(type_, "unified", conditional_prior=True, arch=arch)

@@ -93,7 +93,7 @@ CONDITIONAL_PRIOR = [("shared", "unified", True), ("local", "per_class", False),
                          ids=[f"{s}-{g}-{'reset' if r else 'keep'}" for s, g, r in CONDITIONAL_PRIOR])
 def test_resume_with_the_conditional_prior_is_bit_identical(tmp_path, prepared, sharing, granularity, reset):
     sections = {"federation": {"sharing": sharing, "reset_on_class_change": reset},
-                "generator": {"type": "cvae", "granularity": granularity, "conditional_prior": True}}
+                "generator": {"type": "cvae", "granularity": granularity}}  # the cVAE's default: on
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(straight, prepared, rounds=3, **sections)
     run(split, prepared, rounds=1, **sections)

@@ -103,6 +103,14 @@ def state_config(cfg) -> dict:
     plain = to_plain(cfg) if OmegaConf.is_config(cfg) else _deep_copy(cfg)
     for dotted in OPERATIONAL:
         _drop(plain, dotted)
+    gen = plain.get("generator")
+    if isinstance(gen, dict) and "conditional_prior" in gen:
+        # null means the type's default: recorded as the value it resolves to, so a checkpoint
+        # written before the key existed (False, ADDED_CONFIG_KEYS) resumes where null means that too
+        from feda2v.store.spec import resolve_conditional_prior
+
+        gen["conditional_prior"] = resolve_conditional_prior(gen["conditional_prior"], str(gen.get("type")),
+                                                             str(gen.get("arch", "default")))
     return plain
 
 

@@ -90,10 +90,12 @@ class GeneratorConfig:
     # Frechet 11.0 -> 9.3, TSTR/TRTR 0.753 -> 0.775 (2 of 3 seeds up); per-class cVAE TSTR/TRTR
     # 0.717 -> 0.696, so not the default.
     output_variance: bool = False
-    # cVAE (arch default), opt-in: a learned conditional prior p(z | c) = N(m(c), diag(exp(v(c))))
-    # (one linear layer from the condition, zero-initialised: N(0, I) at the start), the KL taken to
-    # it and sampling drawn from it, instead of one N(0, I) for every class (README, generator comparison).
-    conditional_prior: bool = False
+    # cVAE (arch default): a learned conditional prior p(z | c) = N(m(c), diag(exp(v(c)))) (one
+    # linear layer from the condition, zero-initialised: N(0, I) at the start), the KL taken to it
+    # and sampling drawn from it, instead of one N(0, I) for every class. null: the type's default
+    # (cvae: true; vae, gan and the published architectures have none), so generator.type=X and
+    # generator=X compose the same training (store/kinds.py; README, generator comparison).
+    conditional_prior: Optional[bool] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gan: GanConfig = field(default_factory=GanConfig)
 

@@ -44,6 +44,8 @@ class Kind:
     archs: Mapping[str, Mapping[str, RoleArch]]  # variant -> role -> architecture
     # generator.optimizer settings left null in config take these (the type's own defaults)
     optimizer_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # generator.conditional_prior left null: on where the architecture has one and this says so
+    conditional_prior: bool = False
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -72,7 +74,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("cvae", (GENERATOR,), vae_step, {DEFAULT_ARCH: {GENERATOR: RoleArch("CVAE")},
                                            "fedgfe": {GENERATOR: RoleArch("FedgfeCVAE")},
                                            "fedgfe_multimodal": {GENERATOR: RoleArch("FedgfeMultiModalVAE")}},
-         _VAE_OPTIMIZER),
+         # the learned p(z | c): TSTR/TRTR 0.754 -> 0.780 unified, 0.717 -> 0.869 per_class, 3 seeds each
+         # (README, generator comparison)
+         _VAE_OPTIMIZER, conditional_prior=True),
     Kind("gan", (GENERATOR, DISCRIMINATOR), gan_step, {
         DEFAULT_ARCH: {GENERATOR: RoleArch("GANGenerator"), DISCRIMINATOR: RoleArch("ProjectionDiscriminator")},
         # the discriminator this project's GAN stores had before the projection one (still readable)

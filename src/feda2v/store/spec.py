@@ -69,6 +69,19 @@ class GanSpec:
             raise ConfigError(f"generator.gan.r1_gamma must be >= 0, got {self.r1_gamma}")
 
 
+def has_conditional_prior(type_: str, arch: str) -> bool:
+    """Whether ``type_``'s architecture variant ``arch`` can have a learned conditional prior."""
+    return "conditional_prior" in constructor_args(ARCHITECTURES[kind(type_).arch(arch)["generator"].cls])
+
+
+def resolve_conditional_prior(value: bool | None, type_: str, arch: str) -> bool:
+    """generator.conditional_prior as the store runs it: null is the type's own default (on for
+    the cVAE's default architecture, store/kinds.py), where the architecture has one."""
+    if value is None:
+        return kind(type_).conditional_prior and has_conditional_prior(type_, arch)
+    return bool(value)
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     type: str
@@ -84,7 +97,8 @@ class StoreSpec:
     beta_max: float = _GEN.beta_max
     beta_warmup_steps: int = _GEN.beta_warmup_steps
     output_variance: bool = _GEN.output_variance  # VAE kinds: learned output variance, sampled (models/generators.py)
-    conditional_prior: bool = _GEN.conditional_prior  # cVAE: learned prior p(z | c), sampled (models/generators.py)
+    # cVAE: learned prior p(z | c), sampled (models/generators.py); None: the type's default
+    conditional_prior: bool | None = _GEN.conditional_prior
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
@@ -99,9 +113,9 @@ class StoreSpec:
         if isinstance(self.gan, Mapping):
             object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
         object.__setattr__(self, "output_variance", bool(self.output_variance))
-        object.__setattr__(self, "conditional_prior", bool(self.conditional_prior))
-        if self.conditional_prior and "conditional_prior" not in constructor_args(
-                ARCHITECTURES[kind(self.type).arch(self.arch)["generator"].cls]):
+        object.__setattr__(self, "conditional_prior",
+                           resolve_conditional_prior(self.conditional_prior, self.type, self.arch))
+        if self.conditional_prior and not has_conditional_prior(self.type, self.arch):
             raise ConfigError(f"generator.conditional_prior=true needs a conditional VAE architecture "
                               f"(generator.type cvae, generator.arch=default), not type {self.type} "
                               f"arch {self.arch}; set it false")
@@ -138,7 +152,8 @@ class StoreSpec:
             class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
-            output_variance=bool(g.output_variance), conditional_prior=bool(g.conditional_prior),
+            output_variance=bool(g.output_variance),
+            conditional_prior=None if g.conditional_prior is None else bool(g.conditional_prior),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
