@@ -107,11 +107,14 @@ def state_config(cfg) -> dict:
     if isinstance(gen, dict) and "conditional_prior" in gen:
         # null means the type's default: recorded as the value it resolves to, so a checkpoint
         # written before the key existed (False, ADDED_CONFIG_KEYS) resumes where null means that too
-        from feda2v.store.spec import resolve_conditional_prior
-
-        gen["conditional_prior"] = resolve_conditional_prior(gen["conditional_prior"], str(gen.get("type")),
-                                                             str(gen.get("arch", "default")))
+        gen["conditional_prior"] = _resolved_conditional_prior(gen["conditional_prior"], gen)
     return plain
+
+
+def _resolved_conditional_prior(value, generator: Mapping[str, Any]) -> bool:
+    from feda2v.store.spec import resolve_conditional_prior
+
+    return resolve_conditional_prior(value, str(generator.get("type")), str(generator.get("arch", "default")))
 
 
 def operational_config(cfg) -> dict:
@@ -284,6 +287,9 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
     "generator.output_variance": False,  # VAE stores sampled the decoder mean (models/generators.py)
     "generator.conditional_prior": False,  # cVAE stores had the N(0, I) prior (models/generators.py)
 }
+# Recorded keys whose value state_config derives from others (a null resolved by generator.type):
+# compared last, so a refusal names the key the user changed, not its consequence.
+DERIVED_CONFIG_KEYS = ("generator.conditional_prior",)
 
 
 def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: str | None,
@@ -299,7 +305,11 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
     for name, value in ADDED_CONFIG_KEYS.items():  # a config older than the key ran with this value
         theirs.setdefault(name, value)
         mine.setdefault(name, value)
-    for name in sorted(set(mine) | set(theirs)):
+    for flat in (mine, theirs):  # a config recorded unresolved (a format-1 header: the whole config)
+        if flat.get("generator.conditional_prior", False) is None:
+            flat["generator.conditional_prior"] = _resolved_conditional_prior(
+                None, {"type": flat.get("generator.type"), "arch": flat.get("generator.arch", "default")})
+    for name in sorted(set(mine) | set(theirs), key=lambda n: (n in DERIVED_CONFIG_KEYS, n)):
         if _free(name, RESUME_FREE):
             continue
         if mine.get(name) != theirs.get(name):
