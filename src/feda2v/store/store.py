@@ -150,8 +150,8 @@ class GeneratorStore:
         self._step_banks: dict[str, Tensor] = {}
         # role -> (its bank, {name: a requires-grad view of the bank}): _stacked's leaves over all keys
         self._leaves: dict[str, tuple[dict, dict[str, Tensor]]] = {}
-        # (device, (check, width)...) -> the codes of a Visit.check's value columns (steps.py)
-        self._check_codes: dict[tuple, Tensor] = {}
+        # device -> a float32 1.0 (the unit scale of Visit.check's fused finiteness check)
+        self._units: dict[torch.device, Tensor] = {}
         self._role_arch = {role: self._arch(role) for role in self.roles}
         with _gc_paused():
             for role in self.roles:
@@ -403,6 +403,12 @@ class GeneratorStore:
         # (non_blocking: a copy to the device must not wait for the device)
         return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device,
                                                                                           non_blocking=True)
+
+    def _unit(self, device: torch.device) -> Tensor:
+        unit = self._units.get(device)
+        if unit is None:
+            unit = self._units[device] = torch.ones((), dtype=torch.float32, device=device)
+        return unit
 
     def visit(self, *, node: str, round: int) -> Visit:
         """A node's visit: ``v.step(x, y, gen=...)`` per batch (no host sync inside), then
