@@ -31,9 +31,11 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from feda2v import malloc
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "malloc": malloc.apply()}
 
 
 def to_markdown(report: dict) -> str:
@@ -105,6 +107,11 @@ def main() -> int:
                     help="replace only the re-run sections of the existing report in --out")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
+    # The allocator settings the command-line apps run with (feda2v.malloc), for every peer alike:
+    # process-wide, so each ratio compares the store and its contender under the same malloc.
+    from feda2v import malloc
+
+    malloc.apply()
     # Training runs on one thread (train.threads=1): every ratio here is measured on one thread too,
     # the matmul ceiling included, so "share of peak" compares like with like.
     import torch

@@ -150,6 +150,8 @@ class GeneratorStore:
         self._step_banks: dict[str, Tensor] = {}
         # role -> (its bank, {name: a requires-grad view of the bank}): _stacked's leaves over all keys
         self._leaves: dict[str, tuple[dict, dict[str, Tensor]]] = {}
+        # batch size -> the unified layout of a batch of that size (see _layout)
+        self._unified_layouts: dict[int, Grouping] = {}
         # device -> a float32 1.0 (the unit scale of Visit.check's fused finiteness check)
         self._units: dict[torch.device, Tensor] = {}
         self._role_arch = {role: self._arch(role) for role in self.roles}
@@ -383,6 +385,18 @@ class GeneratorStore:
             self._updates.move_to_end(cache_key)
         update(grads, found_inf, kept=self._grad_buffers.get((role, len(rows)), {}).values())
 
+    def _layout(self, y: Tensor) -> Grouping:
+        """The batch's layout on the store's device. Unified: one per batch size, made once (it
+        depends on nothing else, and no step writes into a layout)."""
+        if len(self.keys) != 1:
+            return Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
+        grp = self._unified_layouts.get(y.numel())
+        if grp is None:
+            if len(self._unified_layouts) >= _UPDATE_CACHE:
+                self._unified_layouts.clear()
+            grp = self._unified_layouts[y.numel()] = Grouping(self._class_key_idx[y], 1).to(self._device)
+        return grp
+
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(x on the store's device, y as host long indices). Labels belong on the host (the node
         keeps them there): checking their range and laying the batch out then needs no device sync;
@@ -429,7 +443,7 @@ class GeneratorStore:
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
                 return
-            grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
+            grp = self._layout(y)
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             cond = self._conditions[y.to(self._device, non_blocking=True)]
@@ -672,6 +686,7 @@ class GeneratorStore:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
         self._grad_buffers = {}  # re-allocated on the new device at the next step
+        self._unified_layouts = {}
         self._leaves = {}
         self._step_banks = {}  # and the step counts re-banked there from the moved state
         self._updates.clear()
