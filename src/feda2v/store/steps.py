@@ -206,7 +206,12 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         recon, mu, logvar = template.forward_stacked(params, xs, cs, eps, gen=gen)
         rec = grp.masked_mean(vae_recon_per_sample(recon, xs))
         kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
-        steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
+        # each key's step count: from the step bank of the keys' cached update in one operation,
+        # else (the first step over these keys, after a reset or a load) key by key
+        update = store._cached_update(GENERATOR, grp.active)
+        steps = None if update is None else update.first_steps()
+        if steps is None:
+            steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
         beta = beta_schedule(steps, store.spec.beta_max, store.spec.beta_warmup_steps)
         loss = rec + beta * kl
         objective = loss  # the reported loss stays the ELBO's; the output variance's fit is added to the gradient
@@ -217,7 +222,7 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         grads, grad_check = stacked_grads(objective.sum(), params)
     visit.check(("loss", objective), grad_check)  # both before the update they veto
     with step_range("generator_step/optimizer"):
-        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf)
+        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf, update=update)
     return torch.stack([loss, rec, kl, beta], dim=1).detach()
 
 

@@ -364,13 +364,23 @@ class GeneratorStore:
             bufs = self._grad_buffers[role, len(rows)] = {n: b[:len(rows)] for n, b in full.items()}
         return StackedParams(out, grad_buffers=bufs)
 
+    def _cached_update(self, role: str, rows: Sequence[int]) -> FusedUpdate | None:
+        """The fused update of the keys at ``rows`` if one is cached and still valid (it is not
+        built here: building makes the keys' optimizer state, which only an update may do)."""
+        update = self._updates.get((role, tuple(rows)))
+        return update if update is not None and update.valid() else None
+
     def _apply_update(self, role: str, rows: Sequence[int], grads: Sequence[Tensor],
-                      found_inf: Tensor | None = None) -> None:
+                      found_inf: Tensor | None = None, update: FusedUpdate | None = None) -> None:
         """Step the optimizers of the keys at ``rows`` (ascending, as ``Grouping.active``) with
-        ``grads``: per parameter name, in the role's parameter order, the stacked gradient [K, ...]."""
+        ``grads``: per parameter name, in the role's parameter order, the stacked gradient [K, ...];
+        ``update``: those keys' update as ``_cached_update`` found it earlier in the same step
+        (valid then, and nothing in a step between can invalidate it)."""
         cache_key = (role, tuple(rows))
-        update = self._updates.get(cache_key)
-        if update is None or not update.valid():
+        checked = update is not None
+        if not checked:
+            update = self._updates.get(cache_key)
+        if update is None or not (checked or update.valid()):
             keys = [self.keys[r] for r in rows]
             bank = self._step_banks.get(role)
             if bank is None:
