@@ -50,7 +50,8 @@ def to_markdown(report: dict) -> str:
 def section_markdown(name: str, res: dict) -> list[str]:
     lines = [f"## {name}", ""]
     if "remeasured" in res:
-        lines += [f"Re-measured {res['remeasured']} (this section only: "
+        on = f" on: {json.dumps(res['remeasured_on'])}" if "remeasured_on" in res else ""
+        lines += [f"Re-measured {res['remeasured']}{on} (this section only: "
                   f"`python benchmarks/run.py --only {name} --splice`).", ""]
     if "error" in res:
         return lines + [f"FAILED: {res['error']}", ""]
@@ -77,6 +78,8 @@ def splice(out: Path, stem: str, report: dict) -> None:
         raise SystemExit("--splice: the existing report was measured in the other mode (--quick or not)")
     for name, res in report["results"].items():
         res["remeasured"] = report["when"]
+        if report.get("machine") and report["machine"] != old.get("machine"):
+            res["remeasured_on"] = report["machine"]  # the header's machine is the full run's
         old["results"][name] = res
     old["results"] = {n: old["results"][n] for n in ORDER if n in old["results"]} | {
         n: r for n, r in old["results"].items() if n not in ORDER}
