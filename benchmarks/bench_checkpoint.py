@@ -1,11 +1,22 @@
 """Checkpoint read and write against their floors, measured side by side in one run.
 
 - read: ``read_checkpoint`` (framing, canonical header, header and payload SHA-256, tensor index,
-  zero-copy views) vs the time to SHA-256 the file (read it into memory + hash it: the least any
-  integrity-checked load must do); ``safetensors.torch.load_file`` alongside for reference.
-- write: ``write_checkpoint`` (hash + write + fsync + atomic rename) vs ``safetensors.torch.save_file``
-  + fsync + SHA-256 of the same tensors (what an integrity-checked safetensors write costs).
-Each is timed against its floor in alternating runs.
+  zero-copy views) vs the time to SHA-256 the file (one streaming pass: the least any
+  integrity-checked load must do); ``safetensors.torch.load_file`` alongside for reference (it
+  maps the file lazily and checks nothing, so it is not a floor).
+- write: ``write_checkpoint`` (payload written and hashed in pieces, each handed to the disk before
+  it is hashed; prefix; fsync; rename; fsync of the directory) vs the issue's peer,
+  ``safetensors.torch.save_file`` + fsync + SHA-256 of the same tensors. safetensors (0.8) itself
+  writes a temp file and renames it over the target, but does not fsync the file before the rename
+  nor the directory after it; the "durable peer" adds exactly the steps ours takes (save_file to a
+  temp name, fsync, rename, fsync the directory) and is reported beside it. Both overwrite their
+  previous file each time (the same page-cache and block-freeing work on both sides).
+  ``CheckpointManager.save`` (new round file, ``latest`` link, pruning) is measured in the same rotation.
+
+Stability: every contender runs once per round, the order reversed every other round (one warm-up
+round), so load that comes and goes hits all of them; a ratio is the median over rounds of the
+per-round ratio (ours / its floor in the same round), with the 25th-75th percentile spread. The
+summary names the file system and the load average, since the writes are fsync-bound.
 Targets (issue 21): read <= 1.3x the hash, write <= 1.2x the peer, at 40 and 400 MB (the 400 MB
 case only in the full run). State: store-shaped tensors (per key: parameters + AdamW moments +
 step scalars, as a per_class store holds them).
@@ -25,11 +36,12 @@ from pathlib import Path
 
 import torch
 
-from common import median_time
-
 from feda2v.checkpoint import CheckpointManager, read_checkpoint, write_checkpoint
+from feda2v.checkpoint.container import temp_name
+from feda2v.fsutil import fsync_dir
 
 READ_TARGET, WRITE_TARGET = 1.3, 1.2
+REPEATS = {40.0: 15, 400.0: 7}  # rounds per size in the full run; quick: 3 at 40 MB
 
 
 def _state(total_mb: float) -> dict[str, torch.Tensor]:
@@ -61,35 +73,78 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _peer_write(path: Path, tensors) -> None:
-    """safetensors' own writer + fsync + a SHA-256 of every tensor (an integrity-checked write)."""
-    from safetensors.torch import save_file
-
+def _sha256_tensors(tensors) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _peer_write(path: Path, tensors) -> None:
+    """The issue's peer: safetensors' own writer + fsync + a SHA-256 of every tensor."""
+    from safetensors.torch import save_file
+
+    _sha256_tensors(tensors)
     save_file(tensors, str(path))
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
-def _median(fn, repeats: int) -> float:
-    return median_time(fn, repeats, warmup=1)  # one warm-up: page cache, allocator
+def _durable_peer_write(path: Path, tensors) -> None:
+    """The peer with ours' durability steps: data on disk before the rename, the rename on disk after."""
+    from safetensors.torch import save_file
+
+    _sha256_tensors(tensors)
+    tmp = temp_name(path)
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def _pair(fn, peer, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn`` and of its floor ``peer``, their runs alternating (one warm-up
-    each), so a change of the machine's load between them does not become their ratio."""
-    times: tuple[list[float], list[float]] = ([], [])
+def _rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable, once per round, the order reversed every other round; the
+    first round is a warm-up (page cache, allocator) and is not kept."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for i in range(repeats + 1):
-        for f, ts in zip((fn, peer), times):
+        for name in names if i % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            f()
+            fns[name]()
             if i:
-                ts.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _ratio(times: dict, ours: str, floor: str) -> tuple[float, str, float]:
+    """Median per-round ratio, its 25th-75th percentile spread (text), and the ratio of the two
+    fastest rounds (the least disturbed by other load)."""
+    r = [a / b for a, b in zip(times[ours], times[floor])]
+    q1, q2, q3 = _quartiles(r)
+    return round(q2, 3), f"{q1:.2f}-{q3:.2f}", round(min(times[ours]) / min(times[floor]), 3)
+
+
+def _filesystem(path: Path) -> str:
+    """Device, type and options of the mount holding ``path`` (Linux), else the platform."""
+    best = None
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype, opts = line.split()[:4]
+            if str(path.resolve()).startswith(mnt.rstrip("/") + "/") and (best is None or len(mnt) > len(best[1])):
+                best = (dev, mnt, fstype, opts)
+    except OSError:
+        pass
+    return f"{best[2]} on {best[0]} ({best[3]})" if best else sys.platform
 
 
 def measure(total_mb: float, repeats: int, directory: Path) -> dict:
@@ -98,43 +153,68 @@ def measure(total_mb: float, repeats: int, directory: Path) -> dict:
     tensors = _state(total_mb)
     mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
     header = {"round": 1, "config": {"note": "benchmark"}}
-    ours, peer = directory / "ours.ckpt", directory / "peer.safetensors"
-    write, peer_write = _pair(lambda: write_checkpoint(ours, tensors, header), lambda: _peer_write(peer, tensors),
-                              repeats)
-    read, sha = _pair(lambda: read_checkpoint(ours, provenance=False), lambda: _sha256_file(ours), repeats)
-    st_load = _median(lambda: load_file(str(peer)), repeats)
+    ours, peer, durable = directory / "ours.ckpt", directory / "peer.safetensors", directory / "durable.safetensors"
     m = CheckpointManager(directory / "managed", keep_last=2)
     r = iter(range(10**6))
-    managed = _median(lambda: m.save(next(r), tensors, {"config": header["config"]}), repeats)
+    w = _rounds({"ours": lambda: write_checkpoint(ours, tensors, header),
+                 "peer": lambda: _peer_write(peer, tensors),
+                 "durable_peer": lambda: _durable_peer_write(durable, tensors),
+                 "managed": lambda: m.save(next(r), tensors, {"config": header["config"]})}, repeats)
+    rd = _rounds({"ours": lambda: read_checkpoint(ours, provenance=False),
+                  "sha256": lambda: _sha256_file(ours),
+                  "safetensors": lambda: load_file(str(peer))}, repeats)
+    med = {k: statistics.median(v) for k, v in w.items()}
+    rmed = {k: statistics.median(v) for k, v in rd.items()}
+    read_ratio, read_spread, read_fastest = _ratio(rd, "ours", "sha256")
+    write_ratio, write_spread, write_fastest = _ratio(w, "ours", "peer")
+    durable_ratio, durable_spread, durable_fastest = _ratio(w, "ours", "durable_peer")
     return {
         "state_mb": round(mb, 1), "tensors": len(tensors), "file_mb": round(ours.stat().st_size / 1e6, 1),
-        "read_s": round(read, 4), "sha256_file_s": round(sha, 4), "read_vs_sha256": round(read / sha, 3),
-        "safetensors_load_s": round(st_load, 4),
-        "write_s": round(write, 4), "peer_write_s": round(peer_write, 4),
-        "write_vs_peer": round(write / peer_write, 3), "managed_save_s": round(managed, 4),
-        "read_mb_s": round(mb / read, 1), "write_mb_s": round(mb / write, 1),
+        "rounds": repeats,
+        "read_s": round(rmed["ours"], 4), "sha256_file_s": round(rmed["sha256"], 4),
+        "read_vs_sha256": read_ratio, "read_vs_sha256_iqr": read_spread, "read_vs_sha256_fastest": read_fastest,
+        "safetensors_load_s": round(rmed["safetensors"], 4),
+        "write_s": round(med["ours"], 4), "write_min_s": round(min(w["ours"]), 4),
+        "peer_write_s": round(med["peer"], 4), "peer_write_min_s": round(min(w["peer"]), 4),
+        "write_vs_peer": write_ratio, "write_vs_peer_iqr": write_spread, "write_vs_peer_fastest": write_fastest,
+        "durable_peer_write_s": round(med["durable_peer"], 4),
+        "write_vs_durable_peer": durable_ratio, "write_vs_durable_peer_iqr": durable_spread,
+        "write_vs_durable_peer_fastest": durable_fastest,
+        "managed_save_s": round(med["managed"], 4),
+        "read_mb_s": round(mb / rmed["ours"], 1), "write_mb_s": round(mb / med["ours"], 1),
     }
 
 
 def run(quick: bool = True) -> dict:
     sizes = (40.0,) if quick else (40.0, 400.0)
-    repeats = 2 if quick else 5
     rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as d:
+        fs = _filesystem(Path(d))
         for size in sizes:
-            rows.append(measure(size, repeats, Path(d)))
-            for p in Path(d).glob("*"):
+            rows.append(measure(size, 3 if quick else REPEATS[size], Path(d)))
+            for p in Path(d).rglob("*"):
                 if p.is_file():
                     p.unlink()
+    load_after = os.getloadavg()
     ok = all(r["read_vs_sha256"] <= READ_TARGET and r["write_vs_peer"] <= WRITE_TARGET for r in rows)
-    out = {"rows": rows, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+    out = {"rows": rows, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "filesystem": fs, "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
            "targets": {"read_vs_sha256": READ_TARGET, "write_vs_peer": WRITE_TARGET}, "targets_met": ok}
     out["summary"] = "; ".join(
-        f"{r['state_mb']} MB: read {r['read_vs_sha256']}x the SHA-256 of the file (target <= {READ_TARGET}), "
-        f"write {r['write_vs_peer']}x save_file+fsync+SHA-256 (target <= {WRITE_TARGET})" for r in rows)
-    out["table"] = [{k: r[k] for k in ("state_mb", "read_s", "sha256_file_s", "read_vs_sha256",
-                                       "safetensors_load_s", "write_s", "peer_write_s", "write_vs_peer",
-                                       "managed_save_s")} for r in rows]
+        f"{r['state_mb']} MB: read {r['read_vs_sha256']}x the SHA-256 of the file (IQR {r['read_vs_sha256_iqr']}, "
+        f"fastest rounds {r['read_vs_sha256_fastest']}x; target <= {READ_TARGET}), write {r['write_vs_peer']}x "
+        f"save_file+fsync+SHA-256 (IQR {r['write_vs_peer_iqr']}, fastest {r['write_vs_peer_fastest']}x; target <= "
+        f"{WRITE_TARGET}), {r['write_vs_durable_peer']}x the same with ours' durability steps" for r in rows) + (
+        f". Medians of per-round ratios over {', '.join(str(r['rounds']) for r in rows)} alternating rounds "
+        "(targets judged on these; 'fastest' = fastest round of ours / fastest of the floor); "
+        f"temp files on {fs}; 1-min load average {out['load_average_1min'][0]} before, "
+        f"{out['load_average_1min'][1]} after, {os.cpu_count()} CPUs.")
+    out["table"] = [{k: r[k] for k in ("state_mb", "rounds", "read_s", "sha256_file_s", "read_vs_sha256",
+                                       "read_vs_sha256_iqr", "safetensors_load_s", "write_s", "peer_write_s",
+                                       "write_vs_peer", "write_vs_peer_iqr", "durable_peer_write_s",
+                                       "write_vs_durable_peer", "managed_save_s")}
+                    for r in rows]
     return out
 
 

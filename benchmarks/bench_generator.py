@@ -94,9 +94,11 @@ class PlainStep:
             self._update("discriminator", d_loss)
             for p in D.parameters():
                 p.requires_grad_(False)  # the G step takes no D weight gradients
-            self._update("generator", F.softplus(-D(fake, c)).mean())
+            g_loss = F.softplus(-D(fake, c)).mean()
+            self._update("generator", g_loss)
             for p in D.parameters():
                 p.requires_grad_(True)
+            self.losses = (g_loss.item(), d_loss.item())
         self.steps += 1
 
 

@@ -31,9 +31,11 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from feda2v import malloc
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "malloc": malloc.apply()}
 
 
 def to_markdown(report: dict) -> str:
@@ -48,7 +50,8 @@ def to_markdown(report: dict) -> str:
 def section_markdown(name: str, res: dict) -> list[str]:
     lines = [f"## {name}", ""]
     if "remeasured" in res:
-        lines += [f"Re-measured {res['remeasured']} (this section only: "
+        on = f" on: {json.dumps(res['remeasured_on'])}" if "remeasured_on" in res else ""
+        lines += [f"Re-measured {res['remeasured']}{on} (this section only: "
                   f"`python benchmarks/run.py --only {name} --splice`).", ""]
     if "error" in res:
         return lines + [f"FAILED: {res['error']}", ""]
@@ -75,6 +78,8 @@ def splice(out: Path, stem: str, report: dict) -> None:
         raise SystemExit("--splice: the existing report was measured in the other mode (--quick or not)")
     for name, res in report["results"].items():
         res["remeasured"] = report["when"]
+        if report.get("machine") and report["machine"] != old.get("machine"):
+            res["remeasured_on"] = report["machine"]  # the header's machine is the full run's
         old["results"][name] = res
     old["results"] = {n: old["results"][n] for n in ORDER if n in old["results"]} | {
         n: r for n, r in old["results"].items() if n not in ORDER}
@@ -105,6 +110,11 @@ def main() -> int:
                     help="replace only the re-run sections of the existing report in --out")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
+    # The allocator settings the command-line apps run with (feda2v.malloc), for every peer alike:
+    # process-wide, so each ratio compares the store and its contender under the same malloc.
+    from feda2v import malloc
+
+    malloc.apply()
     # Training runs on one thread (train.threads=1): every ratio here is measured on one thread too,
     # the matmul ceiling included, so "share of peak" compares like with like.
     import torch

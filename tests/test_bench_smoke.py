@@ -47,3 +47,9 @@ def test_splice_replaces_only_the_re_run_sections(tmp_path):
     assert "old generator" not in text and "new gen" in text and "Re-measured now" in text
     assert "A hand-written note." in text and "Load note." in text and "old engine" in text
     assert text.index("## generator") < text.index("new gen") < text.index("## store")
+    # a re-run on another machine (or allocator setting) says so in its section, not in the header
+    run.splice(tmp_path, "bench", {"when": "later", "quick": False, "machine": {"malloc": {"X": 1}},
+                                   "results": {"store": {"summary": "new store"}}})
+    got = json.loads((tmp_path / "bench.json").read_text())
+    assert got["results"]["store"]["remeasured_on"] == {"malloc": {"X": 1}} and got["machine"] == {}
+    assert 'Re-measured later on: {"malloc": {"X": 1}}' in (tmp_path / "bench.md").read_text()

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from feda2v.checkpoint import CheckpointManager, read_checkpoint
+from feda2v.checkpoint import CheckpointManager, container, read_checkpoint
 
 
 def round_state(r: int) -> dict[str, torch.Tensor]:
@@ -22,6 +22,7 @@ def _writer(directory, first_round: int) -> None:
     """Child body: save round after round until killed."""
     try:
         torch.set_num_threads(1)
+        container._WRITE_CHUNK = 1 << 16  # many payload pieces: kills land between writeback starts too
         m = CheckpointManager(directory, keep_last=2)
         r = first_round
         while True:

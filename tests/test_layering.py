@@ -11,8 +11,9 @@ import feda2v
 
 SRC = Path(feda2v.__file__).parent
 # bottom to top, as in DESIGN.md's part table (errors/seeding/fsutil share the bottom, with the two
-# leaf utilities DESIGN.md does not list yet: numerics (CPU numeric paths) and progress (step bars))
-ORDER = ["errors", "seeding", "fsutil", "numerics", "progress", "models", "config", "profiling", "store", "data", "checkpoint",
+# leaf utilities DESIGN.md does not list yet: numerics (CPU numeric paths) and progress (step bars),
+# and malloc (the entry points' allocator settings))
+ORDER = ["errors", "seeding", "fsutil", "numerics", "progress", "malloc", "models", "config", "profiling", "store", "data", "checkpoint",
          "federation", "tracking", "evaluate", "pipeline", "cli"]
 
 

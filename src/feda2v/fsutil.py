@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -87,6 +88,37 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+_sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a just-written range to the disk without waiting (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the device works while the caller computes
+    and a later fsync waits only for what is still in flight. A hint, not durability (only fsync
+    is): a no-op where the call does not exist, and its failure is ignored (fsync reports I/O errors)."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = _load_sync_file_range()
+    if _sync_file_range is not False:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def _load_sync_file_range():
+    """libc's sync_file_range (os has no binding for it), or False where there is none."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError, ImportError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

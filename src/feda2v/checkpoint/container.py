@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from feda2v.fsutil import fsync_dir, remove_quietly
+from feda2v.fsutil import fsync_dir, remove_quietly, start_writeback
 from feda2v.errors import CheckpointError
 
 # 2: the header holds only state (provenance moved to the sidecar, see provenance.py), stores in
@@ -95,8 +95,14 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tenso
     return out
 
 
-def encode_checkpoint(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]):
-    """Return ``(prefix_bytes, [payload chunks], full_header)``; deterministic for equal inputs."""
+_NO_DIGEST = "0" * 64  # a SHA-256 hex digest's length: the prefix's length does not depend on it
+
+
+def _layout(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]):
+    """Validate and lay out a checkpoint: ``(payload chunks in file order, prefix_for)``, where
+    ``prefix_for(payload_sha256_hex)`` returns ``(prefix_bytes, full_header)``. Both digests in the
+    header are 64 hex digits, so the prefix's length is known before the payload is hashed: a
+    writer can put the payload first and the prefix last."""
     if sys.byteorder != "little":  # the format is little-endian; we do not byteswap
         raise CheckpointError("checkpoints can only be written on little-endian machines")
     if not isinstance(header, Mapping):
@@ -105,31 +111,43 @@ def encode_checkpoint(tensors: Mapping[str, torch.Tensor], header: Mapping[str, 
     if clash:
         raise CheckpointError(f"checkpoint header field(s) {clash} are reserved for the container")
     entries = _prepare(tensors)
-    payload_hash = hashlib.sha256()
     chunks: list[memoryview] = []
     st_header: dict[str, Any] = {}
     index: dict[str, Any] = {}
     offset = 0
     for name, t, dt in entries:
         data = _as_bytes(t)
-        payload_hash.update(data)
         chunks.append(data)
         end = offset + data.nbytes
         st_header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, end]}
         index[name] = {"dtype": dt, "shape": list(t.shape), "offsets": [offset, end]}
         offset = end
-    full = dict(header)
-    full["format_version"] = FORMAT_VERSION
-    full["sha256"] = payload_hash.hexdigest()
-    full["tensors"] = index
-    try:
-        body = canonical_json(full)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint header is not plain JSON ({e}); pass str/int/float/bool/list/dict") from None
-    full["header_sha256"] = _sha256_text(body)
-    st_header["__metadata__"] = {METADATA_KEY: canonical_json(full)}
-    prefix = _st_header_bytes(st_header)
-    return struct.pack("<Q", len(prefix)) + prefix, chunks, full
+
+    def prefix_for(payload_sha256: str) -> tuple[bytes, dict]:
+        full = dict(header)
+        full["format_version"] = FORMAT_VERSION
+        full["sha256"] = payload_sha256
+        full["tensors"] = index
+        try:
+            body = canonical_json(full)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint header is not plain JSON ({e}); pass str/int/float/bool/list/dict") from None
+        full["header_sha256"] = _sha256_text(body)
+        prefix = _st_header_bytes({**st_header, "__metadata__": {METADATA_KEY: canonical_json(full)}})
+        return struct.pack("<Q", len(prefix)) + prefix, full
+
+    return chunks, prefix_for
+
+
+def encode_checkpoint(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]):
+    """Return ``(prefix_bytes, [payload chunks], full_header)``; deterministic for equal inputs."""
+    chunks, prefix_for = _layout(tensors, header)
+    payload_hash = hashlib.sha256()
+    for c in chunks:
+        payload_hash.update(c)
+    prefix, full = prefix_for(payload_hash.hexdigest())
+    return prefix, chunks, full
 
 
 def _st_header_bytes(st_header: Mapping[str, Any]) -> bytes:
@@ -142,22 +160,60 @@ def temp_name(path: Path, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")
 
 
-def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> dict:
-    """Write atomically: temp file in the same dir, write, flush, fsync, rename, fsync the dir.
-    Returns the full header written (with format_version, checksums and tensor index).
+# Payload pieces between writeback starts: large enough that a start costs nothing, small enough
+# that a piece is still in cache when it is hashed right after being written.
+_WRITE_CHUNK = 8 << 20
+
+
+def _write_payload(f, start: int, chunks: list[memoryview]) -> str:
+    """Write the payload at ``start`` and return its SHA-256. Each piece is handed to the disk
+    (start_writeback) before it is hashed, so the device writes while the CPU hashes and the
+    final fsync waits only for the last piece: one pass over the bytes, I/O and hash overlapped."""
+    f.seek(start)
+    h = hashlib.sha256()
+    pos = synced = start
+    unhashed: list[memoryview] = []
+    for c in chunks:
+        for s in range(0, c.nbytes, _WRITE_CHUNK):
+            piece = c[s : s + _WRITE_CHUNK]
+            f.write(piece)
+            unhashed.append(piece)
+            pos += piece.nbytes
+            if pos - synced >= _WRITE_CHUNK:
+                f.flush()
+                start_writeback(f.fileno(), synced, pos - synced)
+                for p in unhashed:
+                    h.update(p)
+                unhashed.clear()
+                synced = pos
+    for p in unhashed:
+        h.update(p)
+    return h.hexdigest()
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any],
+                     *, sync_dir: bool = True) -> dict:
+    """Write atomically: temp file in the same dir, write (payload, then the prefix that carries
+    its checksum), fsync, rename, fsync the dir. Returns the full header written (with
+    format_version, checksums and tensor index). The bytes are exactly ``checkpoint_bytes``'.
 
     A crash at any moment leaves either the old file at ``path`` or the complete new one.
+    ``sync_dir=False`` leaves the directory fsync to a caller that does one itself right after
+    (CheckpointManager, after pointing ``latest``); the rename is durable only after it.
     """
     path = Path(path)
-    prefix, chunks, full = encode_checkpoint(tensors, header)
+    chunks, prefix_for = _layout(tensors, header)
+    start = len(prefix_for(_NO_DIGEST)[0])  # a header that is not JSON fails here, before any file
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: directory {path.parent} does not exist")
     tmp = temp_name(path)
     try:
         with open(tmp, "xb") as f:
+            prefix, full = prefix_for(_write_payload(f, start, chunks))
+            if len(prefix) != start:  # cannot happen: both digests are 64 hex digits
+                raise CheckpointError(f"internal error: checkpoint header length changed while writing {path}")
+            f.seek(0)
             f.write(prefix)
-            for c in chunks:
-                f.write(c)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -167,7 +223,8 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     except BaseException:
         remove_quietly(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
     return full
 
 

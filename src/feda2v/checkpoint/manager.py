@@ -69,7 +69,9 @@ class CheckpointManager:
             raise CheckpointError(f"cannot create checkpoint.dir {self.dir}: {e.strerror or e}") from None
         self._remove_orphan_temps()
         path = self.dir / round_filename(round_)
-        full = write_checkpoint(path, tensors, {**header, "round": round_})
+        # One directory fsync (in _point_latest) makes both renames durable: the file's data is
+        # fsynced before either rename, so any crash leaves the old or the new latest, both complete.
+        full = write_checkpoint(path, tensors, {**header, "round": round_}, sync_dir=False)
         self._point_latest(path)
         for old in replaces:
             if old != path and old != self.latest_path:
@@ -93,7 +95,8 @@ class CheckpointManager:
         except OSError as e:
             remove_quietly(tmp)
             raise CheckpointError(f"cannot update {self.latest_path}: {e.strerror or e}") from None
-        fsync_dir(self.dir)
+        finally:  # also makes the round file's own rename durable (save() leaves that to this fsync)
+            fsync_dir(self.dir)
 
     def _prune(self, keep: Path) -> None:
         files = self.round_files()

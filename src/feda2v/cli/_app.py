@@ -271,9 +271,11 @@ def run_app(task: Callable, config_name: str = "config") -> None:
     from omegaconf import DictConfig
     from omegaconf.errors import OmegaConfBaseException
 
+    from feda2v import malloc
     from feda2v.config import load_config
     from feda2v.config.validate import translate_legacy_override
 
+    malloc.apply()  # this process is ours: keep freed heap for the next training step (malloc.py)
     tolerant_output()
     try:
         flags, overrides = _split_argv(sys.argv[1:])

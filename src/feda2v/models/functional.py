@@ -83,10 +83,24 @@ class StackedParams(dict):
         return self._grad_buffers.pop(name, None)
 
 
+# torch's Function.apply less its Python preamble (functorch bookkeeping, ~3 us a call), for calls
+# made outside functorch transforms (the store's steps); inside one, the full apply.
+_apply_plain = super(torch.autograd.Function, _StackedLinear).apply
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def stacked_linear(x: Tensor, w: Tensor, b: Tensor, passes: StackedParams | None = None,
                    names: tuple[str, str] | None = None) -> Tensor:
     """x [K, n, in], w [K, out, in], b [K, out] -> [K, n, out]; ``names``: (w's, b's) in ``passes``."""
-    return _StackedLinear.apply(x, w, b, passes, names)
+    if not (w.requires_grad or b.requires_grad):
+        # No weight gradient wanted (a constant D in the G step, sampling): the custom backward's
+        # only work would be x's gradient, bmm(g, w), which is exactly what autograd's own
+        # backward of baddbmm computes (w.transpose twice is w's layout): the same kernels and
+        # bits, without a Python node in the backward.
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    if _functorch_active():
+        return _StackedLinear.apply(x, w, b, passes, names)
+    return _apply_plain(x, w, b, passes, names)
 
 
 def stacked_sequential(seq: nn.Sequential, prefix: str, params: Mapping[str, Tensor], x: Tensor) -> Tensor:

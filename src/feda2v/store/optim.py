@@ -179,6 +179,14 @@ class FusedUpdate:
         self._row_cache[id(g)] = (g, rows)
         return rows
 
+    def first_steps(self) -> Tensor | None:
+        """[K] float32: each key's step count (its first parameter's, as ``step_tensor``), read
+        from the step bank in one operation (None without a bank)."""
+        if self._bank is None:
+            return None
+        bank = self._bank if self._all_rows else self._bank.index_select(0, self._rows_idx)
+        return bank[:, 0].clone() if bank is self._bank else bank[:, 0]
+
     def valid(self) -> bool:
         for opt, hyper, (p, st, step) in zip(self._optims, self._hypers, self._first):
             if opt.state.get(p) is not st or st.get("step") is not step or _hyper(opt) != hyper:

@@ -38,8 +38,6 @@ GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 VAE_METRICS = ("loss", "recon", "kl", "beta")  # the columns of vae_step's result, in this order
 GAN_METRICS = ("g_loss", "d_loss")  # gan_step's
 CHECKS = ("loss", "gradient", "discriminator loss", "generator loss")  # what a failing check names
-_CODES = 8  # > len(CHECKS): a failing group's code is priority * _CODES + (check index + 1)
-_NEVER = float(64 * _CODES)  # above every code: a code compared with worst + found_inf * _NEVER never matches
 
 
 class Visit:
@@ -69,12 +67,14 @@ class Visit:
         self.metrics: tuple[str, ...] = store._kind.metrics
         m = len(self.metrics)
         # what finish() reads back, in one buffer (one copy to the host, no gathering):
-        # [K * m] loss sums | [K] first failure's code | [1] steps that ended flagged
-        self._readback = torch.zeros(k * m + k + 1, dtype=torch.float64, device=dev)
+        # [K * m] loss sums | [1] steps that ended flagged
+        self._readback = torch.zeros(k * m + 1, dtype=torch.float64, device=dev)
         self._sums = self._readback[:k * m].view(k, m)
-        self._first = self._readback[k * m:k * m + k]
         self._flagged_steps = self._readback[-1]
         self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+        # per check signature, the values of its last check made while nothing had failed yet:
+        # the first failing check's are still there when finish() names its keys (see check)
+        self._last_clean: dict[tuple, Tensor] = {}
         self._counts = [0] * k  # steps per key (the layout is known on the host)
         self._order: list[int] = []  # key rows in the order they first stepped (the result's order)
         self._spread: Tensor | None = None  # this step: [K_all] rows of [active..., zero row]; None = all active
@@ -113,22 +113,18 @@ class Visit:
 
         The same verdict as checking them in turn: if the flag was already set nothing is named;
         else the first group with a non-finite value names its keys (those non-finite in it) and
-        sets the flag. One pass over all groups: each value column carries its group's code (the
-        earlier the group, the higher), a key's score is its highest failing code, and the keys
-        whose score is the step's worst are the first failing group's keys."""
+        sets the flag. The step pays for the flag only (one fused finiteness check into
+        ``found_inf``); the naming is left to ``finish``: each check signature keeps its values
+        while the visit had not failed before it, so after a failure exactly one signature holds
+        non-finite values, those of the failing check (nothing overwrites them once flagged)."""
         cols = [v.detach() if v.dim() == 2 else v.detach().reshape(v.shape[0], -1) for _, v in groups]
-        sig = (self._first.device,) + tuple((what, c.shape[1]) for (what, _), c in zip(groups, cols))
-        codes = self.store._check_codes.get(sig)
-        if codes is None:  # built once per signature (a few per store), never per step
-            n = len(groups)
-            host = [float((n - i) * _CODES + CHECKS.index(what) + 1) for i, ((what, _), c) in enumerate(zip(groups, cols))
-                    for _ in range(c.shape[1])]
-            codes = self.store._check_codes[sig] = torch.tensor(host, dtype=torch.float32).to(sig[0])
-        score = torch.where(torch.cat(cols, 1).isfinite(), 0.0, codes).amax(1)  # [K]
-        worst = score.amax()
-        named = score.eq(worst + self.found_inf * _NEVER)  # the first failing group's keys; none once flagged
-        self._first += self._full(score * named)
-        self.found_inf = torch.maximum(self.found_inf, worst.clamp(max=1.0))
+        sig = tuple((what, c.shape[1]) for (what, _), c in zip(groups, cols))
+        values = self._full(torch.cat(cols, 1))  # [K_all, sum of widths], a fresh tensor
+        prev = self._last_clean.get(sig)
+        self._last_clean[sig] = torch.where(self.found_inf.eq(0), values, 0.0 if prev is None else prev)
+        # torch's fused check: found_inf = 1 if any value is non-finite, never cleared (it also
+        # scales ``values`` in place by 1.0, which changes no finite value)
+        torch._amp_foreach_non_finite_check_and_unscale_([values], self.found_inf, self.store._unit(values.device))
 
     def end_step(self, stats: Tensor) -> None:
         self._sums += self._full(stats.detach().to(torch.float64))
@@ -146,16 +142,29 @@ class Visit:
             return {}
         k, m = self._sums.shape
         host = self._readback.cpu().tolist()  # the visit's one sync
-        sums, first, flagged = host[:k * m], host[k * m:-1], host[-1]
+        sums, flagged = host[:k * m], host[-1]
         keys = self.store.keys
-        failed = [i for i, v in enumerate(first) if v]
-        if failed:
+        if flagged:  # error path: it may read the device again
+            what, failed = self._first_failure()
             self._drop_vetoed_state()
-            code = int(first[failed[0]])
-            raise NonFiniteLossError([keys[i] for i in failed], self.node, self.round,
-                                     CHECKS[code % _CODES - 1], step=self.steps - int(flagged) + 1, steps=self.steps)
+            raise NonFiniteLossError([keys[i] for i in failed], self.node, self.round, what,
+                                     step=self.steps - int(flagged) + 1, steps=self.steps)
         return {keys[r]: {name: sums[r * m + j] / self._counts[r] for j, name in enumerate(self.metrics)}
                 for r in self._order}
+
+    def _first_failure(self) -> tuple[str, list[int]]:
+        """(what the visit's first failing check checked, the rows of its keys non-finite in that
+        group): the one check signature whose kept values are non-finite."""
+        for sig, values in self._last_clean.items():
+            bad = ~values.isfinite()
+            if bool(bad.any()):
+                start = 0
+                for what, width in sig:
+                    group = bad[:, start:start + width].any(1)
+                    if bool(group.any()):
+                        return what, group.nonzero().flatten().tolist()
+                    start += width
+        raise AssertionError("a flagged visit keeps its failing check's values")
 
     def _drop_vetoed_state(self) -> None:
         # A vetoed update of a key that had never stepped still made its (zero) optimizer state,
@@ -201,7 +210,12 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
             kl = grp.masked_mean(vae_kl_to_prior_per_sample(mu, logvar, *template.prior_stacked(params, cs)))
         else:
             kl = grp.masked_mean(vae_kl_per_sample(mu, logvar))
-        steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
+        # each key's step count: from the step bank of the keys' cached update in one operation,
+        # else (the first step over these keys, after a reset or a load) key by key
+        update = store._cached_update(GENERATOR, grp.active)
+        steps = None if update is None else update.first_steps()
+        if steps is None:
+            steps = torch.stack([_step_or_zero(store, k, GENERATOR) for k in keys]).to(rec.device)
         beta = beta_schedule(steps, store.spec.beta_max, store.spec.beta_warmup_steps)
         loss = rec + beta * kl
         objective = loss  # the reported loss stays the ELBO's; the output variance's fit is added to the gradient
@@ -212,7 +226,7 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         grads, grad_check = stacked_grads(objective.sum(), params)
     visit.check(("loss", objective), grad_check)  # both before the update they veto
     with step_range("generator_step/optimizer"):
-        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf)
+        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf, update=update)
     return torch.stack([loss, rec, kl, beta], dim=1).detach()
 
 

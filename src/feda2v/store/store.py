@@ -150,8 +150,10 @@ class GeneratorStore:
         self._step_banks: dict[str, Tensor] = {}
         # role -> (its bank, {name: a requires-grad view of the bank}): _stacked's leaves over all keys
         self._leaves: dict[str, tuple[dict, dict[str, Tensor]]] = {}
-        # (device, (check, width)...) -> the codes of a Visit.check's value columns (steps.py)
-        self._check_codes: dict[tuple, Tensor] = {}
+        # batch size -> the unified layout of a batch of that size (see _layout)
+        self._unified_layouts: dict[int, Grouping] = {}
+        # device -> a float32 1.0 (the unit scale of Visit.check's fused finiteness check)
+        self._units: dict[torch.device, Tensor] = {}
         self._role_arch = {role: self._arch(role) for role in self.roles}
         with _gc_paused():
             for role in self.roles:
@@ -362,13 +364,23 @@ class GeneratorStore:
             bufs = self._grad_buffers[role, len(rows)] = {n: b[:len(rows)] for n, b in full.items()}
         return StackedParams(out, grad_buffers=bufs)
 
+    def _cached_update(self, role: str, rows: Sequence[int]) -> FusedUpdate | None:
+        """The fused update of the keys at ``rows`` if one is cached and still valid (it is not
+        built here: building makes the keys' optimizer state, which only an update may do)."""
+        update = self._updates.get((role, tuple(rows)))
+        return update if update is not None and update.valid() else None
+
     def _apply_update(self, role: str, rows: Sequence[int], grads: Sequence[Tensor],
-                      found_inf: Tensor | None = None) -> None:
+                      found_inf: Tensor | None = None, update: FusedUpdate | None = None) -> None:
         """Step the optimizers of the keys at ``rows`` (ascending, as ``Grouping.active``) with
-        ``grads``: per parameter name, in the role's parameter order, the stacked gradient [K, ...]."""
+        ``grads``: per parameter name, in the role's parameter order, the stacked gradient [K, ...];
+        ``update``: those keys' update as ``_cached_update`` found it earlier in the same step
+        (valid then, and nothing in a step between can invalidate it)."""
         cache_key = (role, tuple(rows))
-        update = self._updates.get(cache_key)
-        if update is None or not update.valid():
+        checked = update is not None
+        if not checked:
+            update = self._updates.get(cache_key)
+        if update is None or not (checked or update.valid()):
             keys = [self.keys[r] for r in rows]
             bank = self._step_banks.get(role)
             if bank is None:
@@ -382,6 +394,18 @@ class GeneratorStore:
         else:
             self._updates.move_to_end(cache_key)
         update(grads, found_inf, kept=self._grad_buffers.get((role, len(rows)), {}).values())
+
+    def _layout(self, y: Tensor) -> Grouping:
+        """The batch's layout on the store's device. Unified: one per batch size, made once (it
+        depends on nothing else, and no step writes into a layout)."""
+        if len(self.keys) != 1:
+            return Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
+        grp = self._unified_layouts.get(y.numel())
+        if grp is None:
+            if len(self._unified_layouts) >= _UPDATE_CACHE:
+                self._unified_layouts.clear()
+            grp = self._unified_layouts[y.numel()] = Grouping(self._class_key_idx[y], 1).to(self._device)
+        return grp
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(x on the store's device, y as host long indices). Labels belong on the host (the node
@@ -404,6 +428,12 @@ class GeneratorStore:
         return torch.randn(n, self.spec.latent_dim, generator=gen, device=gen.device).to(self._device,
                                                                                           non_blocking=True)
 
+    def _unit(self, device: torch.device) -> Tensor:
+        unit = self._units.get(device)
+        if unit is None:
+            unit = self._units[device] = torch.ones((), dtype=torch.float32, device=device)
+        return unit
+
     def visit(self, *, node: str, round: int) -> Visit:
         """A node's visit: ``v.step(x, y, gen=...)`` per batch (no host sync inside), then
         ``v.finish()``: the per-key mean losses, read back once (NonFiniteLossError if any loss or
@@ -423,7 +453,7 @@ class GeneratorStore:
             x, y = self._check_batch(x, y)
             if y.numel() == 0:
                 return
-            grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
+            grp = self._layout(y)
             keys = [self.keys[i] for i in grp.active]
             noise = self._noise(y.numel(), gen)
             cond = self._conditions[y.to(self._device, non_blocking=True)]
@@ -668,6 +698,7 @@ class GeneratorStore:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
         self._grad_buffers = {}  # re-allocated on the new device at the next step
+        self._unified_layouts = {}
         self._leaves = {}
         self._step_banks = {}  # and the step counts re-banked there from the moved state
         self._updates.clear()
