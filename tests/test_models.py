@@ -129,6 +129,24 @@ def test_stacked_linear_gradients_are_exact_and_laid_out_like_parameters():
     assert gw.is_contiguous()  # the fused optimizer reads gradients linearly
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 400, 128), (10, 7, 128, 128), (500, 8, 384, 1)])
+def test_a_layer_without_weight_gradients_gives_the_custom_backwards_input_gradient_bit_for_bit(shape):
+    """stacked_linear with constant weights (the G step's D, sampling) runs autograd's own baddbmm:
+    the same forward and the same input gradient, to the bit, as the custom function it skips."""
+    from feda2v.models.functional import _StackedLinear, stacked_linear
+
+    k, n, i, o = shape
+    g = _gen(5)
+    x = torch.randn(k, n, i, generator=g, requires_grad=True)
+    w, b = torch.randn(k, o, i, generator=g), torch.randn(k, o, generator=g)
+    up = torch.randn(k, n, o, generator=g)
+    y_native, y_custom = stacked_linear(x, w, b), _StackedLinear.apply(x, w, b, None, None)
+    assert type(y_native.grad_fn).__name__ == "BaddbmmBackward0"  # no Python node in the backward
+    assert torch.equal(y_native, y_custom)
+    (gx_native,), (gx_custom,) = torch.autograd.grad(y_native, [x], up), torch.autograd.grad(y_custom, [x], up)
+    assert torch.equal(gx_native, gx_custom)
+
+
 def test_output_variance_is_an_extra_parameter_with_the_same_linear_draws():
     plain, with_var = CVAE(D, C, Z, H, gen=_gen(4)), CVAE(D, C, Z, H, output_variance=True, gen=_gen(4))
     names = [n for n, _ in with_var.named_parameters()]
