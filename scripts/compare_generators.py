@@ -5,7 +5,9 @@ TSTR, TRTR, TSTR/TRTR, Fréchet distance, k-NN recall and training time, mean ±
 Each cell is the pipeline's own code in one process (feda2v-prepare's data preparation per
 seed, the federation's rounds, feda2v-evaluate's metrics with its seed), so no process start-up
 or tracking cost enters the training time. Writes reports/compare/generators.md and .json.
-`--quick` (2 rounds, 1 seed) is the smoke test.
+`--quick` (2 rounds, 1 seed) is the smoke test. `--types`, `--granularities` and trailing config
+overrides run a subset under other settings (the README's GAN sweep:
+`generator.gan.d_steps=1 --types gan --granularities unified --out /tmp/sweep`).
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds, seed 0 only (smoke test)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
+    ap.add_argument("--granularities", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES))
+    ap.add_argument("overrides", nargs="*", help="config overrides for every cell, e.g. generator.gan.d_steps=1")
     args = ap.parse_args(argv)
     from omegaconf import OmegaConf
 
@@ -76,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     conf = ROOT / "conf"
     seeds = [0] if args.quick else [0, 1, 2]
     extra = ["federation.rounds=2"] if args.quick else []
-    common = ["tracking=none", "train.progress=off", *extra]
+    common = ["tracking=none", "train.progress=off", *extra, *args.overrides]
     rows: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:  # the partition follows the seed, so each seed prepares its own data
         prepared = args.out / "runs" / "generators" / f"prepared-s{seed}"  # gitignored
         prepare(load_config(OmegaConf.create(compose_conf(conf, [*common, f"seed={seed}",
                                                                  f"data.prepared_dir={prepared}"]))))
-        for t in TYPES:
-            for g in GRANULARITIES:
+        for t in args.types:
+            for g in args.granularities:
                 name = f"{t} {g}"
                 cell = run_cell(conf, [*common, f"seed={seed}", f"generator={t}", f"generator.granularity={g}"],
                                 prepared)

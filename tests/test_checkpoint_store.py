@@ -167,3 +167,21 @@ def test_null_conditional_prior_is_recorded_as_the_type_default(per_class_file):
             check_resumable(mine, state, None, per_class_file)
     explicit = load_config(compose_conf(conf, ["generator.conditional_prior=false"]))
     assert state_config(explicit)["generator"]["conditional_prior"] is False
+
+
+def test_gan_settings_bind_a_gan_run_only(per_class_file):
+    # generator.gan.* trains nothing but a GAN: a cVAE run resumes across a change of the GAN's
+    # defaults; a GAN run is refused naming the GAN key; another type is refused naming the type
+    from feda2v.checkpoint import check_resumable, read_run_state
+
+    def cfg(type_, d_steps):
+        return {"generator": {"granularity": "per_class", "type": type_, "gan": {"d_steps": d_steps}}}
+
+    def state(c):
+        return dataclasses.replace(read_run_state(per_class_file), config=c)
+
+    check_resumable(cfg("cvae", 2), state(cfg("cvae", 1)), None, per_class_file)
+    with pytest.raises(CheckpointError, match="generator.gan.d_steps is 1 there, 2 here"):
+        check_resumable(cfg("gan", 2), state(cfg("gan", 1)), None, per_class_file)
+    with pytest.raises(CheckpointError, match="generator.type is 'cvae' there, 'gan' here"):
+        check_resumable(cfg("gan", 2), state(cfg("cvae", 1)), None, per_class_file)

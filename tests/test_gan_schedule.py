@@ -167,7 +167,10 @@ def test_type_override_and_group_choice_compose_the_same_training():
 
 def test_a_gan_store_saved_before_the_schedule_existed_still_loads_as_it_trained():
     old = StoreSpec(type="gan", granularity="unified", classes=CLASSES, feature_dim=D, condition_dim=C,
-                    latent_dim=Z, hidden_dim=H, arch="concat", gan={"schedule": "simultaneous", "r1_gamma": 0.0})
+                    latent_dim=Z, hidden_dim=H, arch="concat",
+                    # what those stores ran, every field spelled out (today's defaults differ: d_steps)
+                    gan={"schedule": "simultaneous", "d_steps": 1, "g_steps": 1, "loss": "nonsaturating",
+                         "r1_gamma": 0.0})
     s = GeneratorStore(old, torch.randn(len(CLASSES), C, generator=torch.Generator().manual_seed(1)))
     s.train_batch(*batch(0, (0, 1)), gen=torch.Generator().manual_seed(0), node="n", round=0)
     tensors, meta = s.state_dict()

@@ -1,5 +1,6 @@
-"""The default cVAE's quality on the instruments defaults, the way `make compare-generators` measures
-it (seed 0): the federation's rounds in-process, then feda2v-evaluate's metrics with its seed.
+"""The default cVAE's and GAN's quality on the instruments defaults, the way `make
+compare-generators` measures it (seed 0): the federation's rounds in-process, then
+feda2v-evaluate's metrics with its seed.
 
 Each floor sits between what the defaults reach for seed 0 and what the previous defaults reached
 on the same data, so a change that loses the gain fails here: unified 0.793 with the learned
@@ -21,18 +22,30 @@ from feda2v.pipeline.train import seed_globals
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_FLOORS = {"unified": 0.775, "per_class": 0.82}
+# The unified GAN, seed 0: TSTR 0.655 with two D updates per batch (the default), 0.598 with one;
+# recall 0.55 (issue 17's target: 0.3). 3 seeds: README, the GAN.
+GAN_TSTR_FLOOR, GAN_RECALL_FLOOR = 0.625, 0.3
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("granularity", list(RATIO_FLOORS))
 def test_default_cvae_tstr_over_trtr_on_instruments(tmp_path, granularity):
+    overall = _train_and_evaluate(tmp_path, [f"generator.granularity={granularity}"], ("cvae", granularity))
+    assert overall["tstr_trtr_ratio"] >= RATIO_FLOORS[granularity], overall
+
+
+@pytest.mark.slow
+def test_default_gan_tstr_and_recall_on_instruments(tmp_path):
+    overall = _train_and_evaluate(tmp_path, ["generator=gan"], ("gan", "unified"))
+    assert overall["tstr_acc"] >= GAN_TSTR_FLOOR and overall["recall"] >= GAN_RECALL_FLOOR, overall
+
+
+def _train_and_evaluate(tmp_path, extra: list[str], want: tuple[str, str]) -> dict:
     overrides = ["tracking=none", "train.progress=off", "data.progress=off", "seed=0",
                  f"data.prepared_dir={tmp_path / 'prepared'}",
-                 f"data.instruments.cache_dir={tmp_path / 'cache'}"]
-    if granularity != "unified":
-        overrides.append(f"generator.granularity={granularity}")
+                 f"data.instruments.cache_dir={tmp_path / 'cache'}", *extra]
     cfg = load_config(OmegaConf.create(compose_conf(ROOT / "conf", overrides)))
-    assert (cfg.generator.type, cfg.generator.granularity) == ("cvae", granularity)
+    assert (cfg.generator.type, cfg.generator.granularity) == want
     prepare(cfg)
     data = load_prepared(cfg.data.prepared_dir)
     torch.set_num_threads(1)
@@ -43,5 +56,4 @@ def test_default_cvae_tstr_over_trtr_on_instruments(tmp_path, granularity):
     metrics, _ = compute_metrics(fed.stores[fed.primary_store], data,
                                  samples_per_class=int(cfg.evaluate.samples_per_class),
                                  knn_k=int(cfg.evaluate.knn_k), seed=int(derive_eval_seed(cfg)))
-    overall = metrics["overall"]
-    assert overall["tstr_trtr_ratio"] >= RATIO_FLOORS[granularity], overall
+    return metrics["overall"]

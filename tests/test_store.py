@@ -159,7 +159,8 @@ def test_gan_discriminator_optimizers_are_keyed_shared_and_preserved():
     for r, node in enumerate(["n0", "n1", "n0"]):
         s.train_batch(*batch(r, (0, 1)), gen=gen(r), node=node, round=r)
     for k in ("class/a", "class/b"):
-        assert s.step_count(k, "discriminator") == s.step_count(k, "generator") == 3
+        # d_steps D updates, then the G update, per batch (default d_steps 2)
+        assert s.step_count(k, "discriminator") == 3 * s.spec.gan.d_steps == 6 and s.step_count(k, "generator") == 3
         assert first_state(s, k, "discriminator")["exp_avg"].abs().sum() > 0
     assert s.step_count("class/c", "discriminator") == 0
     d_prev = first_state(s, "class/a", "discriminator")["exp_avg"].clone()
@@ -169,7 +170,7 @@ def test_gan_discriminator_optimizers_are_keyed_shared_and_preserved():
     s.reset("class/a", node="n1", round=4)
     assert len(s.optimizer("class/a", "discriminator").state) == 0
     assert len(s.optimizer("class/a", "generator").state) == 0
-    assert s.step_count("class/b", "discriminator") == 3  # other keys untouched
+    assert s.step_count("class/b", "discriminator") == 6  # other keys untouched
 
 
 # -- reset policy ---------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def test_state_dict_names_and_meta_follow_the_contract():
     assert "class/a/generator/param/net.0.weight" in tensors
     assert "class/a/discriminator/param/out.0.bias" in tensors  # ProjectionDiscriminator
     step = tensors["class/a/discriminator/optim/net.0.weight/step"]
-    assert step.shape == () and step.dtype == torch.float32 and step.item() == 1.0
+    assert step.shape == () and step.dtype == torch.float32 and step.item() == s.spec.gan.d_steps == 2  # D steps first
+    assert tensors["class/a/generator/optim/net.0.weight/step"].item() == s.spec.gan.g_steps == 1
     assert tensors["class/a/generator/optim/net.0.weight/exp_avg"].shape == (H, Z + C)
     assert "class/a/generator/optim/net.0.weight/exp_avg_sq" in tensors
     assert not any(n.startswith("class/b/generator/optim/") for n in tensors)  # never stepped: no state
@@ -184,7 +185,7 @@ def test_load_restores_hyperparameters_and_counters():
     assert t.optimizer("class/a", "generator").param_groups[0]["lr"] == 1e-3
     assert t.trained_classes("class/a") == ["a"] and t.reset_counts["class/c"] == 1
     assert [e.key for e in t.events] == ["class/c"]
-    assert t.step_count("class/b", "discriminator") == 1 and t.step_count("class/c") == 0
+    assert t.step_count("class/b", "discriminator") == t.spec.gan.d_steps and t.step_count("class/c") == 0
     # the next reset of a restored key uses the next seed, as the original would
     s.reset("class/c", node="n", round=5)
     t.reset("class/c", node="n", round=5)

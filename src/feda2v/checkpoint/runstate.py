@@ -41,6 +41,7 @@ OPERATIONAL = ("checkpoint", "train", "tracking", "profiler", "evaluate", "feder
 # Config that may differ between a checkpoint and the run resuming it (format 1 files still carry
 # the operational keys, so they are skipped as well).
 RESUME_FREE = OPERATIONAL + ("federation.rounds",)
+GAN_ONLY = "generator.gan"  # the GAN's schedule and objective: state-determining for generator.type=gan only
 # Header fields this module writes; RunState.extra may not use them.
 LAYOUT_FIELDS = ("config", "round", "stores", "store_order", "primary_store", "classifier", "keys",
                  "roles", "optimizers", "data_manifest_hash", "library_versions", "rng")
@@ -309,8 +310,12 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
         if flat.get("generator.conditional_prior", False) is None:
             flat["generator.conditional_prior"] = _resolved_conditional_prior(
                 None, {"type": flat.get("generator.type"), "arch": flat.get("generator.arch", "default")})
+    # generator.gan.* trains nothing but a GAN: a cVAE run resumes whatever the GAN defaults became
+    # (a differing generator.type is still refused, naming that key)
+    free = RESUME_FREE if mine.get("generator.type") == theirs.get("generator.type") == "gan" else \
+        RESUME_FREE + (GAN_ONLY,)
     for name in sorted(set(mine) | set(theirs), key=lambda n: (n in DERIVED_CONFIG_KEYS, n)):
-        if _free(name, RESUME_FREE):
+        if _free(name, free):
             continue
         if mine.get(name) != theirs.get(name):
             raise CheckpointError(f"{source} belongs to another config: {name} is "

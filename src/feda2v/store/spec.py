@@ -175,7 +175,8 @@ class StoreSpec:
         restores it)."""
         d = dict(d)
         if "gan" not in d:  # before the GAN schedule was configurable: simultaneous, no R1, concat D
-            d["gan"] = {"schedule": "simultaneous", "r1_gamma": 0.0}
+            d["gan"] = {"schedule": "simultaneous", "d_steps": 1, "g_steps": 1, "loss": "nonsaturating",
+                        "r1_gamma": 0.0}  # every field: today's defaults are not what those ran with
             if d.get("type") == "gan":
                 d.setdefault("arch", "concat")
         d.setdefault("arch", DEFAULT_ARCH)
