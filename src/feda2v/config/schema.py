@@ -65,7 +65,7 @@ class GanConfig:
     schedule: str = "alternating"  # alternating (D step(s), then G step(s) against the updated D) | simultaneous
     # discriminator updates per batch. 2: the generator then meets a discriminator that has caught
     # up with its last move (instruments defaults, 3 seeds, unified: TSTR 0.607 -> 0.647, recall
-    # 0.44 -> 0.54, Frechet 14.2 -> 11.7, training ~1.7x; README, the GAN)
+    # 0.44 -> 0.54, Frechet 14.2 -> 11.7, training ~1.8x; README, the GAN)
     d_steps: int = 2
     g_steps: int = 1  # generator updates per batch
     loss: str = "nonsaturating"  # nonsaturating | hinge
