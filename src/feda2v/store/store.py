@@ -377,10 +377,9 @@ class GeneratorStore:
         ``update``: those keys' update as ``_cached_update`` found it earlier in the same step
         (valid then, and nothing in a step between can invalidate it)."""
         cache_key = (role, tuple(rows))
-        checked = update is not None
-        if not checked:
-            update = self._updates.get(cache_key)
-        if update is None or not (checked or update.valid()):
+        if update is None:
+            update = self._cached_update(role, rows)
+        if update is None:
             keys = [self.keys[r] for r in rows]
             bank = self._step_banks.get(role)
             if bank is None:
@@ -473,7 +472,7 @@ class GeneratorStore:
             return torch.empty(0, self.spec.feature_dim, device=self._device)
         if int(y.min()) < 0 or int(y.max()) >= len(self.spec.classes):
             raise DataError(f"class index out of range [0, {len(self.spec.classes)}) in sample()")
-        grp = Grouping(self._class_key_idx[y], len(self.keys)).to(self._device)
+        grp = self._layout(y)
         keys = [self.keys[i] for i in grp.active]
         zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y.to(self._device)])
         params = self._stacked(grp.active, GENERATOR, grad=False)
