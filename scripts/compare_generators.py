@@ -37,14 +37,14 @@ def mean_std(xs: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
 
 
-def run_cell(conf: Path, overrides: list[str], prepared_dir: Path) -> dict:
+def train_cell(conf: Path, overrides: list[str], prepared_dir: Path):
+    """One cell's federation, its rounds run in this process: (cfg, data, federation, training seconds)."""
     import torch
     from omegaconf import OmegaConf
 
     from feda2v.config import load_config
     from feda2v.config.files import compose_conf
     from feda2v.data import load_prepared
-    from feda2v.evaluate.job import compute_metrics, derive_eval_seed
     from feda2v.federation.server import Federation
     from feda2v.pipeline.train import seed_globals
 
@@ -57,7 +57,13 @@ def run_cell(conf: Path, overrides: list[str], prepared_dir: Path) -> dict:
     t0 = time.perf_counter()
     for r in range(1, cfg.federation.rounds + 1):
         fed.run_round(r)
-    seconds = time.perf_counter() - t0
+    return cfg, data, fed, time.perf_counter() - t0
+
+
+def run_cell(conf: Path, overrides: list[str], prepared_dir: Path) -> dict:
+    from feda2v.evaluate.job import compute_metrics, derive_eval_seed
+
+    cfg, data, fed, seconds = train_cell(conf, overrides, prepared_dir)
     ev = cfg.evaluate
     metrics, _ = compute_metrics(fed.stores[fed.primary_store], data, samples_per_class=int(ev.samples_per_class),
                                  knn_k=int(ev.knn_k), seed=int(derive_eval_seed(cfg)))

@@ -82,26 +82,14 @@ def gaussian_ceiling(tr_x, tr_y, te_x, te_y, n: int, seed: int) -> dict[str, flo
 def diagnose_cvae(conf: Path, prepared: Path, seed: int, overrides: list[str]) -> dict:
     """Train one cVAE as compare_generators.py does; its pipeline metric and sample diagnostics."""
     import torch
-    from omegaconf import OmegaConf
+    from compare_generators import train_cell  # scripts/, beside this one
 
-    from feda2v.config import load_config
-    from feda2v.config.files import compose_conf
-    from feda2v.data import load_prepared
     from feda2v.evaluate import metrics as M
     from feda2v.evaluate.job import _real_sets, compute_metrics, derive_eval_seed, sample_synthetic
-    from feda2v.federation.server import Federation
-    from feda2v.pipeline.train import seed_globals
     from feda2v.seeding import numpy_generator
 
-    cfg = load_config(OmegaConf.create(compose_conf(conf, ["tracking=none", "train.progress=off", f"seed={seed}",
-                                                           "generator=cvae", *overrides,
-                                                           f"data.prepared_dir={prepared}"])))
-    torch.set_num_threads(max(1, cfg.train.threads))
-    data = load_prepared(cfg.data.prepared_dir)
-    seed_globals(cfg.seed)
-    fed = Federation(cfg, data)
-    for r in range(1, cfg.federation.rounds + 1):
-        fed.run_round(r)
+    cfg, data, fed, _ = train_cell(conf, ["tracking=none", "train.progress=off", f"seed={seed}", "generator=cvae",
+                                          *overrides], prepared)
     store = fed.stores[fed.primary_store]
     n, eval_seed = int(cfg.evaluate.samples_per_class), int(derive_eval_seed(cfg))
     metrics, _ = compute_metrics(store, data, samples_per_class=n, knn_k=int(cfg.evaluate.knn_k), seed=eval_seed)
