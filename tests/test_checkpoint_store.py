@@ -119,26 +119,16 @@ def test_file_of_another_granularity_is_refused(tmp_path, per_class_file):
     assert "granularity" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_checkpoint_from_before_output_variance_resumes_with_it_off(tmp_path, per_class_file):
+@pytest.mark.parametrize("key", ["output_variance", "conditional_prior"])  # runstate.ADDED_CONFIG_KEYS
+def test_checkpoint_from_before_a_key_resumes_with_it_off(tmp_path, per_class_file, key):
     from feda2v.checkpoint import check_resumable, read_run_state
 
     state = dataclasses.replace(read_run_state(per_class_file),
                                 config={"generator": {"granularity": "per_class", "type": "cvae"}})  # before the key
     base = {"granularity": "per_class", "type": "cvae"}
-    check_resumable({"generator": {**base, "output_variance": False}}, state, None, per_class_file)
-    with pytest.raises(CheckpointError, match="generator.output_variance is False there, True here"):
-        check_resumable({"generator": {**base, "output_variance": True}}, state, None, per_class_file)
-
-
-def test_checkpoint_from_before_conditional_prior_resumes_with_it_off(tmp_path, per_class_file):
-    from feda2v.checkpoint import check_resumable, read_run_state
-
-    state = dataclasses.replace(read_run_state(per_class_file),
-                                config={"generator": {"granularity": "per_class", "type": "cvae"}})  # before the key
-    base = {"granularity": "per_class", "type": "cvae"}
-    check_resumable({"generator": {**base, "conditional_prior": False}}, state, None, per_class_file)
-    with pytest.raises(CheckpointError, match="generator.conditional_prior is False there, True here"):
-        check_resumable({"generator": {**base, "conditional_prior": True}}, state, None, per_class_file)
+    check_resumable({"generator": {**base, key: False}}, state, None, per_class_file)
+    with pytest.raises(CheckpointError, match=f"generator.{key} is False there, True here"):
+        check_resumable({"generator": {**base, key: True}}, state, None, per_class_file)
 
 
 def test_null_conditional_prior_is_recorded_as_the_type_default(per_class_file):
