@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from common import make_batch, make_store
+from common import extra_noise, make_batch, make_store
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
           torch.ops.aten.baddbmm.default, torch.ops.aten.bmm.out}  # .out: the store's weight gradients
@@ -71,35 +71,56 @@ class PlainStep:
         loss.backward()
         self.opts[role].step()
 
-    def __call__(self, x, c, z):
+    def __call__(self, x, c, z, extra=()):
+        """One step on (x, c) with noise z; ``extra``: the noise of the GAN's later updates
+        (``common.extra_noise``), used in the store's order."""
         s = self.spec
         if s.type != "gan":
             m = self.mods["generator"]
             recon, mu, logvar = m(x, c if s.type == "cvae" else None, eps=z)
             rec = (recon - x).pow(2).sum(1).mean()
-            kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+            kl = _kl(mu, logvar, *m.prior(c).chunk(2, dim=-1) if m.conditional_prior else ()).sum(1).mean()
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
             loss = rec + beta * kl
             self._update("generator", loss)
             self.losses = (loss.item(), rec.item(), kl.item())
         else:
+            _check_schedule(s)
             G, D, gamma = self.mods["generator"], self.mods["discriminator"], s.gan.r1_gamma
-            fake = G(z, c)
-            real = x.detach().requires_grad_(gamma > 0)
-            real_logit, fake_logit = D(real, c), D(fake.detach(), c)
-            d_loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
-            if gamma > 0:
-                (g,) = torch.autograd.grad(real_logit.sum(), real, create_graph=True)
-                d_loss = d_loss + gamma / 2 * g.pow(2).sum(1).mean()
-            self._update("discriminator", d_loss)
+            noise = iter(extra)
+            for i in range(s.gan.d_steps):  # D updates; the last one's fakes keep G's graph for G's step
+                last = i == s.gan.d_steps - 1
+                with torch.set_grad_enabled(last):
+                    fake = G(z if i == 0 else next(noise), c)
+                real = x.detach().requires_grad_(gamma > 0)
+                real_logit, fake_logit = D(real, c), D(fake.detach(), c)
+                d_loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+                if gamma > 0:
+                    (g,) = torch.autograd.grad(real_logit.sum(), real, create_graph=True)
+                    d_loss = d_loss + gamma / 2 * g.pow(2).sum(1).mean()
+                self._update("discriminator", d_loss)
             for p in D.parameters():
                 p.requires_grad_(False)  # the G step takes no D weight gradients
-            g_loss = F.softplus(-D(fake, c)).mean()
-            self._update("generator", g_loss)
+            for j in range(s.gan.g_steps):
+                g_loss = F.softplus(-D(fake if j == 0 else G(next(noise), c), c)).mean()
+                self._update("generator", g_loss)
             for p in D.parameters():
                 p.requires_grad_(True)
             self.losses = (g_loss.item(), d_loss.item())
         self.steps += 1
+
+
+def _kl(mu, logvar, prior_mu=None, prior_logvar=None):
+    """Per-dimension KL of N(mu, exp(logvar)) to N(0, I), or to the learned prior p(z | c)."""
+    if prior_mu is None:
+        return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) * torch.exp(-prior_logvar) - 1)
+
+
+def _check_schedule(spec):
+    # the peers are written for the default objective; another one would time a different update
+    if spec.gan.schedule != "alternating" or spec.gan.loss != "nonsaturating":
+        raise ValueError("the peers implement the alternating schedule with the non-saturating loss")
 
 
 class LoopStep:
@@ -110,10 +131,10 @@ class LoopStep:
         self.keys = [PlainStep(store, k) for k in store.keys]
         self.rows = [torch.nonzero(key_of_sample == i).squeeze(1) for i in range(len(store.keys))]
 
-    def __call__(self, x, c, z):
+    def __call__(self, x, c, z, extra=()):
         for step, rows in zip(self.keys, self.rows):
             if rows.numel():
-                step(x[rows], c[rows], z[rows])
+                step(x[rows], c[rows], z[rows], [e[rows] for e in extra])
 
     def first_generator(self):
         return dict(self.keys[0].mods["generator"].named_parameters())
@@ -146,7 +167,8 @@ class VmapStep:
         loss.backward()
         self.opts[role].step()
 
-    def __call__(self, xs, cs, zs):
+    def __call__(self, xs, cs, zs, extra=()):
+        """One step on the padded batch; ``extra``: the GAN's later noise, padded like ``zs``."""
         s = self.spec
         if s.type != "gan":
             p, base = self.params["generator"], self.base["generator"]
@@ -155,22 +177,33 @@ class VmapStep:
                 lambda p, x, c, z: torch.func.functional_call(base, p, (x, c), {"eps": z}),
                 in_dims=(0, 0, 0 if cond is not None else None, 0))(p, xs, cond, zs)
             rec = (recon - xs).pow(2).sum(-1)
-            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+            prior = ()
+            if base.conditional_prior:  # p(z | c): the module's prior layer, per key
+                pp = {n[len("prior."):]: t for n, t in p.items() if n.startswith("prior.")}
+                prior = torch.func.vmap(lambda p, c: torch.func.functional_call(base.prior, p, (c,)))(
+                    pp, cs).chunk(2, dim=-1)
+            kl = _kl(mu, logvar, *prior).sum(-1)
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
             self._update("generator", self._mean(rec) + beta * self._mean(kl))
         else:
+            _check_schedule(s)
             pg, pd, gamma = self.params["generator"], self.params["discriminator"], s.gan.r1_gamma
-            fake = self._call("generator", pg, zs, cs)
-            real = xs.detach().requires_grad_(gamma > 0)
-            real_logit = self._call("discriminator", pd, real, cs)
-            fake_logit = self._call("discriminator", pd, fake.detach(), cs)
-            d_ps = F.softplus(-real_logit) + F.softplus(fake_logit)
-            if gamma > 0:
-                (g,) = torch.autograd.grad((real_logit * self.mask).sum(), real, create_graph=True)
-                d_ps = d_ps + gamma / 2 * g.pow(2).sum(-1)
-            self._update("discriminator", self._mean(d_ps))
+            noise = iter(extra)
+            for i in range(s.gan.d_steps):
+                with torch.set_grad_enabled(i == s.gan.d_steps - 1):
+                    fake = self._call("generator", pg, zs if i == 0 else next(noise), cs)
+                real = xs.detach().requires_grad_(gamma > 0)
+                real_logit = self._call("discriminator", pd, real, cs)
+                fake_logit = self._call("discriminator", pd, fake.detach(), cs)
+                d_ps = F.softplus(-real_logit) + F.softplus(fake_logit)
+                if gamma > 0:
+                    (g,) = torch.autograd.grad((real_logit * self.mask).sum(), real, create_graph=True)
+                    d_ps = d_ps + gamma / 2 * g.pow(2).sum(-1)
+                self._update("discriminator", self._mean(d_ps))
             frozen = {n: t.detach() for n, t in pd.items()}  # the G step takes no D weight gradients
-            self._update("generator", self._mean(F.softplus(-self._call("discriminator", frozen, fake, cs))))
+            for j in range(s.gan.g_steps):
+                f = fake if j == 0 else self._call("generator", pg, next(noise), cs)
+                self._update("generator", self._mean(F.softplus(-self._call("discriminator", frozen, f, cs))))
         self.steps += 1
 
     def first_generator(self):
@@ -240,12 +273,14 @@ def _peers(quick: bool) -> list[dict]:
                 grp = Grouping(key_of_sample, len(store.keys))
                 vmap, loop = VmapStep(store, grp), LoopStep(store, key_of_sample)
                 c = store.conditions[y]
-                z = torch.randn(b, store.spec.latent_dim, generator=torch.Generator().manual_seed(1))
-                xs, cs, zs = grp.pad(x), grp.pad(c), grp.pad(z)
-                gen = torch.Generator().manual_seed(1)  # the store's first step draws this same z
+                zgen = torch.Generator().manual_seed(1)
+                z = torch.randn(b, store.spec.latent_dim, generator=zgen)
+                extra = extra_noise(store.spec, b, zgen)
+                xs, cs, zs, extras = grp.pad(x), grp.pad(c), grp.pad(z), [grp.pad(e) for e in extra]
+                gen = torch.Generator().manual_seed(1)  # the store's first step draws this same noise
                 store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
-                vmap_step = lambda: vmap(xs, cs, zs)  # noqa: E731
-                loop_step = lambda: loop(x, c, z)  # noqa: E731
+                vmap_step = lambda: vmap(xs, cs, zs, extras)  # noqa: E731
+                loop_step = lambda: loop(x, c, z, extra)  # noqa: E731
                 for _ in range(3):  # three steps each from the same state on the same batch and noise
                     gen.manual_seed(1)
                     for f in (store_step, vmap_step, loop_step):
@@ -278,7 +313,7 @@ def _run(quick: bool) -> dict:
             store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
             # like the store's step, the peer's looks its conditions up and draws its noise
             plain_step = lambda: plain(x, store.conditions[y], torch.randn(  # noqa: E731
-                b, store.spec.latent_dim, generator=zgen))
+                b, store.spec.latent_dim, generator=zgen), extra_noise(store.spec, b, zgen))
             executed, useful = _flops(store_step), _flops(plain_step)
             replay, gemm_flops = _gemm_replay(plain_step)
             cpu = []

@@ -17,6 +17,7 @@ import torch
 from feda2v.store import GeneratorStore, StoreSpec
 
 from bench_generator import _side_by_side
+from common import role_updates
 
 CLASSES = [f"class{i}" for i in range(10)]
 FEATURE_DIM, CONDITION_DIM = 512, 384  # CLAP-like audio embedding, MiniLM text condition
@@ -56,19 +57,21 @@ def _median_loop(store: GeneratorStore, x: torch.Tensor, y: torch.Tensor, repeat
 
 
 def _median_adam_only(store: GeneratorStore, repeats: int, warmup: int) -> float:
-    """The floor: one fused AdamW update of every parameter of the store (what any correct
-    per_class step must do when all keys have samples), with no forward or backward."""
+    """The floor: the fused AdamW updates of every parameter of the store that one step makes (what
+    any correct per_class step must do when all keys have samples), with no forward or backward."""
     from feda2v.store.optim import grouped_step
 
-    items = []
+    items = {role: [] for role in store.roles}
     for key in store.keys:
         for role in store.roles:
             params = list(store.module(key, role).parameters())
-            items.append((store.optimizer(key, role), params, [torch.ones_like(p) * 1e-3 for p in params]))
+            items[role].append((store.optimizer(key, role), params, [torch.ones_like(p) * 1e-3 for p in params]))
+    updates = role_updates(store.spec)  # a GAN's D d_steps times, then G g_steps times
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        grouped_step(items)
+        for role in updates:
+            grouped_step(items[role])
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -89,7 +92,8 @@ def _gemm_and_adam(store: GeneratorStore, x: torch.Tensor, y: torch.Tensor) -> l
         for b in twin._grad_buffers[role].values():
             b.fill_(1e-3)
     grads = {role: list(twin._grad_buffers[role, len(rows)].values()) for role in twin.roles}
-    return [replay_gemms(rec.calls), lambda: [twin._apply_update(role, rows, grads[role]) for role in twin.roles]]
+    updates = role_updates(twin.spec)
+    return [replay_gemms(rec.calls), lambda: [twin._apply_update(role, rows, grads[role]) for role in updates]]
 
 
 def _overhead_share(typ: str, keys: int, per_key: int, repeats: int) -> dict:
@@ -122,8 +126,9 @@ def _overhead_share(typ: str, keys: int, per_key: int, repeats: int) -> dict:
         for b in twin._grad_buffers[role].values():
             b.fill_(1e-3)
     grads = {role: list(twin._grad_buffers[role, keys].values()) for role in twin.roles}
-    # D and G steps update their roles once each per batch (the default schedule), a VAE its one role
-    adam = lambda: [twin._apply_update(role, rows, grads[role]) for role in twin.roles]  # noqa: E731
+    # every update the step makes: a GAN's D d_steps times, then G g_steps times; a VAE its one role
+    updates = role_updates(spec)
+    adam = lambda: [twin._apply_update(role, rows, grads[role]) for role in updates]  # noqa: E731
     c = []
     t_step, t_gemm, t_adam = _side_by_side([step, gemms, adam], repeats, warmup=1, cpu=c)
     return {"type": typ, "keys": keys, "batch": batch, "step_ms": t_step * 1e3, "gemm_only_ms": t_gemm * 1e3,

@@ -29,6 +29,23 @@ def make_store(gtype: str = "cvae", granularity: str = "unified", classes: int =
     return GeneratorStore(spec, conditions)
 
 
+def role_updates(spec) -> list[str]:
+    """The roles one batch's step updates, in order (a GAN's schedule: ``d_steps`` D updates, then
+    ``g_steps`` G updates; simultaneous: one each): what a peer or a floor must do to match a step."""
+    if spec.type != "gan":
+        return ["generator"]
+    if spec.gan.schedule == "simultaneous":
+        return ["discriminator", "generator"]
+    return ["discriminator"] * spec.gan.d_steps + ["generator"] * spec.gan.g_steps
+
+
+def extra_noise(spec, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """The noise a step draws after the batch's own (one per GAN update after the first of its
+    role), in the store's order and batch order: peers given it see the store's very samples."""
+    n = 0 if spec.type != "gan" or spec.gan.schedule == "simultaneous" else spec.gan.d_steps + spec.gan.g_steps - 2
+    return [torch.randn(batch, spec.latent_dim, generator=gen) for _ in range(n)]
+
+
 def make_batch(batch: int, classes: int = 10, feature_dim: int = 128, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, feature_dim, generator=g), torch.arange(batch) % classes
