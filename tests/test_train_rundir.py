@@ -197,6 +197,8 @@ def test_sigint_stops_at_a_safe_point_keeps_latest_and_says_so(tmp_path, prepare
     run_in(tmp_path, prepared, rounds=2)
     latest = (tmp_path / "ckpt/latest.ckpt").read_bytes()
     sent = []
+    # what the process had: default_int_handler, or SIG_IGN where a shell started it in the background
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def interrupt(self, node_result):  # Ctrl-C in the middle of round 3
         if not sent:
@@ -209,7 +211,29 @@ def test_sigint_stops_at_a_safe_point_keeps_latest_and_says_so(tmp_path, prepare
     assert e.value.exit_code == 130 and "\n" not in str(e.value)
     assert str(e.value).startswith("stopped by SIGINT; ckpt/latest.ckpt (round 2) is the last complete checkpoint")
     assert (tmp_path / "ckpt/latest.ckpt").read_bytes() == latest
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers put back
+
+
+def test_stop_on_signal_puts_back_the_handlers_it_found():
+    """Whatever was installed before training (SIG_IGN of a background job, a caller's own
+    handler) is what is installed after it, on a normal exit and on a stop."""
+    from feda2v.pipeline.stopping import StopOnSignal
+
+    mine = lambda signum, frame: None  # noqa: E731
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, mine)
+        with StopOnSignal(lambda s: f"stopped by {s}"):
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, mine)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(TrainingStopped):
+            with StopOnSignal(lambda s: f"stopped by {s}"):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 @pytest.mark.slow
