@@ -159,6 +159,41 @@ def test_null_conditional_prior_is_recorded_as_the_type_default(per_class_file):
     assert state_config(explicit)["generator"]["conditional_prior"] is False
 
 
+def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
+    # null (the default) is the type's width; checkpoints record it resolved, so a run from before
+    # (every type 128) resumes where null still means 128 (vae, gan, published architectures) and
+    # is refused, naming the key, where it now means 256 (cvae), and resumes with it set to 128
+    from pathlib import Path
+
+    from feda2v.checkpoint import check_resumable, read_run_state, state_config
+    from feda2v.config import load_config
+    from feda2v.config.files import compose_conf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for overrides, want in ((["generator=cvae"], 256), (["generator=vae"], 128), (["generator=gan"], 128),
+                            (["generator=cvae", "generator.arch=fedgfe"], 128)):
+        cfg = load_config(compose_conf(conf, overrides))
+        assert cfg.generator.hidden_dim is None
+        mine = state_config(cfg)
+        assert mine["generator"]["hidden_dim"] == want
+        old = json.loads(json.dumps(mine))
+        old["generator"]["hidden_dim"] = 128  # what every run before recorded
+        state = dataclasses.replace(read_run_state(per_class_file), config=old, data_manifest_hash=None)
+        if want != 128:
+            with pytest.raises(CheckpointError, match="generator.hidden_dim is 128 there, 256 here"):
+                check_resumable(mine, state, None, per_class_file)
+            pinned = state_config(load_config(compose_conf(conf, [*overrides, "generator.hidden_dim=128"])))
+            check_resumable(pinned, state, None, per_class_file)
+        else:
+            check_resumable(mine, state, None, per_class_file)
+    # a config recorded unresolved (format-1 headers held the whole config) resolves the same way
+    unresolved = dataclasses.replace(read_run_state(per_class_file), data_manifest_hash=None,
+                                     config={"generator": {"type": "cvae", "hidden_dim": None}})
+    check_resumable({"generator": {"type": "cvae", "hidden_dim": 256}}, unresolved, None, per_class_file)
+    with pytest.raises(CheckpointError, match="generator.hidden_dim is 256 there, 128 here"):
+        check_resumable({"generator": {"type": "cvae", "hidden_dim": 128}}, unresolved, None, per_class_file)
+
+
 def test_gan_settings_bind_a_gan_run_only(per_class_file):
     # generator.gan.* trains nothing but a GAN: a cVAE run resumes across a change of the GAN's
     # defaults; a GAN run is refused naming the GAN key; another type is refused naming the type

@@ -259,6 +259,21 @@ def test_state_from_before_the_conditional_prior_loads_with_the_n01_prior():
     assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
 
 
+def test_hidden_dim_null_is_the_types_width():
+    from feda2v.store.spec import StoreSpec
+
+    def spec(type_, **kw):
+        return StoreSpec(type=type_, granularity="unified", classes=("a", "b"), feature_dim=4, condition_dim=3, **kw)
+
+    assert spec("cvae").hidden_dim == 256 and spec("vae").hidden_dim == 128 and spec("gan").hidden_dim == 128
+    assert spec("cvae", arch="fedgfe").hidden_dim == 128  # the published architectures keep their width
+    assert spec("cvae", hidden_dim=32).hidden_dim == 32
+    s = spec("cvae")
+    assert StoreSpec.from_json(s.to_json()).hidden_dim == 256  # recorded resolved
+    store = GeneratorStore(s, torch.zeros(2, 3))
+    assert store.module("unified").encoder[0].weight.shape[0] == 256
+
+
 def test_conditional_prior_is_the_cvae_default_and_refused_where_no_architecture_has_one():
     assert make_store("cvae", "unified").spec.conditional_prior is True  # None (config null): the type's default
     assert make_store("cvae", "unified", conditional_prior=False).spec.conditional_prior is False

@@ -105,17 +105,14 @@ def state_config(cfg) -> dict:
     for dotted in OPERATIONAL:
         _drop(plain, dotted)
     gen = plain.get("generator")
-    if isinstance(gen, dict) and "conditional_prior" in gen:
-        # null means the type's default: recorded as the value it resolves to, so a checkpoint
-        # written before the key existed (False, ADDED_CONFIG_KEYS) resumes where null means that too
-        gen["conditional_prior"] = _resolved_conditional_prior(gen["conditional_prior"], gen)
+    if isinstance(gen, dict):
+        # a null that means the type's default is recorded as the value it resolves to, so a
+        # checkpoint written before the key existed (or before its default became the type's:
+        # hidden_dim was 128) resumes where null means that too, and is refused, naming it, elsewhere
+        from feda2v.store.spec import resolve_generator_defaults
+
+        resolve_generator_defaults(gen)
     return plain
-
-
-def _resolved_conditional_prior(value, generator: Mapping[str, Any]) -> bool:
-    from feda2v.store.spec import resolve_conditional_prior
-
-    return resolve_conditional_prior(value, str(generator.get("type")), str(generator.get("arch", "default")))
 
 
 def operational_config(cfg) -> dict:
@@ -290,7 +287,7 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
 }
 # Recorded keys whose value state_config derives from others (a null resolved by generator.type):
 # compared last, so a refusal names the key the user changed, not its consequence.
-DERIVED_CONFIG_KEYS = ("generator.conditional_prior",)
+DERIVED_CONFIG_KEYS = ("generator.conditional_prior", "generator.hidden_dim")
 
 
 def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: str | None,
@@ -307,9 +304,12 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
         theirs.setdefault(name, value)
         mine.setdefault(name, value)
     for flat in (mine, theirs):  # a config recorded unresolved (a format-1 header: the whole config)
-        if flat.get("generator.conditional_prior", False) is None:
-            flat["generator.conditional_prior"] = _resolved_conditional_prior(
-                None, {"type": flat.get("generator.type"), "arch": flat.get("generator.arch", "default")})
+        nulls = {k: None for k in ("conditional_prior", "hidden_dim") if flat.get(f"generator.{k}", 0) is None}
+        if nulls:
+            from feda2v.store.spec import resolve_generator_defaults
+
+            gen = {"type": flat.get("generator.type"), "arch": flat.get("generator.arch", "default"), **nulls}
+            flat.update({f"generator.{k}": v for k, v in resolve_generator_defaults(gen).items() if k in nulls})
     # generator.gan.* trains nothing but a GAN: a cVAE run resumes whatever the GAN defaults became
     # (a differing generator.type is still refused, naming that key)
     free = RESUME_FREE if mine.get("generator.type") == theirs.get("generator.type") == "gan" else \

@@ -150,7 +150,7 @@ RULES: Dict[str, _Rule] = {
     "data.site_bundles_dir": _text(optional=True),
     "generator.default_group": _text(optional=True),
     "generator.latent_dim": _at_least(1),
-    "generator.hidden_dim": _at_least(1),
+    "generator.hidden_dim": _Rule(lambda v: v is None or (_finite(v) and v >= 1), ">= 1 or null (the type's default)"),
     "generator.fusion_dim": _at_least(1),
     "generator.beta_max": _at_least(0),
     "generator.beta_warmup_steps": _at_least(0),

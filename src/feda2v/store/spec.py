@@ -82,6 +82,29 @@ def resolve_conditional_prior(value: bool | None, type_: str, arch: str) -> bool
     return bool(value)
 
 
+# The width every generator had before it was the type's (and the published architectures' still).
+_FIXED_HIDDEN_DIM = 128
+
+
+def resolve_hidden_dim(value: int | None, type_: str, arch: str) -> int:
+    """generator.hidden_dim as the store runs it: null is the type's own width for the default
+    architecture (store/kinds.py), 128 for the published ones."""
+    if value is None:
+        return kind(type_).hidden_dim if arch == DEFAULT_ARCH else _FIXED_HIDDEN_DIM
+    return int(value)
+
+
+def resolve_generator_defaults(generator: dict) -> dict:
+    """A plain ``generator`` config section with its nulls that mean "the type's default"
+    (conditional_prior, hidden_dim) replaced, in place, by what they resolve to; returned."""
+    type_, arch = str(generator.get("type")), str(generator.get("arch", DEFAULT_ARCH))
+    if "conditional_prior" in generator:
+        generator["conditional_prior"] = resolve_conditional_prior(generator["conditional_prior"], type_, arch)
+    if "hidden_dim" in generator:
+        generator["hidden_dim"] = resolve_hidden_dim(generator["hidden_dim"], type_, arch)
+    return generator
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     type: str
@@ -90,7 +113,7 @@ class StoreSpec:
     feature_dim: int
     condition_dim: int
     latent_dim: int = _GEN.latent_dim
-    hidden_dim: int = _GEN.hidden_dim
+    hidden_dim: int | None = _GEN.hidden_dim  # None: the type's default (resolve_hidden_dim)
     # (group, classes) pairs in key order; a mapping is accepted and keeps its insertion order.
     class_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     default_group: str | None = None
@@ -113,6 +136,7 @@ class StoreSpec:
         if isinstance(self.gan, Mapping):
             object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
         object.__setattr__(self, "output_variance", bool(self.output_variance))
+        object.__setattr__(self, "hidden_dim", resolve_hidden_dim(self.hidden_dim, self.type, self.arch))
         object.__setattr__(self, "conditional_prior",
                            resolve_conditional_prior(self.conditional_prior, self.type, self.arch))
         if self.conditional_prior and not has_conditional_prior(self.type, self.arch):
@@ -148,7 +172,7 @@ class StoreSpec:
         return cls(
             type=str(g.type), arch=str(g.arch), granularity=str(g.granularity), classes=tuple(classes),
             feature_dim=int(feature_dim), condition_dim=int(condition_dim),
-            latent_dim=int(g.latent_dim), hidden_dim=int(g.hidden_dim),
+            latent_dim=int(g.latent_dim), hidden_dim=None if g.hidden_dim is None else int(g.hidden_dim),
             class_groups=[(str(k), tuple(v)) for k, v in (g.class_groups or {}).items()],
             default_group=None if g.default_group is None else str(g.default_group),
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
