@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from common import extra_noise, make_batch, make_store
+from feda2v.models.losses import vae_kl_per_sample, vae_kl_to_prior_per_sample
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
           torch.ops.aten.baddbmm.default, torch.ops.aten.bmm.out}  # .out: the store's weight gradients
@@ -79,7 +80,7 @@ class PlainStep:
             m = self.mods["generator"]
             recon, mu, logvar = m(x, c if s.type == "cvae" else None, eps=z)
             rec = (recon - x).pow(2).sum(1).mean()
-            kl = _kl(mu, logvar, *m.prior(c).chunk(2, dim=-1) if m.conditional_prior else ()).sum(1).mean()
+            kl = _kl_per_sample(m, mu, logvar, lambda: m.prior(c)).mean()
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
             loss = rec + beta * kl
             self._update("generator", loss)
@@ -110,11 +111,12 @@ class PlainStep:
         self.steps += 1
 
 
-def _kl(mu, logvar, prior_mu=None, prior_logvar=None):
-    """Per-dimension KL of N(mu, exp(logvar)) to N(0, I), or to the learned prior p(z | c)."""
-    if prior_mu is None:
-        return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) * torch.exp(-prior_logvar) - 1)
+def _kl_per_sample(module, mu, logvar, prior_out):
+    """The KL term the store's VAE step takes: to N(0, I), or, with a conditional prior, to p(z | c)
+    (``prior_out()``: the prior layer's output, [mean, log-variance] side by side)."""
+    if not module.conditional_prior:
+        return vae_kl_per_sample(mu, logvar)
+    return vae_kl_to_prior_per_sample(mu, logvar, *prior_out().chunk(2, dim=-1))
 
 
 def _check_schedule(spec):
@@ -177,12 +179,9 @@ class VmapStep:
                 lambda p, x, c, z: torch.func.functional_call(base, p, (x, c), {"eps": z}),
                 in_dims=(0, 0, 0 if cond is not None else None, 0))(p, xs, cond, zs)
             rec = (recon - xs).pow(2).sum(-1)
-            prior = ()
-            if base.conditional_prior:  # p(z | c): the module's prior layer, per key
-                pp = {n[len("prior."):]: t for n, t in p.items() if n.startswith("prior.")}
-                prior = torch.func.vmap(lambda p, c: torch.func.functional_call(base.prior, p, (c,)))(
-                    pp, cs).chunk(2, dim=-1)
-            kl = _kl(mu, logvar, *prior).sum(-1)
+            pp = {n[len("prior."):]: t for n, t in p.items() if n.startswith("prior.")}  # p(z | c), per key
+            kl = _kl_per_sample(base, mu, logvar, lambda: torch.func.vmap(
+                lambda p, c: torch.func.functional_call(base.prior, p, (c,)))(pp, cs))
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
             self._update("generator", self._mean(rec) + beta * self._mean(kl))
         else:
@@ -259,28 +258,36 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[n].detach() - b[n].detach()).abs().max()) for n in a)
 
 
-def _peers(quick: bool) -> list[dict]:
-    """per_class store step vs the vmap peer and the naive loop, every key with samples."""
+def per_class_contenders(store, x, y):
+    """(steps, vmap peer, loop peer, gen) for a per_class store on the batch (x, y): ``steps`` =
+    [store step, vmap step, loop step], the peers given the store's very noise (drawn from a
+    generator seeded 1, as the store draws from ``gen``); ``gen.manual_seed(1)`` before a round
+    of the three steps replays that noise."""
     from feda2v.store.grouping import Grouping
 
+    key_of_sample = store._class_key_idx[y]
+    grp = Grouping(key_of_sample, len(store.keys))
+    vmap, loop = VmapStep(store, grp), LoopStep(store, key_of_sample)
+    c = store.conditions[y]
+    zgen = torch.Generator().manual_seed(1)
+    z = torch.randn(len(y), store.spec.latent_dim, generator=zgen)
+    extra = extra_noise(store.spec, len(y), zgen)
+    xs, cs, zs, extras = grp.pad(x), grp.pad(c), grp.pad(z), [grp.pad(e) for e in extra]
+    gen = torch.Generator().manual_seed(1)
+    steps = [lambda: store.train_batch(x, y, gen=gen, node="bench", round=0),
+             lambda: vmap(xs, cs, zs, extras), lambda: loop(x, c, z, extra)]
+    return steps, vmap, loop, gen
+
+
+def _peers(quick: bool) -> list[dict]:
+    """per_class store step vs the vmap peer and the naive loop, every key with samples."""
     rows = []
     for gtype in ("vae", "cvae", "gan"):
         for keys in ((10,) if quick else (10, 50, 200)):
             for b in ((256,) if quick else (256, 1024)):
                 store = make_store(gtype, "per_class", classes=keys)
                 x, y = make_batch(b, classes=keys)
-                key_of_sample = store._class_key_idx[y]
-                grp = Grouping(key_of_sample, len(store.keys))
-                vmap, loop = VmapStep(store, grp), LoopStep(store, key_of_sample)
-                c = store.conditions[y]
-                zgen = torch.Generator().manual_seed(1)
-                z = torch.randn(b, store.spec.latent_dim, generator=zgen)
-                extra = extra_noise(store.spec, b, zgen)
-                xs, cs, zs, extras = grp.pad(x), grp.pad(c), grp.pad(z), [grp.pad(e) for e in extra]
-                gen = torch.Generator().manual_seed(1)  # the store's first step draws this same noise
-                store_step = lambda: store.train_batch(x, y, gen=gen, node="bench", round=0)  # noqa: E731
-                vmap_step = lambda: vmap(xs, cs, zs, extras)  # noqa: E731
-                loop_step = lambda: loop(x, c, z, extra)  # noqa: E731
+                (store_step, vmap_step, loop_step), vmap, loop, gen = per_class_contenders(store, x, y)
                 for _ in range(3):  # three steps each from the same state on the same batch and noise
                     gen.manual_seed(1)
                     for f in (store_step, vmap_step, loop_step):

@@ -42,8 +42,8 @@ def role_updates(spec) -> list[str]:
 def extra_noise(spec, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
     """The noise a step draws after the batch's own (one per GAN update after the first of its
     role), in the store's order and batch order: peers given it see the store's very samples."""
-    n = 0 if spec.type != "gan" or spec.gan.schedule == "simultaneous" else spec.gan.d_steps + spec.gan.g_steps - 2
-    return [torch.randn(batch, spec.latent_dim, generator=gen) for _ in range(n)]
+    updates = role_updates(spec)  # each role's first update uses the batch's noise
+    return [torch.randn(batch, spec.latent_dim, generator=gen) for _ in range(len(updates) - len(set(updates)))]
 
 
 def make_batch(batch: int, classes: int = 10, feature_dim: int = 128, seed: int = 0):

@@ -15,30 +15,19 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_generator import LoopStep, PlainStep, VmapStep, _flops, _max_diff  # noqa: E402
+from bench_generator import PlainStep, _flops, _max_diff, per_class_contenders  # noqa: E402
 from common import extra_noise, make_batch, make_store, role_updates  # noqa: E402
-
-from feda2v.store.grouping import Grouping  # noqa: E402
 
 
 @pytest.mark.parametrize("gtype", ["vae", "cvae", "gan"])
 def test_per_class_peers_train_like_the_store(gtype):
     store = make_store(gtype, "per_class", classes=4, feature_dim=16, condition_dim=8, hidden_dim=16)
-    b = 24
-    x, y = make_batch(b, classes=4, feature_dim=16)
-    key_of_sample = store._class_key_idx[y]
-    grp = Grouping(key_of_sample, len(store.keys))
-    vmap, loop = VmapStep(store, grp), LoopStep(store, key_of_sample)
-    c = store.conditions[y]
-    zgen = torch.Generator().manual_seed(1)
-    z = torch.randn(b, store.spec.latent_dim, generator=zgen)
-    extra = extra_noise(store.spec, b, zgen)
-    gen = torch.Generator().manual_seed(1)
+    x, y = make_batch(24, classes=4, feature_dim=16)
+    steps, vmap, loop, gen = per_class_contenders(store, x, y)  # the very setup the bench times
     for _ in range(3):
         gen.manual_seed(1)
-        store.train_batch(x, y, gen=gen, node="n", round=0)
-        vmap(grp.pad(x), grp.pad(c), grp.pad(z), [grp.pad(e) for e in extra])
-        loop(x, c, z, extra)
+        for step in steps:
+            step()
     for k, key in enumerate(store.keys):
         ours = dict(store.module(key).named_parameters())
         assert _max_diff(ours, {n: t[k] for n, t in vmap.params["generator"].items()}) < 1e-5, key
