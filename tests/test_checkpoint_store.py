@@ -159,6 +159,13 @@ def test_null_conditional_prior_is_recorded_as_the_type_default(per_class_file):
     assert state_config(explicit)["generator"]["conditional_prior"] is False
 
 
+def test_derived_config_keys_are_the_type_default_keys():
+    from feda2v.checkpoint.runstate import DERIVED_CONFIG_KEYS
+    from feda2v.store.spec import TYPE_DEFAULT_KEYS
+
+    assert DERIVED_CONFIG_KEYS == tuple(f"generator.{k}" for k in TYPE_DEFAULT_KEYS)
+
+
 def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
     # null (the default) is the type's width; checkpoints record it resolved, so a run from before
     # (every type 128) resumes where null still means 128 (vae, gan, published architectures) and

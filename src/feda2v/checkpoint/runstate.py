@@ -287,6 +287,8 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
 }
 # Recorded keys whose value state_config derives from others (a null resolved by generator.type):
 # compared last, so a refusal names the key the user changed, not its consequence.
+# (store/spec.py TYPE_DEFAULT_KEYS, spelled out here: checkpoint imports store only inside functions;
+# a test holds the two equal)
 DERIVED_CONFIG_KEYS = ("generator.conditional_prior", "generator.hidden_dim")
 
 
@@ -304,12 +306,14 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
         theirs.setdefault(name, value)
         mine.setdefault(name, value)
     for flat in (mine, theirs):  # a config recorded unresolved (a format-1 header: the whole config)
-        nulls = {k: None for k in ("conditional_prior", "hidden_dim") if flat.get(f"generator.{k}", 0) is None}
+        nulls = [name for name in DERIVED_CONFIG_KEYS if name in flat and flat[name] is None]
         if nulls:
             from feda2v.store.spec import resolve_generator_defaults
 
-            gen = {"type": flat.get("generator.type"), "arch": flat.get("generator.arch", "default"), **nulls}
-            flat.update({f"generator.{k}": v for k, v in resolve_generator_defaults(gen).items() if k in nulls})
+            gen = resolve_generator_defaults({"type": flat.get("generator.type"),
+                                              "arch": flat.get("generator.arch", "default"),
+                                              **{name.split(".", 1)[1]: None for name in nulls}})
+            flat.update({name: gen[name.split(".", 1)[1]] for name in nulls})
     # generator.gan.* trains nothing but a GAN: a cVAE run resumes whatever the GAN defaults became
     # (a differing generator.type is still refused, naming that key)
     free = RESUME_FREE if mine.get("generator.type") == theirs.get("generator.type") == "gan" else \

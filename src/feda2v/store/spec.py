@@ -94,14 +94,17 @@ def resolve_hidden_dim(value: int | None, type_: str, arch: str) -> int:
     return int(value)
 
 
+# generator keys whose null means the type's default, and how each resolves
+TYPE_DEFAULT_KEYS = {"conditional_prior": resolve_conditional_prior, "hidden_dim": resolve_hidden_dim}
+
+
 def resolve_generator_defaults(generator: dict) -> dict:
     """A plain ``generator`` config section with its nulls that mean "the type's default"
-    (conditional_prior, hidden_dim) replaced, in place, by what they resolve to; returned."""
+    (TYPE_DEFAULT_KEYS) replaced, in place, by what they resolve to; returned."""
     type_, arch = str(generator.get("type")), str(generator.get("arch", DEFAULT_ARCH))
-    if "conditional_prior" in generator:
-        generator["conditional_prior"] = resolve_conditional_prior(generator["conditional_prior"], type_, arch)
-    if "hidden_dim" in generator:
-        generator["hidden_dim"] = resolve_hidden_dim(generator["hidden_dim"], type_, arch)
+    for key, resolve in TYPE_DEFAULT_KEYS.items():
+        if key in generator:
+            generator[key] = resolve(generator[key], type_, arch)
     return generator
 
 
