@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from common import extra_noise, make_batch, make_store
+from common import MovingAverage, extra_noise, make_batch, make_store
 from feda2v.models.losses import vae_kl_per_sample, vae_kl_to_prior_per_sample
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -65,12 +65,15 @@ class PlainStep:
         self.spec = store.spec
         self.mods = {r: copy.deepcopy(store.module(key, r)) for r in store.roles}
         self.opts = {r: _adamw(m.parameters(), store.spec) for r, m in self.mods.items()}
+        self.ema = MovingAverage(store.spec, self.mods["generator"].parameters())  # what the store samples
         self.steps = 0
 
     def _update(self, role, loss):
         self.opts[role].zero_grad(set_to_none=True)
         loss.backward()
         self.opts[role].step()
+        if role == "generator":
+            self.ema.update()
 
     def __call__(self, x, c, z, extra=()):
         """One step on (x, c) with noise z; ``extra``: the noise of the GAN's later updates
@@ -155,6 +158,7 @@ class VmapStep:
             self.params[r], _ = torch.func.stack_module_state(mods)
             self.base[r] = copy.deepcopy(mods[0]).to("meta")
             self.opts[r] = _adamw(list(self.params[r].values()), store.spec)
+        self.ema = MovingAverage(store.spec, self.params["generator"].values())
         self.steps = 0
 
     def _call(self, role, params, *args, **kwargs):
@@ -168,6 +172,8 @@ class VmapStep:
         self.opts[role].zero_grad(set_to_none=True)
         loss.backward()
         self.opts[role].step()
+        if role == "generator":
+            self.ema.update()
 
     def __call__(self, xs, cs, zs, extra=()):
         """One step on the padded batch; ``extra``: the GAN's later noise, padded like ``zs``."""

@@ -78,8 +78,9 @@ def _median_adam_only(store: GeneratorStore, repeats: int, warmup: int) -> float
 
 
 def _gemm_and_adam(store: GeneratorStore, x: torch.Tensor, y: torch.Tensor) -> list:
-    """(the step's GEMMs replayed alone at their shapes, the step's fused AdamW updates alone on a
-    twin store with finite gradient buffers): the two parts of a step no layout work can shrink."""
+    """(the step's GEMMs replayed alone at their shapes, the step's fused AdamW updates, with the
+    generator's moving average they carry, alone on a twin store with finite gradient buffers): the
+    two parts of a step no layout work can shrink."""
     from bench_generator import _RecordGemms, replay_gemms
 
     rec = _RecordGemms()
@@ -98,7 +99,8 @@ def _gemm_and_adam(store: GeneratorStore, x: torch.Tensor, y: torch.Tensor) -> l
 
 def _overhead_share(typ: str, keys: int, per_key: int, repeats: int) -> dict:
     """The share of a per_class step over ``keys`` keys (all with ``per_key`` samples) that is neither
-    its matrix multiplies nor its AdamW update: the step, its GEMMs replayed alone (recorded from the
+    its matrix multiplies nor its update (fused AdamW, and the generator's moving average where the
+    spec keeps one, as ``_apply_update`` makes them): the step, its GEMMs replayed alone (recorded from the
     step itself, same shapes and outputs: fresh ones, or a kept buffer where the step writes into
     one) and the fused update of every key alone (a twin store's cached update, its gradient
     buffers filled with finite values: updating the measured store with stale or never-written

@@ -46,6 +46,25 @@ def extra_noise(spec, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
     return [torch.randn(batch, spec.latent_dim, generator=gen) for _ in range(len(updates) - len(set(updates)))]
 
 
+class MovingAverage:
+    """A peer's copy of the store's generator moving average (store/store.py ``_update_ema``):
+    after the t-th generator update, avg += (1 - min(d, (1 + t) / (10 + t))) (p - avg), one
+    foreach lerp over the tensors; nothing where ``spec.ema_decay`` is 0."""
+
+    def __init__(self, spec, params):
+        self.decay = spec.ema_decay
+        self.params = list(params)
+        self.avg = [p.detach().clone() for p in self.params] if self.decay else []
+        self.t = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.avg:
+            self.t += 1
+            torch._foreach_lerp_(self.avg, [p.detach() for p in self.params],
+                                 1 - min(self.decay, (1 + self.t) / (10 + self.t)))
+
+
 def make_batch(batch: int, classes: int = 10, feature_dim: int = 128, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, feature_dim, generator=g), torch.arange(batch) % classes

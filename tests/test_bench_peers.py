@@ -32,6 +32,12 @@ def test_per_class_peers_train_like_the_store(gtype):
         ours = dict(store.module(key).named_parameters())
         assert _max_diff(ours, {n: t[k] for n, t in vmap.params["generator"].items()}) < 1e-5, key
         assert _max_diff(ours, dict(loop.keys[k].mods["generator"].named_parameters())) < 1e-5, key
+        # and the moving average the store samples with
+        avg = {n: t for n, t in store.state_dict()[0].items() if n.startswith(f"{key}/generator/ema/")}
+        names = [n for n, _ in store.module(key).named_parameters()]
+        assert len(avg) == len(names) == len(vmap.ema.avg) == len(loop.keys[k].ema.avg)
+        assert _max_diff(avg, {f"{key}/generator/ema/{n}": t[k] for n, t in zip(names, vmap.ema.avg)}) < 1e-5
+        assert _max_diff(avg, {f"{key}/generator/ema/{n}": t for n, t in zip(names, loop.keys[k].ema.avg)}) < 1e-5
     if gtype == "gan":
         d = dict(store.module(store.keys[0], "discriminator").named_parameters())
         assert _max_diff(d, dict(loop.keys[0].mods["discriminator"].named_parameters())) < 1e-5
@@ -55,6 +61,11 @@ def test_plain_peer_does_the_stores_update_and_flops(gtype):
     for role in store.roles:
         assert _max_diff(dict(store.module("unified", role).named_parameters()),
                          dict(plain.mods[role].named_parameters())) < 1e-5, role
+    avg = {n: t for n, t in store.state_dict()[0].items() if n.startswith("unified/generator/ema/")}
+    names = [n for n, _ in plain.mods["generator"].named_parameters()]
+    assert avg and len(avg) == len(plain.ema.avg)
+    assert _max_diff(avg, {f"unified/generator/ema/{n}": t for n, t in zip(names, plain.ema.avg)}) < 1e-5
+    for role in store.roles:
         assert int(store.optimizer("unified", role).state_dict()["state"][0]["step"]) == \
             int(plain.opts[role].state_dict()["state"][0]["step"]), role
 

@@ -201,6 +201,32 @@ def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
         check_resumable({"generator": {"type": "cvae", "hidden_dim": 128}}, unresolved, None, per_class_file)
 
 
+def test_null_ema_decay_is_recorded_resolved_and_binds_a_resume(per_class_file):
+    # a run from before the moving average (recorded without the key: ADDED_CONFIG_KEYS, 0) is
+    # refused, naming it, under today's default, and resumes with generator.ema_decay=0
+    from pathlib import Path
+
+    from feda2v.checkpoint import check_resumable, read_run_state, state_config
+    from feda2v.config import load_config
+    from feda2v.config.files import compose_conf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for overrides, want in ((["generator=cvae"], 0.995), (["generator=gan"], 0.995),
+                            (["generator=cvae", "generator.arch=fedgfe"], 0.0)):
+        mine = state_config(load_config(compose_conf(conf, overrides)))
+        assert mine["generator"]["ema_decay"] == want
+        old = json.loads(json.dumps(mine))
+        del old["generator"]["ema_decay"]
+        state = dataclasses.replace(read_run_state(per_class_file), config=old, data_manifest_hash=None)
+        if want:
+            with pytest.raises(CheckpointError, match="generator.ema_decay is 0.0 there, 0.995 here"):
+                check_resumable(mine, state, None, per_class_file)
+            check_resumable(state_config(load_config(compose_conf(conf, [*overrides, "generator.ema_decay=0"]))),
+                            state, None, per_class_file)
+        else:
+            check_resumable(mine, state, None, per_class_file)
+
+
 def test_gan_settings_bind_a_gan_run_only(per_class_file):
     # generator.gan.* trains nothing but a GAN: a cVAE run resumes across a change of the GAN's
     # defaults; a GAN run is refused naming the GAN key; another type is refused naming the type

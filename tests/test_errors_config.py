@@ -40,6 +40,7 @@ BAD = {
     "generator.type": "transformer",
     "generator.arch": "resnet",
     "generator.fusion_dim": 0,
+    "generator.ema_decay": 1.0,
     "generator.granularity": "per_klass",
     "generator.class_groups": {"strings": []},
     "generator.default_group": "",

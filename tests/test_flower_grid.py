@@ -499,7 +499,10 @@ def test_optimizer_moments_travel_only_with_the_relay(prepared, sharing, tmp_pat
             assert b"exp_avg" not in blob and b"/optim/" not in blob
             tensors, header = read_checkpoint_bytes(blob, label="t")
             assert header["kind"] == flower_app.PARAMS_KIND and tensors
-            assert all("/param/" in n and flower_app._of_keys(n, header["keys"]) for n in tensors)
+            # parameters and the generator's moving averages, which fedavg averages with them
+            assert all(("/param/" in n or "/generator/ema/" in n) and flower_app._of_keys(n, header["keys"])
+                       for n in tensors)
+            assert any("/generator/ema/" in n for n in tensors)
     for _, task in grid.reply_payloads:
         assert "exp_avg" not in task and "param" not in task  # results only
     if resident:  # and the moments are on the nodes, trained

@@ -301,6 +301,12 @@ def test_grouped_step_equals_separate_per_key_training(type_, granularity):
         extra[ov.removeprefix("no_")] = not ov.startswith("no_")
     s = make_store(type_, granularity, **extra)
     ref = clone(s)
+    # the generator's moving average, by hand: after each of a key's steps t, avg += w (p - avg),
+    # w = 1 - min(d, (1 + t) / (10 + t)); it starts at the initial weights
+    d = s.spec.ema_decay
+    assert d > 0  # the default
+    avg = {n: t.clone() for n, t in ref.state_dict()[0].items() if "/generator/ema/" in n}
+    assert avg and len(avg) == len([n for n in ref.state_dict()[0] if "/generator/param/" in n])
     for step, classes in enumerate([(0, 1, 2, 3), (0, 2), (1, 2, 3), (0, 1, 2, 3)]):
         x, y = batch(step, classes, n=13)  # unbalanced groups -> padding and masking are exercised
         got = s.train_batch(x, y, gen=gen(step), node="n", round=0)
@@ -308,10 +314,18 @@ def test_grouped_step_equals_separate_per_key_training(type_, granularity):
         assert sorted(got) == sorted(want)
         for k in want:
             assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5)
+            t = ref.step_count(k)
+            w = 1 - min(d, (1 + t) / (10 + t))
+            for name, p in ref.module(k).named_parameters():
+                avg[f"{k}/generator/ema/{name}"] += w * (p.detach() - avg[f"{k}/generator/ema/{name}"])
     ts, tr = s.state_dict()[0], ref.state_dict()[0]
     assert sorted(ts) == sorted(tr)
     for n in ts:
-        torch.testing.assert_close(ts[n], tr[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(ts[n], avg[n] if "/ema/" in n else tr[n], rtol=1e-4, atol=1e-6, msg=n)
+    untrained = [k for k in s.keys if s.step_count(k) == 0]
+    for k in untrained:  # a key never stepped: its average is still its initial weights
+        for name, p in s.module(k).named_parameters():
+            assert torch.equal(ts[f"{k}/generator/ema/{name}"], p.detach())
 
 
 # -- non-finite losses ------------------------------------------------------------------------------
@@ -337,7 +351,7 @@ def test_non_finite_loss_raises_before_any_change(type_):
 
 # -- sampling, inputs, profiler ranges --------------------------------------------------------------
 def test_sample_uses_each_class_key_and_condition():
-    s = make_store("cvae", "unified", output_variance=True)
+    s = make_store("cvae", "unified", output_variance=True, ema_decay=0.0)  # samples the weights set below
     out = s.sample(torch.tensor([0, 1, 0]), gen=gen(5))
     assert out.shape == (3, D)
     assert torch.equal(out, s.sample(torch.tensor([0, 1, 0]), gen=gen(5)))
@@ -356,7 +370,8 @@ def test_sample_uses_each_class_key_and_condition():
 
 @pytest.mark.parametrize("type_", ["vae", "gan"])
 def test_sample_per_class_uses_that_class_generator(type_):
-    s = make_store(type_, "per_class", **({"output_variance": True} if type_ == "vae" else {}))  # VAE: sampled
+    s = make_store(type_, "per_class", ema_decay=0.0,  # samples the weights set below
+                   **({"output_variance": True} if type_ == "vae" else {}))  # VAE: sampled
     idx = torch.tensor([2, 0, 2, 3])
     g = gen(9)
     z = torch.randn(4, Z, generator=g)
@@ -389,9 +404,30 @@ def test_sample_without_output_variance_is_the_decoder_mean(type_):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("type_", ["cvae", "gan"])
+@pytest.mark.parametrize("granularity", ["unified", "per_class"])
+def test_sample_reads_the_moving_average_not_the_last_weights(type_, granularity):
+    s = make_store(type_, granularity)
+    assert s.spec.ema_decay == 0.995  # the type's default (store/kinds.py)
+    for step, classes in enumerate([(0, 1, 2, 3), (0, 2), (1, 3)]):
+        s.train_batch(*batch(step, classes, n=13), gen=gen(step), node="n", round=0)
+    tensors = s.state_dict()[0]
+    # the same store sampling its trained weights (ema_decay 0), once with the average loaded as them
+    params = {n: t for n, t in tensors.items() if "/param/" in n}
+    last = make_store(type_, granularity, ema_decay=0.0)
+    last.load_parameter_tensors(params)
+    as_avg = make_store(type_, granularity, ema_decay=0.0)
+    as_avg.load_parameter_tensors({**params, **{n.replace("/ema/", "/param/"): t for n, t in tensors.items()
+                                                if "/ema/" in n}})
+    idx = torch.tensor([0, 1, 2, 3, 1])
+    out = s.sample(idx, gen=gen(4))
+    assert torch.equal(out, as_avg.sample(idx, gen=gen(4)))
+    assert not torch.allclose(out, last.sample(idx, gen=gen(4)))  # the average differs from the last weights
+
+
 @pytest.mark.parametrize("granularity", ["unified", "per_class"])
 def test_sample_with_conditional_prior_draws_from_p_z_given_c(granularity):
-    s = make_store("cvae", granularity, conditional_prior=True)
+    s = make_store("cvae", granularity, conditional_prior=True, ema_decay=0.0)  # samples the weights set below
     idx = torch.tensor([0, 1, 3, 1])
     with torch.no_grad():  # a prior other than its N(0, I) start, per key
         for k in s.keys:

@@ -196,7 +196,8 @@ def test_parameter_tensors_round_trip_and_averaging():
     a, b = _trained(), make_store()
     b.train_batch(*batch(7), gen=gen(7), node="n", round=0)
     pa, pb = a.parameter_tensors(), b.parameter_tensors()
-    assert sorted(pa) == sorted(n for n in a.state_dict()[0] if "/param/" in n)
+    assert sorted(pa) == sorted(n for n in a.state_dict()[0] if "/param/" in n or "/ema/" in n)
+    assert any("/generator/ema/" in n for n in pa)  # the moving averages travel (and average) with them
     opt_state_before = {n: t for n, t in a.state_dict()[0].items() if "/optim/" in n}
     avg = {n: (pa[n] + pb[n]) / 2 for n in pa}
     ids = [id(p) for p in a.module("class/a").parameters()]
@@ -291,3 +292,58 @@ def test_output_variance_is_opt_in_and_refused_where_no_architecture_has_one():
         make_store("gan", "unified", output_variance=True)
     with pytest.raises(ConfigError, match="arch fedgfe"):
         make_store("cvae", "unified", output_variance=True, arch="fedgfe")
+
+
+def test_state_from_before_the_moving_average_loads_sampling_the_trained_weights():
+    # a state written before generator.ema_decay existed: no average, its spec without the field;
+    # it rebuilds as that same store (sampling its trained weights, the same bytes)
+    old = make_store("cvae", "unified", ema_decay=0.0)
+    old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
+    tensors, meta = old.state_dict()
+    meta = json.loads(json.dumps(meta))
+    assert not any("/ema/" in n for n in tensors)
+    del meta["spec"]["ema_decay"]
+    rebuilt = GeneratorStore.from_state(tensors, meta)
+    assert rebuilt.spec.ema_decay == 0.0
+    assert_identical(rebuilt, old)
+    with pytest.raises(ConfigError, match="differs in: ema_decay"):  # not silently given a fresh average
+        make_store("cvae", "unified").load_state_dict(tensors, meta)
+
+
+@pytest.mark.parametrize("granularity", ["unified", "per_class"])
+def test_moving_average_is_state_kept_restored_and_reset(granularity):
+    s = make_store("gan", granularity)
+    assert s.spec.ema_decay == 0.995
+    for step in range(3):
+        s.train_batch(*batch(step), gen=gen(step), node="n0", round=0)
+    tensors, meta = s.state_dict()
+    names = [n for n in tensors if "/ema/" in n]
+    assert names and all("/generator/ema/" in n for n in names)  # the generator's only: D is never sampled
+    assert any(not torch.equal(tensors[n], tensors[n.replace("/ema/", "/param/")]) for n in names)
+    t = GeneratorStore.from_state(tensors, json.loads(json.dumps(meta)))
+    assert_identical(t, s)
+    for step in range(3, 5):  # and continues bit for bit
+        for x in (s, t):
+            x.train_batch(*batch(step), gen=gen(step), node="n0", round=0)
+    assert_identical(t, s)
+    key = s.keys[-1]
+    s.reset(key, node="n", round=1)  # the average starts again at the re-initialised weights
+    after = s.state_dict()[0]
+    for name, p in s.module(key).named_parameters():
+        assert torch.equal(after[f"{key}/generator/ema/{name}"], p.detach())
+    other = [n for n in names if not n.startswith(key + "/")]
+    assert all(torch.equal(after[n], t.state_dict()[0][n]) for n in other)
+
+
+def test_ema_decay_null_is_the_types_and_off_for_the_published_architectures():
+    from feda2v.store.spec import StoreSpec
+
+    def spec(type_, **kw):
+        return StoreSpec(type=type_, granularity="unified", classes=("a", "b"), feature_dim=4, condition_dim=3, **kw)
+
+    assert spec("cvae").ema_decay == spec("vae").ema_decay == spec("gan").ema_decay == 0.995
+    assert spec("cvae", arch="fedgfe").ema_decay == 0.0 and spec("gan", arch="fedgfe").ema_decay == 0.0
+    assert spec("cvae", ema_decay=0.9).ema_decay == 0.9
+    assert StoreSpec.from_json(spec("gan").to_json()).ema_decay == 0.995  # recorded resolved
+    with pytest.raises(ConfigError, match="ema_decay must be in"):
+        spec("cvae", ema_decay=1.0)

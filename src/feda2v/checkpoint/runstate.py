@@ -284,12 +284,13 @@ def read_primary_store(path: str | os.PathLike, store: str | None = None
 ADDED_CONFIG_KEYS: dict[str, Any] = {
     "generator.output_variance": False,  # VAE stores sampled the decoder mean (models/generators.py)
     "generator.conditional_prior": False,  # cVAE stores had the N(0, I) prior (models/generators.py)
+    "generator.ema_decay": 0.0,  # stores sampled their trained weights (store/store.py)
 }
 # Recorded keys whose value state_config derives from others (a null resolved by generator.type):
 # compared last, so a refusal names the key the user changed, not its consequence.
 # (store/spec.py TYPE_DEFAULT_KEYS, spelled out here: checkpoint imports store only inside functions;
 # a test holds the two equal)
-DERIVED_CONFIG_KEYS = ("generator.conditional_prior", "generator.hidden_dim")
+DERIVED_CONFIG_KEYS = ("generator.conditional_prior", "generator.hidden_dim", "generator.ema_decay")
 
 
 def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: str | None,

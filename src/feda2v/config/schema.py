@@ -101,6 +101,12 @@ class GeneratorConfig:
     # (cvae: true; vae, gan and the published architectures have none), so generator.type=X and
     # generator=X compose the same training (store/kinds.py; README, generator comparison).
     conditional_prior: Optional[bool] = None
+    # The weights sampling uses (evaluation, distillation, the MLflow model): a moving average of
+    # each key's generator parameters over that key's own optimizer steps, kept beside them as
+    # state (decay min(d, (1 + t) / (10 + t)) at the key's step t); 0: the trained weights
+    # themselves. Why: the relay's last visits pull the trained weights toward the last nodes'
+    # classes; the average spans many nodes (README, generator comparison). null: the type's default.
+    ema_decay: Optional[float] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gan: GanConfig = field(default_factory=GanConfig)
 

@@ -152,6 +152,8 @@ RULES: Dict[str, _Rule] = {
     "generator.latent_dim": _at_least(1),
     "generator.hidden_dim": _Rule(lambda v: v is None or (_finite(v) and v >= 1), ">= 1 or null (the type's default)"),
     "generator.fusion_dim": _at_least(1),
+    "generator.ema_decay": _Rule(lambda v: v is None or (_finite(v) and 0 <= v < 1),
+                                 "in [0, 1) or null (the type's default)"),
     "generator.beta_max": _at_least(0),
     "generator.beta_warmup_steps": _at_least(0),
     "generator.optimizer.lr": _Rule(lambda v: v is None or (_finite(v) and v > 0), "> 0 or null (the type's default)"),

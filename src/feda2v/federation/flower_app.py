@@ -288,7 +288,9 @@ def read_parameters(blob: bytes, *, label: str) -> tuple[dict, dict]:
     if header.get("kind") != PARAMS_KIND:
         raise Feda2vError(f"{label} is a checkpoint container but not a parameters message "
                           f"(kind={header.get('kind')!r})")
-    if any("/param/" not in n for n in tensors):  # parameters only: optimizer state never travels
+    # parameters (and the generator's moving averages, which fedavg averages with them) only:
+    # optimizer state never travels
+    if any("/param/" not in n and "/ema/" not in n for n in tensors):
         raise Feda2vError(f"{label} carries tensors other than parameters")
     return tensors, header
 

@@ -94,8 +94,17 @@ def resolve_hidden_dim(value: int | None, type_: str, arch: str) -> int:
     return int(value)
 
 
+def resolve_ema_decay(value: float | None, type_: str, arch: str) -> float:
+    """generator.ema_decay as the store runs it: null is the type's own decay for the default
+    architecture (store/kinds.py), 0 (sampling the trained weights, as they did) for the published ones."""
+    if value is None:
+        return kind(type_).ema_decay if arch == DEFAULT_ARCH else 0.0
+    return float(value)
+
+
 # generator keys whose null means the type's default, and how each resolves
-TYPE_DEFAULT_KEYS = {"conditional_prior": resolve_conditional_prior, "hidden_dim": resolve_hidden_dim}
+TYPE_DEFAULT_KEYS = {"conditional_prior": resolve_conditional_prior, "hidden_dim": resolve_hidden_dim,
+                     "ema_decay": resolve_ema_decay}
 
 
 def resolve_generator_defaults(generator: dict) -> dict:
@@ -125,6 +134,8 @@ class StoreSpec:
     output_variance: bool = _GEN.output_variance  # VAE kinds: learned output variance, sampled (models/generators.py)
     # cVAE: learned prior p(z | c), sampled (models/generators.py); None: the type's default
     conditional_prior: bool | None = _GEN.conditional_prior
+    # the generator weights' moving average that sampling reads (store/store.py); None: the type's default
+    ema_decay: float | None = _GEN.ema_decay
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
@@ -142,6 +153,9 @@ class StoreSpec:
         object.__setattr__(self, "hidden_dim", resolve_hidden_dim(self.hidden_dim, self.type, self.arch))
         object.__setattr__(self, "conditional_prior",
                            resolve_conditional_prior(self.conditional_prior, self.type, self.arch))
+        object.__setattr__(self, "ema_decay", resolve_ema_decay(self.ema_decay, self.type, self.arch))
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"generator.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.conditional_prior and not has_conditional_prior(self.type, self.arch):
             raise ConfigError(f"generator.conditional_prior=true needs a conditional VAE architecture "
                               f"(generator.type cvae, generator.arch=default), not type {self.type} "
@@ -181,6 +195,7 @@ class StoreSpec:
             beta_max=float(g.beta_max), beta_warmup_steps=int(g.beta_warmup_steps),
             output_variance=bool(g.output_variance),
             conditional_prior=None if g.conditional_prior is None else bool(g.conditional_prior),
+            ema_decay=None if g.ema_decay is None else float(g.ema_decay),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
@@ -210,6 +225,7 @@ class StoreSpec:
         d.setdefault("output_variance", False)  # before it existed: VAEs sampled the decoder mean
         d.setdefault("conditional_prior", False)  # before it existed: cVAEs had the N(0, I) prior
         d.setdefault("fusion_dim", StoreSpec.fusion_dim)
+        d.setdefault("ema_decay", 0.0)  # before it existed: sampling read the trained weights
         expected = set(cls.__dataclass_fields__)
         got = set(d)
         if got != expected:

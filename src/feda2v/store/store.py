@@ -158,6 +158,11 @@ class GeneratorStore:
         with _gc_paused():
             for role in self.roles:
                 self._build_role(role)
+        # name -> [K_all, ...]: the moving average of the generator bank (spec.ema_decay > 0), the
+        # weights sample() reads; state beside the parameters, stepped by _update_ema
+        self._ema: dict[str, Tensor] = {}
+        if self.spec.ema_decay > 0:
+            self._ema = {n: b.detach().clone() for n, b in self._banks[GENERATOR].items()}
         self._trained_classes: dict[str, list[str] | None] = {k: None for k in self.keys}  # last visit
         self._ever_trained: dict[str, list[str]] = {k: [] for k in self.keys}  # union of all visits
         self._events: list[ResetEvent] = []
@@ -393,6 +398,30 @@ class GeneratorStore:
         else:
             self._updates.move_to_end(cache_key)
         update(grads, found_inf, kept=self._grad_buffers.get((role, len(rows)), {}).values())
+        if self._ema and role == GENERATOR:
+            self._update_ema(update, rows, found_inf)
+
+    @torch.no_grad()
+    def _update_ema(self, update: FusedUpdate, rows: Sequence[int], found_inf: Tensor | None) -> None:
+        """Move the moving averages of the keys at ``rows`` toward their just-updated parameters, by
+        1 - min(d, (1 + t) / (10 + t)) at each key's new step count t: a young key's average follows
+        its parameters closely instead of staying near its initialisation (a per_class key may take
+        a few hundred steps in a whole run); a skipped (non-finite) step moves nothing. Device
+        tensors only: no host sync."""
+        bank = self._banks[GENERATOR]  # this step's _stacked checked it, and its rows were just updated
+        every = len(rows) == len(self.keys)
+        idx = None if every else torch.tensor(rows).to(self._device, non_blocking=True)
+        t = update.first_steps()
+        w = 1 - torch.clamp((1 + t) / (10 + t), max=self.spec.ema_decay)
+        if found_inf is not None:
+            w = w * (1 - found_inf)
+        for name, avg in self._ema.items():
+            b = bank[name]
+            wv = w.view(-1, *[1] * (b.dim() - 1))
+            if every:
+                avg.lerp_(b, wv)
+            else:
+                avg.index_copy_(0, idx, avg.index_select(0, idx).lerp_(b.index_select(0, idx), wv))
 
     def _layout(self, y: Tensor) -> Grouping:
         """The batch's layout on the store's device. Unified: one per batch size, made once (it
@@ -476,6 +505,10 @@ class GeneratorStore:
         keys = [self.keys[i] for i in grp.active]
         zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y.to(self._device)])
         params = self._stacked(grp.active, GENERATOR, grad=False)
+        if self._ema:  # the moving average is what a trained generator samples with
+            every = len(grp.active) == len(self.keys)
+            idx = None if every else torch.tensor(grp.active).to(self._device)
+            params = StackedParams({n: (a if every else a.index_select(0, idx)) for n, a in self._ema.items()})
         template = self._modules[keys[0], GENERATOR]
         if getattr(template, "output_variance", False):  # a VAE's likelihood: its noise drawn after z's
             noise = torch.randn(y.numel(), self.spec.feature_dim, generator=gen, device=gen.device)
@@ -519,6 +552,11 @@ class GeneratorStore:
             opt = self._optims[key, role]
             opt.state.clear()
             reset_param_groups(opt, self.spec.optimizer)
+        if self._ema:  # the average starts again from the re-initialised weights
+            row = self.keys.index(key)
+            with torch.no_grad():
+                for name, p in self._params[key, GENERATOR]:
+                    self._ema[name][row].copy_(p)
         event = ResetEvent(key, str(node), int(round))
         self._events.append(event)
         return event
@@ -536,11 +574,13 @@ class GeneratorStore:
         """(tensors, meta): everything needed to continue bit for bit. Tensors are copies."""
         tensors: dict[str, Tensor] = {"conditions": self._conditions.detach().cpu().clone()}
         optimizers: dict[str, dict] = {}
-        for key in self.keys:
+        for row, key in enumerate(self.keys):
             for role in self.roles:
                 opt = self._optims[key, role]
                 for name, p in self._params[key, role]:
                     tensors[f"{key}/{role}/param/{name}"] = p.detach().cpu().clone()
+                    if self._ema and role == GENERATOR:
+                        tensors[f"{key}/{role}/ema/{name}"] = self._ema[name][row].detach().cpu().clone()
                     st = opt.state.get(p)
                     if st:
                         for f in _OPTIM_FIELDS:
@@ -572,6 +612,8 @@ class GeneratorStore:
                 has_state = int(meta["optimizers"][f"{key}/{role}"]["step"]) > 0
                 for name, p in self._params[key, role]:
                     shapes[f"{key}/{role}/param/{name}"] = tuple(p.shape)
+                    if self._ema and role == GENERATOR:
+                        shapes[f"{key}/{role}/ema/{name}"] = tuple(p.shape)
                     if has_state:
                         shapes[f"{key}/{role}/optim/{name}/exp_avg"] = tuple(p.shape)
                         shapes[f"{key}/{role}/optim/{name}/exp_avg_sq"] = tuple(p.shape)
@@ -631,13 +673,15 @@ class GeneratorStore:
         trained = _trained_from_meta(meta["trained_classes"], self.keys)
         with torch.no_grad():
             self._conditions.copy_(tensors["conditions"])
-            for key in self.keys:
+            for row, key in enumerate(self.keys):
                 for role in self.roles:
                     o = meta["optimizers"][f"{key}/{role}"]
                     opt = self._optims[key, role]
                     opt.state.clear()
                     for name, p in self._params[key, role]:
                         p.copy_(tensors[f"{key}/{role}/param/{name}"])
+                        if self._ema and role == GENERATOR:
+                            self._ema[name][row].copy_(tensors[f"{key}/{role}/ema/{name}"])
                         if int(o["step"]) > 0:
                             pre = f"{key}/{role}/optim/{name}/"
                             opt.state[p] = {
@@ -666,15 +710,27 @@ class GeneratorStore:
         return store
 
     # -- parameters only (fedavg) --------------------------------------------------------------
+    def _parameter_views(self) -> dict[str, Tensor]:
+        """``<key>/<role>/param/<name>`` -> the parameter, and ``<key>/generator/ema/<name>`` -> its
+        moving average where the spec keeps one: a function of the parameters' history that fedavg
+        averages and sends with them (a server store that is never stepped has no average of its own)."""
+        out: dict[str, Tensor] = {}
+        for row, key in enumerate(self.keys):
+            for role in self.roles:
+                for name, p in self._params[key, role]:
+                    out[f"{key}/{role}/param/{name}"] = p
+                    if self._ema and role == GENERATOR:
+                        out[f"{key}/{role}/ema/{name}"] = self._ema[name][row]
+        return out
+
     def parameter_tensors(self) -> dict[str, Tensor]:
-        """Copies of every parameter, named ``<key>/<role>/param/<name>``."""
-        return {f"{key}/{role}/param/{name}": p.detach().clone()
-                for key in self.keys for role in self.roles for name, p in self._params[key, role]}
+        """Copies of every parameter, named ``<key>/<role>/param/<name>``, and of the generator's
+        moving averages, ``<key>/generator/ema/<name>`` (spec.ema_decay > 0)."""
+        return {n: t.detach().clone() for n, t in self._parameter_views().items()}
 
     def load_parameter_tensors(self, tensors: Mapping[str, Tensor]) -> None:
-        """Copy parameters in (strict; optimizer state untouched)."""
-        want = {f"{key}/{role}/param/{name}": p
-                for key in self.keys for role in self.roles for name, p in self._params[key, role]}
+        """Copy parameters (and moving averages) in (strict; optimizer state untouched)."""
+        want = self._parameter_views()
         _check_names_and_shapes("parameter set", {n: tuple(p.shape) for n, p in want.items()}, tensors)
         with torch.no_grad():
             for name, p in want.items():
@@ -696,6 +752,7 @@ class GeneratorStore:
                     if f in st:
                         st[f] = st[f].to(device)
         self._conditions = self._conditions.to(device)
+        self._ema = {n: a.to(device) for n, a in self._ema.items()}
         self._grad_buffers = {}  # re-allocated on the new device at the next step
         self._unified_layouts = {}
         self._leaves = {}
