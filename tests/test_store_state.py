@@ -341,7 +341,8 @@ def test_ema_decay_null_is_the_types_and_off_for_the_published_architectures():
     def spec(type_, **kw):
         return StoreSpec(type=type_, granularity="unified", classes=("a", "b"), feature_dim=4, condition_dim=3, **kw)
 
-    assert spec("cvae").ema_decay == spec("vae").ema_decay == spec("gan").ema_decay == 0.995
+    assert spec("cvae").ema_decay == spec("gan").ema_decay == 0.995
+    assert spec("vae").ema_decay == 0.0  # per class it lost on every seed (README, generator comparison)
     assert spec("cvae", arch="fedgfe").ema_decay == 0.0 and spec("gan", arch="fedgfe").ema_decay == 0.0
     assert spec("cvae", ema_decay=0.9).ema_decay == 0.9
     assert StoreSpec.from_json(spec("gan").to_json()).ema_decay == 0.995  # recorded resolved
