@@ -187,6 +187,11 @@ class FusedUpdate:
         bank = self._bank if self._all_rows else self._bank.index_select(0, self._rows_idx)
         return bank[:, 0].clone() if bank is self._bank else bank[:, 0]
 
+    def rows_index(self) -> Tensor | None:
+        """The keys' rows in the store's banks as a device index tensor, made once with the update;
+        None when the update covers every row (the banks themselves need no indexing)."""
+        return None if self._all_rows else self._rows_idx
+
     def valid(self) -> bool:
         for opt, hyper, (p, st, step) in zip(self._optims, self._hypers, self._first):
             if opt.state.get(p) is not st or st.get("step") is not step or _hyper(opt) != hyper:

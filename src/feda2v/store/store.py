@@ -409,8 +409,7 @@ class GeneratorStore:
         a few hundred steps in a whole run); a skipped (non-finite) step moves nothing. Device
         tensors only: no host sync."""
         bank = self._banks[GENERATOR]  # this step's _stacked checked it, and its rows were just updated
-        every = len(rows) == len(self.keys)
-        idx = None if every else torch.tensor(rows).to(self._device, non_blocking=True)
+        idx = update.rows_index()  # the update's own index of these rows (None: every row)
         t = update.first_steps()
         w = 1 - torch.clamp((1 + t) / (10 + t), max=self.spec.ema_decay)
         if found_inf is not None:
@@ -418,7 +417,7 @@ class GeneratorStore:
         for name, avg in self._ema.items():
             b = bank[name]
             wv = w.view(-1, *[1] * (b.dim() - 1))
-            if every:
+            if idx is None:
                 avg.lerp_(b, wv)
             else:
                 avg.index_copy_(0, idx, avg.index_select(0, idx).lerp_(b.index_select(0, idx), wv))
@@ -504,11 +503,12 @@ class GeneratorStore:
         grp = self._layout(y)
         keys = [self.keys[i] for i in grp.active]
         zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y.to(self._device)])
-        params = self._stacked(grp.active, GENERATOR, grad=False)
         if self._ema:  # the moving average is what a trained generator samples with
             every = len(grp.active) == len(self.keys)
             idx = None if every else torch.tensor(grp.active).to(self._device)
             params = StackedParams({n: (a if every else a.index_select(0, idx)) for n, a in self._ema.items()})
+        else:
+            params = self._stacked(grp.active, GENERATOR, grad=False)
         template = self._modules[keys[0], GENERATOR]
         if getattr(template, "output_variance", False):  # a VAE's likelihood: its noise drawn after z's
             noise = torch.randn(y.numel(), self.spec.feature_dim, generator=gen, device=gen.device)
@@ -607,13 +607,11 @@ class GeneratorStore:
 
     def _expected_shapes(self, meta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {"conditions": tuple(self._conditions.shape)}
+        shapes.update({n: tuple(t.shape) for n, t in self._parameter_views().items()})
         for key in self.keys:
             for role in self.roles:
                 has_state = int(meta["optimizers"][f"{key}/{role}"]["step"]) > 0
                 for name, p in self._params[key, role]:
-                    shapes[f"{key}/{role}/param/{name}"] = tuple(p.shape)
-                    if self._ema and role == GENERATOR:
-                        shapes[f"{key}/{role}/ema/{name}"] = tuple(p.shape)
                     if has_state:
                         shapes[f"{key}/{role}/optim/{name}/exp_avg"] = tuple(p.shape)
                         shapes[f"{key}/{role}/optim/{name}/exp_avg_sq"] = tuple(p.shape)
@@ -673,15 +671,14 @@ class GeneratorStore:
         trained = _trained_from_meta(meta["trained_classes"], self.keys)
         with torch.no_grad():
             self._conditions.copy_(tensors["conditions"])
-            for row, key in enumerate(self.keys):
+            for name, t in self._parameter_views().items():  # parameters and moving averages
+                t.copy_(tensors[name])
+            for key in self.keys:
                 for role in self.roles:
                     o = meta["optimizers"][f"{key}/{role}"]
                     opt = self._optims[key, role]
                     opt.state.clear()
                     for name, p in self._params[key, role]:
-                        p.copy_(tensors[f"{key}/{role}/param/{name}"])
-                        if self._ema and role == GENERATOR:
-                            self._ema[name][row].copy_(tensors[f"{key}/{role}/ema/{name}"])
                         if int(o["step"]) > 0:
                             pre = f"{key}/{role}/optim/{name}/"
                             opt.state[p] = {
