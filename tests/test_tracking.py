@@ -75,6 +75,30 @@ def test_flatten_uses_dotted_keys_and_yaml_spelling():
     assert all(isinstance(v, str) for v in flat.values())
 
 
+def test_run_params_log_the_values_a_type_default_resolved_to():
+    """What MLflow shows is what trained: a null meaning "the type's default" is logged resolved, so
+    a cvae and a gan run differ in the lr column and a width filter finds runs that left it null."""
+    from feda2v.pipeline.train import run_params
+    from feda2v.store.spec import StoreSpec
+
+    for typ, lr, betas, hidden, ema in (("cvae", "0.002", "[0.9, 0.999]", "256", "0.995"),
+                                         ("gan", "0.001", "[0.5, 0.99]", "128", "0.995"),
+                                         ("vae", "0.002", "[0.9, 0.999]", "128", "0.0")):
+        cfg = load_config({"data": {"name": "digits"}, "generator": {"type": typ}})
+        assert cfg.generator.optimizer.lr is None and cfg.generator.hidden_dim is None
+        flat = flatten(run_params(cfg))
+        assert (flat["generator.optimizer.lr"], flat["generator.optimizer.betas"], flat["generator.hidden_dim"],
+                flat["generator.ema_decay"]) == (lr, betas, hidden, ema), typ
+        spec = StoreSpec.from_config(cfg, classes=["a"], feature_dim=4, condition_dim=4)  # what trains
+        assert (str(spec.optimizer.lr), str(list(spec.optimizer.betas))) == (lr, betas)
+        assert flat["generator.conditional_prior"] == ("true" if typ == "cvae" else "false")
+        assert cfg.generator.optimizer.lr is None  # the run's config itself is left as it was
+    cfg = load_config({"data": {"name": "digits"}, "generator": {"type": "gan", "hidden_dim": 64,
+                                                                  "optimizer": {"lr": 0.01}}})
+    flat = flatten(run_params(cfg))
+    assert (flat["generator.optimizer.lr"], flat["generator.hidden_dim"]) == ("0.01", "64")  # set: kept
+
+
 def test_git_info_commit_and_dirty_flag(tmp_path):
     assert git_info(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown", "git_dirty_files": ""}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]

@@ -107,6 +107,14 @@ TYPE_DEFAULT_KEYS = {"conditional_prior": resolve_conditional_prior, "hidden_dim
                      "ema_decay": resolve_ema_decay}
 
 
+def resolve_optimizer_defaults(lr: float | None, betas: Sequence[float] | None, type_: str) -> tuple[float, tuple]:
+    """generator.optimizer's (lr, betas) as the store runs them: a null is the type's own setting
+    (store/kinds.py)."""
+    defaults = kind(type_).optimizer_defaults
+    return (float(defaults["lr"] if lr is None else lr),
+            tuple(defaults["betas"] if betas is None else betas))
+
+
 def resolve_generator_defaults(generator: dict) -> dict:
     """A plain ``generator`` config section with its nulls that mean "the type's default"
     (TYPE_DEFAULT_KEYS) replaced, in place, by what they resolve to; returned."""
@@ -183,9 +191,7 @@ class StoreSpec:
     def from_config(cls, cfg: Any, *, classes: Sequence[str], feature_dim: int, condition_dim: int) -> "StoreSpec":
         g = cfg.generator
         o = g.optimizer
-        type_defaults = kind(str(g.type)).optimizer_defaults
-        lr = type_defaults["lr"] if o.lr is None else o.lr
-        betas = type_defaults["betas"] if o.betas is None else o.betas
+        lr, betas = resolve_optimizer_defaults(o.lr, o.betas, str(g.type))
         return cls(
             type=str(g.type), arch=str(g.arch), granularity=str(g.granularity), classes=tuple(classes),
             feature_dim=int(feature_dim), condition_dim=int(condition_dim),
