@@ -131,9 +131,9 @@ def _overhead_share(typ: str, keys: int, per_key: int, repeats: int) -> dict:
     # every update the step makes: a GAN's D d_steps times, then G g_steps times; a VAE its one role
     updates = role_updates(spec)
     adam = lambda: [twin._apply_update(role, rows, grads[role]) for role in updates]  # noqa: E731
-    # Per round (step, its GEMMs, its update, back to back) one share; the median of those shares.
-    # The share is a small difference of large, memory-bound times: a ratio of separate medians
-    # swung by +-4 points between runs on an idle box, a median of per-round ratios far less.
+    # Per round (step, its GEMMs, its update, back to back) one share; the median of those shares,
+    # and their spread. The share is a small difference of large, memory-bound times: as a ratio of
+    # three separate medians it moved 6 points between two runs of the same code on an idle box.
     wall, cpu = [[], [], []], [[], [], []]
     for i in range(1 + repeats):
         for f, ts, cs in zip((step, gemms, adam), wall, cpu):
