@@ -215,10 +215,12 @@ class VmapStep:
         return {n: t[0] for n, t in self.params["generator"].items()}
 
 
-def _side_by_side(fns, repeats: int, warmup: int = 2, cpu: list | None = None) -> list[float]:
+def _side_by_side(fns, repeats: int, warmup: int = 2, cpu: list | None = None,
+                  rounds: list | None = None) -> list[float]:
     """Median wall seconds of each fn, their runs interleaved (a load change hits all of them
     alike); with ``cpu`` (a list) also each fn's median CPU seconds of this process, appended to
-    it: on a machine shared with other work, CPU time leaves out the waits for the cores."""
+    it: on a machine shared with other work, CPU time leaves out the waits for the cores; with
+    ``rounds`` (a list) also every round's (wall seconds, CPU seconds) per fn, appended to it."""
     times = [[] for _ in fns]
     cpus = [[] for _ in fns]
     for i in range(warmup + repeats):
@@ -230,6 +232,8 @@ def _side_by_side(fns, repeats: int, warmup: int = 2, cpu: list | None = None) -
                 cs.append(time.process_time() - c0)
     if cpu is not None:
         cpu.extend(statistics.median(cs) for cs in cpus)
+    if rounds is not None:
+        rounds.extend(zip(times, cpus))
     return [statistics.median(ts) for ts in times]
 
 

@@ -134,14 +134,9 @@ def _overhead_share(typ: str, keys: int, per_key: int, repeats: int) -> dict:
     # Per round (step, its GEMMs, its update, back to back) one share; the median of those shares,
     # and their spread. The share is a small difference of large, memory-bound times: as a ratio of
     # three separate medians it moved 6 points between two runs of the same code on an idle box.
-    wall, cpu = [[], [], []], [[], [], []]
-    for i in range(1 + repeats):
-        for f, ts, cs in zip((step, gemms, adam), wall, cpu):
-            c0, t0 = time.process_time(), time.perf_counter()
-            f()
-            if i:
-                ts.append(time.perf_counter() - t0)
-                cs.append(time.process_time() - c0)
+    per_round: list = []
+    _side_by_side([step, gemms, adam], repeats, warmup=1, rounds=per_round)
+    wall, cpu = [w for w, _ in per_round], [c for _, c in per_round]
     shares = sorted(max(0.0, 1 - (g + a) / s) for s, g, a in zip(*wall))
     shares_cpu = [max(0.0, 1 - (g + a) / s) for s, g, a in zip(*cpu)]
     med = [statistics.median(ts) for ts in wall]
