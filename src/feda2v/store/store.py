@@ -333,6 +333,14 @@ class GeneratorStore:
                 return self._banks[role]
         return bank
 
+    def _select_rows(self, stacked: dict[str, Tensor], rows: Sequence[int]) -> dict[str, Tensor]:
+        """{name: [k, ...]} of ``stacked``'s tensors at ``rows`` (indices into ``self.keys``,
+        ascending): the tensors themselves when every key is read (no copy), else fresh copies."""
+        if len(rows) == len(self.keys):
+            return dict(stacked)
+        idx = torch.tensor(rows).to(self._device, non_blocking=True)
+        return {n: t.index_select(0, idx) for n, t in stacked.items()}
+
     def _stacked(self, rows: Sequence[int], role: str, grad: bool = True) -> StackedParams:
         """{param name: [K, ...]} of the keys at ``rows`` (indices into ``self.keys``, ascending, as
         ``Grouping.active``), as autograd leaves (with ``grad=False``, tensors that need none).
@@ -344,9 +352,9 @@ class GeneratorStore:
         tensor per step costs its page faults and freeing each time).
         """
         bank = self._bank(role, rows)
+        if not grad:  # the banks themselves, or copies of their rows: they need no gradient
+            return StackedParams(self._select_rows(bank, rows))
         if len(rows) == len(self.keys):
-            if not grad:  # the banks themselves: they need no gradient (their rows are the Parameters)
-                return StackedParams(bank)
             # the same leaves at every step (gradients are taken with autograd.grad, never stored
             # on them): views of the bank, made once per bank instead of once per name and step
             leaves = self._leaves.get(role)
@@ -354,10 +362,7 @@ class GeneratorStore:
                 leaves = self._leaves[role] = (bank, {n: b.detach().requires_grad_(True) for n, b in bank.items()})
             out = dict(leaves[1])
         else:
-            idx = torch.tensor(rows).to(self._device, non_blocking=True)
-            out = {n: b.index_select(0, idx) for n, b in bank.items()}
-            if not grad:
-                return StackedParams(out)
+            out = self._select_rows(bank, rows)
             for t in out.values():
                 t.requires_grad_(True)
         # the same view objects at every step over k keys: the update keeps their per-key rows
@@ -504,9 +509,7 @@ class GeneratorStore:
         keys = [self.keys[i] for i in grp.active]
         zs, cs = grp.pad(self._noise(y.numel(), gen)), grp.pad(self._conditions[y.to(self._device)])
         if self._ema:  # the moving average is what a trained generator samples with
-            every = len(grp.active) == len(self.keys)
-            idx = None if every else torch.tensor(grp.active).to(self._device)
-            params = StackedParams({n: (a if every else a.index_select(0, idx)) for n, a in self._ema.items()})
+            params = StackedParams(self._select_rows(self._ema, grp.active))
         else:
             params = self._stacked(grp.active, GENERATOR, grad=False)
         template = self._modules[keys[0], GENERATOR]
