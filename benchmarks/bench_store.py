@@ -24,8 +24,10 @@ FEATURE_DIM, CONDITION_DIM = 512, 384  # CLAP-like audio embedding, MiniLM text 
 
 
 def _store(typ: str, granularity: str) -> GeneratorStore:
+    # film off at every granularity (its default is on for unified cVAE keys only): the
+    # per_class / unified ratio compares the same per-key architecture, the step's cost per key
     spec = StoreSpec(type=typ, granularity=granularity, classes=CLASSES, feature_dim=FEATURE_DIM,
-                     condition_dim=CONDITION_DIM, latent_dim=16, hidden_dim=128)
+                     condition_dim=CONDITION_DIM, latent_dim=16, hidden_dim=128, film=False)
     cond = torch.randn(len(CLASSES), CONDITION_DIM, generator=torch.Generator().manual_seed(0))
     return GeneratorStore(spec, cond)
 

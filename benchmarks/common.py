@@ -23,8 +23,11 @@ def make_store(gtype: str = "cvae", granularity: str = "unified", classes: int =
     from feda2v.store import GeneratorStore, StoreSpec
 
     names = [f"c{i}" for i in range(classes)]
+    # film off at every granularity (its default is on for unified cVAE keys only): the
+    # per_class cells and the unified ones time the same per-key architecture, as reports/ records
     spec = StoreSpec(type=gtype, granularity=granularity, classes=tuple(names), feature_dim=feature_dim,
-                     condition_dim=condition_dim, hidden_dim=hidden_dim, latent_dim=latent_dim)
+                     condition_dim=condition_dim, hidden_dim=hidden_dim, latent_dim=latent_dim,
+                     film=False)
     conditions = torch.randn(classes, condition_dim, generator=torch.Generator().manual_seed(1))
     return GeneratorStore(spec, conditions)
 

@@ -50,6 +50,7 @@ BAD = {
     "generator.beta_warmup_steps": -1,
     "generator.output_variance": "maybe",
     "generator.conditional_prior": "perhaps",
+    "generator.film": "perhaps",
     "generator.optimizer.name": "sgd",
     "generator.optimizer.lr": 0.0,
     "generator.optimizer.betas": [0.9],

@@ -3,10 +3,10 @@ compare-generators` measures it (seed 0): the federation's rounds in-process, th
 feda2v-evaluate's metrics with its seed.
 
 Each floor sits between what the defaults reach for seed 0 and what the previous defaults reached
-on the same data, so a change that loses the gain fails here: unified 0.887 sampling the moving
-average of the weights vs 0.859 sampling the last ones (0.793 at width 128, 0.758 before the
-learned conditional prior); per class 0.914 vs 0.889 (0.742 with the N(0, I) prior). README,
-"Generators compared", has the 3-seed numbers.
+on the same data, so a change that loses the gain fails here: unified 0.928 with the decoder's
+FiLM vs 0.887 without (0.859 sampling the last weights instead of their moving average, 0.793 at
+width 128, 0.758 before the learned conditional prior); per class 0.914 vs 0.889 (0.742 with the
+N(0, I) prior). README, "Generators compared", has the 3-seed numbers.
 """
 from pathlib import Path
 
@@ -22,10 +22,11 @@ from feda2v.federation.server import Federation
 from feda2v.pipeline.train import seed_globals
 
 ROOT = Path(__file__).resolve().parents[1]
-RATIO_FLOORS = {"unified": 0.87, "per_class": 0.9}
-# The unified GAN, seed 0: TSTR 0.702 sampling the moving average, 0.655 the last weights (0.598
-# with one D update per batch); recall 0.54 (issue 17's target: 0.3). 3 seeds: README, the GAN.
-GAN_TSTR_FLOOR, GAN_RECALL_FLOOR = 0.68, 0.3
+RATIO_FLOORS = {"unified": 0.91, "per_class": 0.9}
+# The unified GAN, seed 0: TSTR 0.687 and recall 0.64 with the generator's FiLM, 0.702 and 0.54
+# without (0.655 sampling the last weights, 0.598 with one D update per batch; issue 17's recall
+# target: 0.3). 3 seeds: README, the GAN.
+GAN_TSTR_FLOOR, GAN_RECALL_FLOOR = 0.67, 0.6
 
 
 @pytest.mark.slow

@@ -51,17 +51,33 @@ def test_cvae_needs_condition():
         CVAE(D, C, Z, H).decode(torch.randn(2, Z))
 
 
-@pytest.mark.parametrize("kind", ["vae", "cvae", "gen", "disc"])
+def _cvae_film(g: torch.Generator) -> CVAE:
+    m = CVAE(D, C, Z, H, film=True, gen=g)
+    with torch.no_grad():  # a trained modulation (it starts at zero, where it changes nothing)
+        for p in m.modulation.parameters():
+            p.normal_(0, 0.5, generator=g)
+    return m
+
+
+def _gen_film(g: torch.Generator) -> GANGenerator:
+    m = GANGenerator(D, C, Z, H, film=True, gen=g)
+    with torch.no_grad():
+        for p in m.modulation.parameters():
+            p.normal_(0, 0.5, generator=g)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae", "cvae_film", "gen", "gen_film", "disc"])
 def test_stacked_forward_equals_each_module_forward(kind):
     k, n = 3, 5
-    make = {"vae": lambda g: VAE(D, Z, H, gen=g), "cvae": lambda g: CVAE(D, C, Z, H, gen=g),
-            "gen": lambda g: GANGenerator(D, C, Z, H, gen=g), "disc": lambda g: GANDiscriminator(D, C, H, gen=g)}[kind]
+    make = {"vae": lambda g: VAE(D, Z, H, gen=g), "cvae": lambda g: CVAE(D, C, Z, H, gen=g), "cvae_film": _cvae_film,
+            "gen": lambda g: GANGenerator(D, C, Z, H, gen=g), "gen_film": _gen_film, "disc": lambda g: GANDiscriminator(D, C, H, gen=g)}[kind]
     mods = [make(_gen(i)) for i in range(k)]
     stacked = {name: torch.stack([dict(m.named_parameters())[name] for m in mods]) for name, _ in mods[0].named_parameters()}
     g = _gen(99)
     x, c, z = torch.randn(k, n, D, generator=g), torch.randn(k, n, C, generator=g), torch.randn(k, n, Z, generator=g)
     with torch.no_grad():
-        if kind in ("vae", "cvae"):
+        if kind in ("vae", "cvae", "cvae_film"):
             out = mods[0].forward_stacked(stacked, x, c, z)
             for i, m in enumerate(mods):
                 ref = m(x[i], c[i], eps=z[i])
@@ -70,7 +86,7 @@ def test_stacked_forward_equals_each_module_forward(kind):
             dec = mods[0].decode_stacked(stacked, z, c)
             for i, m in enumerate(mods):
                 torch.testing.assert_close(dec[i], m.decode(z[i], c[i]), rtol=1e-5, atol=1e-6)
-        elif kind == "gen":
+        elif kind in ("gen", "gen_film"):
             out = mods[0].forward_stacked(stacked, z, c)
             for i, m in enumerate(mods):
                 torch.testing.assert_close(out[i], m(z[i], c[i]), rtol=1e-5, atol=1e-6)
@@ -170,6 +186,35 @@ def test_conditional_prior_is_an_extra_layer_after_the_same_draws_starting_at_n0
     assert "conditional_prior" not in plain.kwargs()  # recorded as before it existed
     assert with_prior.kwargs()["conditional_prior"] is True
     assert build_model("CVAE", with_prior.kwargs()).conditional_prior
+
+
+def test_film_is_an_extra_layer_after_the_same_draws_modulating_the_hidden_layers():
+    plain, film = CVAE(D, C, Z, H, gen=_gen(4)), CVAE(D, C, Z, H, film=True, gen=_gen(4))
+    names = [n for n, _ in film.named_parameters()]
+    assert names == [n for n, _ in plain.named_parameters()] + ["modulation.0.weight", "modulation.0.bias"]
+    for n, p in plain.named_parameters():  # drawn last: the encoder and decoder are as before
+        assert torch.equal(p, dict(film.named_parameters())[n]), n
+    assert film.modulation[0].weight.shape == (2 * H * 2, C)  # [scale, shift] for each of the 2 hidden layers
+    z, c = torch.randn(5, Z, generator=_gen(5)), torch.randn(5, C, generator=_gen(6))
+    assert torch.equal(film.decode(z, c), plain.decode(z, c))  # zero modulation: the plain decoder
+    with torch.no_grad():  # a scale of -1 on the first hidden layer zeroes it: what remains is the
+        film.modulation[0].bias[:H] = -1.0  # SiLU(0) = 0 input to layer 2, so the output is c-free there
+        h2 = torch.nn.functional.silu(film.decoder[2].bias.expand(5, H))
+        torch.testing.assert_close(film.decode(z, c), film.decoder[4](h2))
+    assert "film" not in plain.kwargs()  # recorded as before it existed
+    assert film.kwargs()["film"] is True
+    assert build_model("CVAE", film.kwargs()).film
+
+
+def test_gan_generator_film_is_an_extra_layer_after_the_same_draws_starting_at_none():
+    plain, film = GANGenerator(D, C, Z, H, gen=_gen(4)), GANGenerator(D, C, Z, H, film=True, gen=_gen(4))
+    assert [n for n, _ in film.named_parameters()] == [n for n, _ in plain.named_parameters()] + [
+        "modulation.0.weight", "modulation.0.bias"]
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, dict(film.named_parameters())[n]), n
+    z, c = torch.randn(5, Z, generator=_gen(5)), torch.randn(5, C, generator=_gen(6))
+    assert torch.equal(film(z, c), plain(z, c))
+    assert "film" not in plain.kwargs() and film.kwargs()["film"] is True
 
 
 def test_kl_to_the_conditional_prior_is_the_gaussian_kl():

@@ -291,7 +291,7 @@ def _reference_step(ref: GeneratorStore, x, y, g: torch.Generator) -> dict:
 
 
 @pytest.mark.parametrize("type_", ["vae", "cvae", "gan", "cvae+output_variance", "vae+output_variance",
-                                   "cvae+no_conditional_prior"])
+                                   "cvae+no_conditional_prior", "cvae+film", "cvae+no_film"])
 @pytest.mark.parametrize("granularity", ["unified", "per_class", "per_group"])
 def test_grouped_step_equals_separate_per_key_training(type_, granularity):
     # GAN: the simultaneous schedule without R1 (the alternating default: tests/test_gan_schedule.py)

@@ -285,6 +285,39 @@ def test_conditional_prior_is_the_cvae_default_and_refused_where_no_architecture
             make_store(type_, "unified", conditional_prior=True, arch=arch)
 
 
+def test_film_is_the_default_for_keys_of_several_classes_and_refused_where_none_exists():
+    assert make_store("cvae", "unified").spec.film is True  # None (config null): the type's default
+    assert make_store("gan", "unified").spec.film is True and make_store("gan", "per_class").spec.film is False
+    assert make_store("gan", "unified", arch="concat").spec.film is False  # the older GAN stores' variant
+    assert make_store("cvae", "per_group").spec.film is True
+    assert make_store("cvae", "per_class").spec.film is False  # one condition per key: nothing to modulate
+    assert make_store("cvae", "per_class", film=True).spec.film is True
+    assert make_store("cvae", "unified", film=False).spec.film is False
+    for type_, arch in (("vae", "default"), ("gan", "fedgfe"), ("cvae", "fedgfe")):
+        assert make_store(type_, "unified", arch=arch).spec.film is False  # they have none
+        with pytest.raises(ConfigError, match=f"generator.film=true needs .*type {type_} arch {arch}"):
+            make_store(type_, "unified", film=True, arch=arch)
+
+
+def test_state_from_before_the_film_loads_with_the_plain_decoder():
+    old = make_store("cvae", "unified", film=False)  # as stores were before
+    old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
+    tensors, meta = old.state_dict()
+    meta = json.loads(json.dumps(meta))
+    assert "film" not in meta["arch"]["unified/generator"]["kwargs"]  # recorded as before
+    assert not any("modulation" in n for n in tensors)
+    del meta["spec"]["film"]
+    rebuilt = GeneratorStore.from_state(tensors, meta)
+    assert rebuilt.spec.film is False
+    assert torch.equal(rebuilt.sample(torch.tensor([0, 2]), gen=gen(3)), old.sample(torch.tensor([0, 2]), gen=gen(3)))
+    new = make_store("cvae", "unified")  # the modulation's layer is state, kept and restored
+    new.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
+    t2, m2 = new.state_dict()
+    assert m2["arch"]["unified/generator"]["kwargs"]["film"] is True
+    assert "unified/generator/param/modulation.0.weight" in t2 and "unified/generator/ema/modulation.0.weight" in t2
+    assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
+
+
 def test_output_variance_is_opt_in_and_refused_where_no_architecture_has_one():
     assert make_store("cvae", "unified").spec.output_variance is False
     assert make_store("cvae", "unified", output_variance=True).spec.output_variance is True

@@ -285,12 +285,14 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
     "generator.output_variance": False,  # VAE stores sampled the decoder mean (models/generators.py)
     "generator.conditional_prior": False,  # cVAE stores had the N(0, I) prior (models/generators.py)
     "generator.ema_decay": 0.0,  # stores sampled their trained weights (store/store.py)
+    "generator.film": False,  # cVAE decoders saw the condition in their input only
 }
 # Recorded keys whose value state_config derives from others (a null resolved by generator.type):
 # compared last, so a refusal names the key the user changed, not its consequence.
 # (store/spec.py TYPE_DEFAULT_KEYS, spelled out here: checkpoint imports store only inside functions;
 # a test holds the two equal)
-DERIVED_CONFIG_KEYS = ("generator.conditional_prior", "generator.hidden_dim", "generator.ema_decay")
+DERIVED_CONFIG_KEYS = ("generator.conditional_prior", "generator.hidden_dim", "generator.ema_decay",
+                       "generator.film")
 
 
 def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: str | None,
@@ -313,6 +315,7 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
 
             gen = resolve_generator_defaults({"type": flat.get("generator.type"),
                                               "arch": flat.get("generator.arch", "default"),
+                                              "granularity": flat.get("generator.granularity", "unified"),
                                               **{name.split(".", 1)[1]: None for name in nulls}})
             flat.update({name: gen[name.split(".", 1)[1]] for name in nulls})
     # generator.gan.* trains nothing but a GAN: a cVAE run resumes whatever the GAN defaults became

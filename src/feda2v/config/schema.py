@@ -107,6 +107,14 @@ class GeneratorConfig:
     # themselves. Why: the relay's last visits pull the trained weights toward the last nodes'
     # classes; the average spans many nodes (README, generator comparison). null: the type's default.
     ema_decay: Optional[float] = None
+    # cVAE and GAN (arch default): the condition also modulates the generating network's two hidden
+    # layers (the VAE's decoder, the GAN's generator), a (1 + scale) + shift from one
+    # zero-initialised linear layer of the condition (FiLM, Perez et al., 2018), on top of the
+    # concatenated input. Why: one network shared by many classes must shape each class's spread,
+    # not only shift its mean (README, "The condition's FiLM"). null: the type's default (keys
+    # holding several classes, unified or class groups: true; per class, where a key's condition
+    # never changes, false; the unconditional VAE and the published architectures have none).
+    film: Optional[bool] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gan: GanConfig = field(default_factory=GanConfig)
 

@@ -8,7 +8,7 @@ which lets tests check one against the other.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -103,13 +103,27 @@ def stacked_linear(x: Tensor, w: Tensor, b: Tensor, passes: StackedParams | None
     return _apply_plain(x, w, b, passes, names)
 
 
-def stacked_sequential(seq: nn.Sequential, prefix: str, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    """Apply ``seq``'s structure with stacked parameters ``params[f"{prefix}.{i}.weight"]`` ([K, out, in])."""
+def modulate(a: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Feature-wise linear modulation of a layer's output (FiLM, Perez et al., 2018): a (1 + scale)
+    + shift, so zero scale and shift leave it unchanged; one expression for the plain and the
+    stacked forward, which therefore compute the same bits."""
+    return a * (1.0 + scale) + shift
+
+
+def stacked_sequential(seq: nn.Sequential, prefix: str, params: Mapping[str, Tensor], x: Tensor,
+                       modulation: Sequence[tuple[Tensor, Tensor]] = ()) -> Tensor:
+    """Apply ``seq``'s structure with stacked parameters ``params[f"{prefix}.{i}.weight"]`` ([K, out, in]).
+    ``modulation``: (scale, shift) for the outputs of the first ``len(modulation)`` Linear layers,
+    applied by ``modulate`` before the activation that follows each."""
     passes = params if isinstance(params, StackedParams) else None
+    linears = 0
     for i, layer in enumerate(seq):
         if isinstance(layer, nn.Linear):
             w, b = f"{prefix}.{i}.weight", f"{prefix}.{i}.bias"
             x = stacked_linear(x, params[w], params[b], passes, (w, b))
+            if linears < len(modulation):
+                x = modulate(x, *modulation[linears])
+            linears += 1
         else:
             x = layer(x)
     return x

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from feda2v.errors import CheckpointError
-from feda2v.models.functional import stacked_sequential
+from feda2v.models.functional import modulate, stacked_sequential
 from feda2v.models.init import init_linears, init_parameters, linear
 
 
@@ -64,6 +64,31 @@ def output_log_var(scaled: Tensor) -> Tensor:
     return OUTPUT_LOG_VAR_SCALE * scaled
 
 
+# FiLM (``film``): the condition's (scale, shift) for the generating network's two hidden Linear
+# layers (the VAE's decoder.0 and decoder.2, the GAN generator's net.0 and net.2), each applied
+# before the activation that follows it.
+FILM_LAYERS = 2
+
+
+def _film_pairs(out: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The modulation layer's output [..., 2 h L] as (scale, shift) for each of the L hidden layers."""
+    parts = out.chunk(2 * FILM_LAYERS, dim=-1)
+    return [(parts[2 * i], parts[2 * i + 1]) for i in range(FILM_LAYERS)]
+
+
+def _modulated(seq: nn.Sequential, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``seq`` applied to ``x`` with ``pairs`` modulating its first Linear layers' outputs (the plain
+    twin of ``stacked_sequential(..., modulation=pairs)``)."""
+    linears = 0
+    for layer in seq:
+        x = layer(x)
+        if isinstance(layer, nn.Linear):
+            if linears < len(pairs):
+                x = modulate(x, *pairs[linears])
+            linears += 1
+    return x
+
+
 class _VAEBase(Architecture):
     """Encoder and decoder MLPs; with ``output_variance`` also a learned per-feature variance
     sigma^2 of the Gaussian likelihood p(x | z) = N(decoder(z), diag(sigma^2)), which sampling draws from.
@@ -81,11 +106,11 @@ class _VAEBase(Architecture):
 
     def __init__(self, feature_dim: int, latent_dim: int, hidden_dim: int, condition_dim: int,
                  gen: torch.Generator | None = None, output_variance: bool = False,
-                 conditional_prior: bool = False):
+                 conditional_prior: bool = False, film: bool = False):
         super().__init__()
         self.feature_dim, self.latent_dim, self.hidden_dim = feature_dim, latent_dim, hidden_dim
         self.condition_dim, self.output_variance = condition_dim, bool(output_variance)
-        self.conditional_prior = bool(conditional_prior)
+        self.conditional_prior, self.film = bool(conditional_prior), bool(film)
         d, z, h, c = feature_dim, latent_dim, hidden_dim, condition_dim
         # The encoder's last layer emits [mu, logvar] side by side.
         self.encoder = nn.Sequential(linear(d + c, h), nn.SiLU(), linear(h, h), nn.SiLU(), linear(h, 2 * z))
@@ -94,19 +119,23 @@ class _VAEBase(Architecture):
             self.output_scaled_log_var = nn.Parameter(torch.empty(d))
         if self.conditional_prior:  # after the encoder and decoder: their init draws stay the same
             self.prior = nn.Sequential(linear(c, 2 * z))
+        if self.film:  # last of all, for the same reason: [scale, shift] per hidden layer
+            self.modulation = nn.Sequential(linear(c, 2 * h * FILM_LAYERS))
         init_parameters(self, gen or _default_gen())
 
     @torch.no_grad()
     def init_from(self, gen: torch.Generator) -> None:
         """The Linear layers as ``init_parameters`` draws them (the same draws with or without the
         variance, which draws nothing); the output variance starts at 1 (log 0), a z-scored feature's;
-        the conditional prior starts as N(0, I) for every condition (zero weights, drawn last)."""
+        the conditional prior starts as N(0, I) for every condition and the decoder's modulation as
+        none (zero weights, drawn last)."""
         init_linears(self, gen)
         if self.output_variance:
             self.output_scaled_log_var.zero_()
-        if self.conditional_prior:
-            for p in self.prior.parameters():
-                p.zero_()
+        for name in ("prior", "modulation"):
+            if name in self._modules:
+                for p in self._modules[name].parameters():
+                    p.zero_()
 
     def _c(self, cond: Tensor | None) -> Tensor | None:
         if not self.conditional:
@@ -121,7 +150,10 @@ class _VAEBase(Architecture):
         return mu, logvar
 
     def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.decoder(_cat(z, self._c(cond)))
+        c = self._c(cond)
+        if not self.film:
+            return self.decoder(_cat(z, c))
+        return _modulated(self.decoder, _cat(z, c), _film_pairs(self.modulation(c)))
 
     def forward(self, x: Tensor, cond: Tensor | None = None, *, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(reconstruction, mu, logvar) with the reparametrisation noise ``eps`` given by the caller."""
@@ -136,10 +168,12 @@ class _VAEBase(Architecture):
         c = self._c(cond)
         mu, logvar = stacked_sequential(self.encoder, "encoder", params, _cat(x, c)).chunk(2, dim=-1)
         z = mu + torch.exp(0.5 * logvar) * eps
-        return stacked_sequential(self.decoder, "decoder", params, _cat(z, c)), mu, logvar
+        return self.decode_stacked(params, z, c), mu, logvar
 
     def decode_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None) -> Tensor:
-        return stacked_sequential(self.decoder, "decoder", params, _cat(z, self._c(cond)))
+        c = self._c(cond)
+        pairs = _film_pairs(stacked_sequential(self.modulation, "modulation", params, c)) if self.film else ()
+        return stacked_sequential(self.decoder, "decoder", params, _cat(z, c), pairs)
 
     def prior_stacked(self, params: Mapping[str, Tensor], cond: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of the learned conditional prior p(z | c) (``conditional_prior``)."""
@@ -176,9 +210,10 @@ class CVAE(_VAEBase):
     conditional = True
 
     def __init__(self, feature_dim: int, condition_dim: int, latent_dim: int, hidden_dim: int,
-                 output_variance: bool = False, conditional_prior: bool = False,
+                 output_variance: bool = False, conditional_prior: bool = False, film: bool = False,
                  gen: torch.Generator | None = None):
-        super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen, output_variance, conditional_prior)
+        super().__init__(feature_dim, latent_dim, hidden_dim, condition_dim, gen, output_variance, conditional_prior,
+                         film)
 
 
 class GANGenerator(Architecture):
@@ -187,20 +222,33 @@ class GANGenerator(Architecture):
     conditional = True
 
     def __init__(self, feature_dim: int, condition_dim: int, latent_dim: int, hidden_dim: int,
-                 gen: torch.Generator | None = None):
+                 gen: torch.Generator | None = None, film: bool = False):
         super().__init__()
         self.feature_dim, self.condition_dim = feature_dim, condition_dim
-        self.latent_dim, self.hidden_dim = latent_dim, hidden_dim
+        self.latent_dim, self.hidden_dim, self.film = latent_dim, hidden_dim, bool(film)
         d, c, z, h = feature_dim, condition_dim, latent_dim, hidden_dim
         self.net = nn.Sequential(linear(z + c, h), nn.LeakyReLU(0.2), linear(h, h), nn.LeakyReLU(0.2), linear(h, d))
+        if self.film:  # after the net: its init draws stay the same
+            self.modulation = nn.Sequential(linear(c, 2 * h * FILM_LAYERS))
         init_parameters(self, gen or _default_gen())
 
+    @torch.no_grad()
+    def init_from(self, gen: torch.Generator) -> None:
+        """The Linear layers as ``init_parameters`` draws them; the modulation starts as none (zero)."""
+        init_linears(self, gen)
+        if self.film:
+            for p in self.modulation.parameters():
+                p.zero_()
+
     def forward(self, z: Tensor, cond: Tensor) -> Tensor:
-        return self.net(torch.cat([z, cond], dim=-1))
+        if not self.film:
+            return self.net(torch.cat([z, cond], dim=-1))
+        return _modulated(self.net, torch.cat([z, cond], dim=-1), _film_pairs(self.modulation(cond)))
 
     def forward_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor, *,
                         gen: torch.Generator | None = None) -> Tensor:
-        return stacked_sequential(self.net, "net", params, torch.cat([z, cond], dim=-1))
+        pairs = _film_pairs(stacked_sequential(self.modulation, "modulation", params, cond)) if self.film else ()
+        return stacked_sequential(self.net, "net", params, torch.cat([z, cond], dim=-1), pairs)
 
     decode_stacked = forward_stacked  # sampling: the generator maps prior noise to features
 

@@ -69,12 +69,19 @@ class GanSpec:
             raise ConfigError(f"generator.gan.r1_gamma must be >= 0, got {self.r1_gamma}")
 
 
+def _generator_has(argument: str, type_: str, arch: str) -> bool:
+    """Whether the generator of ``type_``'s architecture variant ``arch`` takes ``argument``."""
+    return argument in constructor_args(ARCHITECTURES[kind(type_).arch(arch)["generator"].cls])
+
+
 def has_conditional_prior(type_: str, arch: str) -> bool:
     """Whether ``type_``'s architecture variant ``arch`` can have a learned conditional prior."""
-    return "conditional_prior" in constructor_args(ARCHITECTURES[kind(type_).arch(arch)["generator"].cls])
+    return _generator_has("conditional_prior", type_, arch)
 
 
-def resolve_conditional_prior(value: bool | None, type_: str, arch: str) -> bool:
+# Each resolver: (the config value, generator.type, generator.arch, generator.granularity) -> the
+# value the store runs with.
+def resolve_conditional_prior(value: bool | None, type_: str, arch: str, granularity: str = "unified") -> bool:
     """generator.conditional_prior as the store runs it: null is the type's own default (on for
     the cVAE's default architecture, store/kinds.py), where the architecture has one."""
     if value is None:
@@ -86,7 +93,7 @@ def resolve_conditional_prior(value: bool | None, type_: str, arch: str) -> bool
 _FIXED_HIDDEN_DIM = 128
 
 
-def resolve_hidden_dim(value: int | None, type_: str, arch: str) -> int:
+def resolve_hidden_dim(value: int | None, type_: str, arch: str, granularity: str = "unified") -> int:
     """generator.hidden_dim as the store runs it: null is the type's own width for the default
     architecture (store/kinds.py), 128 for the published ones."""
     if value is None:
@@ -94,7 +101,7 @@ def resolve_hidden_dim(value: int | None, type_: str, arch: str) -> int:
     return int(value)
 
 
-def resolve_ema_decay(value: float | None, type_: str, arch: str) -> float:
+def resolve_ema_decay(value: float | None, type_: str, arch: str, granularity: str = "unified") -> float:
     """generator.ema_decay as the store runs it: null is the type's own decay for the default
     architecture (store/kinds.py), 0 (sampling the trained weights, as they did) for the published ones."""
     if value is None:
@@ -102,9 +109,18 @@ def resolve_ema_decay(value: float | None, type_: str, arch: str) -> float:
     return float(value)
 
 
+def resolve_film(value: bool | None, type_: str, arch: str, granularity: str = "unified") -> bool:
+    """generator.film as the store runs it: null is the type's own default (store/kinds.py) for
+    the default architecture's keys that hold several classes; off per class, where a key's
+    condition is one vector and its modulation would be a constant, and for the other architectures."""
+    if value is None:
+        return kind(type_).film and arch == DEFAULT_ARCH and granularity != "per_class"
+    return bool(value)
+
+
 # generator keys whose null means the type's default, and how each resolves
 TYPE_DEFAULT_KEYS = {"conditional_prior": resolve_conditional_prior, "hidden_dim": resolve_hidden_dim,
-                     "ema_decay": resolve_ema_decay}
+                     "ema_decay": resolve_ema_decay, "film": resolve_film}
 
 
 def resolve_optimizer_defaults(lr: float | None, betas: Sequence[float] | None, type_: str) -> tuple[float, tuple]:
@@ -119,9 +135,10 @@ def resolve_generator_defaults(generator: dict) -> dict:
     """A plain ``generator`` config section with its nulls that mean "the type's default"
     (TYPE_DEFAULT_KEYS) replaced, in place, by what they resolve to; returned."""
     type_, arch = str(generator.get("type")), str(generator.get("arch", DEFAULT_ARCH))
+    granularity = str(generator.get("granularity", _GEN.granularity))
     for key, resolve in TYPE_DEFAULT_KEYS.items():
         if key in generator:
-            generator[key] = resolve(generator[key], type_, arch)
+            generator[key] = resolve(generator[key], type_, arch, granularity)
     return generator
 
 
@@ -144,6 +161,8 @@ class StoreSpec:
     conditional_prior: bool | None = _GEN.conditional_prior
     # the generator weights' moving average that sampling reads (store/store.py); None: the type's default
     ema_decay: float | None = _GEN.ema_decay
+    # cVAE: the condition's FiLM of the decoder's hidden layers (models/generators.py); None: the type's default
+    film: bool | None = _GEN.film
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
     arch: str = DEFAULT_ARCH  # architecture variant of the kind (store/kinds.py)
@@ -162,6 +181,12 @@ class StoreSpec:
         object.__setattr__(self, "conditional_prior",
                            resolve_conditional_prior(self.conditional_prior, self.type, self.arch))
         object.__setattr__(self, "ema_decay", resolve_ema_decay(self.ema_decay, self.type, self.arch))
+        object.__setattr__(self, "film",
+                           resolve_film(self.film, self.type, self.arch, self.granularity))
+        if self.film and not _generator_has("film", self.type, self.arch):
+            raise ConfigError(f"generator.film=true needs a conditional generator architecture "
+                              f"(generator.type cvae or gan, generator.arch=default), not type {self.type} "
+                              f"arch {self.arch}; set it false")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"generator.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.conditional_prior and not has_conditional_prior(self.type, self.arch):
@@ -202,6 +227,7 @@ class StoreSpec:
             output_variance=bool(g.output_variance),
             conditional_prior=None if g.conditional_prior is None else bool(g.conditional_prior),
             ema_decay=None if g.ema_decay is None else float(g.ema_decay),
+            film=None if g.film is None else bool(g.film),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
                                     eps=float(o.eps), weight_decay=float(o.weight_decay)),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
@@ -232,6 +258,7 @@ class StoreSpec:
         d.setdefault("conditional_prior", False)  # before it existed: cVAEs had the N(0, I) prior
         d.setdefault("fusion_dim", StoreSpec.fusion_dim)
         d.setdefault("ema_decay", 0.0)  # before it existed: sampling read the trained weights
+        d.setdefault("film", False)  # before it existed: the condition entered the generating network's input only
         expected = set(cls.__dataclass_fields__)
         got = set(d)
         if got != expected:
