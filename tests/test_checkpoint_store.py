@@ -119,7 +119,7 @@ def test_file_of_another_granularity_is_refused(tmp_path, per_class_file):
     assert "granularity" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("key", ["output_variance", "conditional_prior"])  # runstate.ADDED_CONFIG_KEYS
+@pytest.mark.parametrize("key", ["output_variance", "conditional_prior", "film"])  # runstate.ADDED_CONFIG_KEYS
 def test_checkpoint_from_before_a_key_resumes_with_it_off(tmp_path, per_class_file, key):
     from feda2v.checkpoint import check_resumable, read_run_state
 
@@ -225,6 +225,43 @@ def test_null_ema_decay_is_recorded_resolved_and_binds_a_resume(per_class_file):
                             state, None, per_class_file)
         else:
             check_resumable(mine, state, None, per_class_file)
+
+
+def test_null_film_is_recorded_resolved_per_granularity_and_binds_a_resume(per_class_file):
+    # null means the type's default for keys of several classes, off per class: the checkpoint
+    # records what it resolved to; a run from before the key (recorded without it: False) is
+    # refused, naming it, where null now means on, and resumes with generator.film=false
+    from pathlib import Path
+
+    from feda2v.checkpoint import check_resumable, read_run_state, state_config
+    from feda2v.config import load_config
+    from feda2v.config.files import compose_conf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for overrides, want in ((["generator=cvae"], True), (["generator=gan"], True), (["generator=vae"], False),
+                            (["generator=cvae", "generator.granularity=per_class"], False),
+                            (["generator=cvae", "generator.arch=fedgfe"], False)):
+        mine = state_config(load_config(compose_conf(conf, overrides)))
+        assert mine["generator"]["film"] is want, overrides
+        old = json.loads(json.dumps(mine))
+        del old["generator"]["film"]
+        state = dataclasses.replace(read_run_state(per_class_file), config=old, data_manifest_hash=None)
+        if want:
+            with pytest.raises(CheckpointError, match="generator.film is False there, True here"):
+                check_resumable(mine, state, None, per_class_file)
+            check_resumable(state_config(load_config(compose_conf(conf, [*overrides, "generator.film=false"]))),
+                            state, None, per_class_file)
+        else:
+            check_resumable(mine, state, None, per_class_file)
+    # a config recorded unresolved (a format-1 header) resolves with its own granularity
+    for granularity, want in (("unified", True), ("per_class", False)):
+        unresolved = dataclasses.replace(read_run_state(per_class_file), data_manifest_hash=None, config={
+            "generator": {"type": "cvae", "granularity": granularity, "film": None}})
+        check_resumable({"generator": {"type": "cvae", "granularity": granularity, "film": want}},
+                        unresolved, None, per_class_file)
+        with pytest.raises(CheckpointError, match=f"generator.film is {want} there, {not want} here"):
+            check_resumable({"generator": {"type": "cvae", "granularity": granularity, "film": not want}},
+                            unresolved, None, per_class_file)
 
 
 def test_gan_settings_bind_a_gan_run_only(per_class_file):
