@@ -92,7 +92,10 @@ def test_run_params_log_the_values_a_type_default_resolved_to():
         spec = StoreSpec.from_config(cfg, classes=["a"], feature_dim=4, condition_dim=4)  # what trains
         assert (str(spec.optimizer.lr), str(list(spec.optimizer.betas))) == (lr, betas)
         assert flat["generator.conditional_prior"] == ("true" if typ == "cvae" else "false")
+        assert flat["generator.film"] == ("false" if typ == "vae" else "true") == str(spec.film).lower()
         assert cfg.generator.optimizer.lr is None  # the run's config itself is left as it was
+    per_class = load_config({"data": {"name": "digits"}, "generator": {"type": "cvae", "granularity": "per_class"}})
+    assert flatten(run_params(per_class))["generator.film"] == "false"  # the granularity's resolution
     cfg = load_config({"data": {"name": "digits"}, "generator": {"type": "gan", "hidden_dim": 64,
                                                                   "optimizer": {"lr": 0.01}}})
     flat = flatten(run_params(cfg))
