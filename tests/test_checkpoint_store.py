@@ -168,8 +168,8 @@ def test_derived_config_keys_are_the_type_default_keys():
 
 def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
     # null (the default) is the type's width; checkpoints record it resolved, so a run from before
-    # (every type 128) resumes where null still means 128 (vae, gan, published architectures) and
-    # is refused, naming the key, where it now means 256 (cvae), and resumes with it set to 128
+    # (every type 128) resumes where null still means 128 (vae, published architectures) and
+    # is refused, naming the key, where it now means 256 (cvae, gan), and resumes with it set to 128
     from pathlib import Path
 
     from feda2v.checkpoint import check_resumable, read_run_state, state_config
@@ -177,7 +177,7 @@ def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
     from feda2v.config.files import compose_conf
 
     conf = Path(__file__).resolve().parents[1] / "conf"
-    for overrides, want in ((["generator=cvae"], 256), (["generator=vae"], 128), (["generator=gan"], 128),
+    for overrides, want in ((["generator=cvae"], 256), (["generator=vae"], 128), (["generator=gan"], 256),
                             (["generator=cvae", "generator.arch=fedgfe"], 128)):
         cfg = load_config(compose_conf(conf, overrides))
         assert cfg.generator.hidden_dim is None

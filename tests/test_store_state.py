@@ -266,7 +266,7 @@ def test_hidden_dim_null_is_the_types_width():
     def spec(type_, **kw):
         return StoreSpec(type=type_, granularity="unified", classes=("a", "b"), feature_dim=4, condition_dim=3, **kw)
 
-    assert spec("cvae").hidden_dim == 256 and spec("vae").hidden_dim == 128 and spec("gan").hidden_dim == 128
+    assert spec("cvae").hidden_dim == 256 and spec("vae").hidden_dim == 128 and spec("gan").hidden_dim == 256
     assert spec("cvae", arch="fedgfe").hidden_dim == 128  # the published architectures keep their width
     assert spec("cvae", hidden_dim=32).hidden_dim == 32
     s = spec("cvae")

@@ -82,7 +82,7 @@ def test_run_params_log_the_values_a_type_default_resolved_to():
     from feda2v.store.spec import StoreSpec
 
     for typ, lr, betas, hidden, ema in (("cvae", "0.002", "[0.9, 0.999]", "256", "0.995"),
-                                         ("gan", "0.001", "[0.5, 0.99]", "128", "0.995"),
+                                         ("gan", "0.001", "[0.5, 0.99]", "256", "0.995"),
                                          ("vae", "0.002", "[0.9, 0.999]", "128", "0.0")):
         cfg = load_config({"data": {"name": "digits"}, "generator": {"type": typ}})
         assert cfg.generator.optimizer.lr is None and cfg.generator.hidden_dim is None
