@@ -285,7 +285,7 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
     "generator.output_variance": False,  # VAE stores sampled the decoder mean (models/generators.py)
     "generator.conditional_prior": False,  # cVAE stores had the N(0, I) prior (models/generators.py)
     "generator.ema_decay": 0.0,  # stores sampled their trained weights (store/store.py)
-    "generator.film": False,  # cVAE decoders saw the condition in their input only
+    "generator.film": False,  # generating networks saw the condition in their input only (models/generators.py)
 }
 # Recorded keys whose value state_config derives from others (a null resolved by generator.type):
 # compared last, so a refusal names the key the user changed, not its consequence.

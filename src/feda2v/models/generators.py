@@ -76,6 +76,15 @@ def _film_pairs(out: Tensor) -> list[tuple[Tensor, Tensor]]:
     return [(parts[2 * i], parts[2 * i + 1]) for i in range(FILM_LAYERS)]
 
 
+def _zero_layers(module: nn.Module, *names: str) -> None:
+    """Zero the named sub-modules ``module`` has (the layers that start as "nothing yet": the
+    conditional prior at N(0, I), the FiLM modulation at none), after their draws were taken."""
+    for name in names:
+        if name in module._modules:
+            for p in module._modules[name].parameters():
+                p.zero_()
+
+
 def _modulated(seq: nn.Sequential, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
     """``seq`` applied to ``x`` with ``pairs`` modulating its first Linear layers' outputs (the plain
     twin of ``stacked_sequential(..., modulation=pairs)``)."""
@@ -132,10 +141,7 @@ class _VAEBase(Architecture):
         init_linears(self, gen)
         if self.output_variance:
             self.output_scaled_log_var.zero_()
-        for name in ("prior", "modulation"):
-            if name in self._modules:
-                for p in self._modules[name].parameters():
-                    p.zero_()
+        _zero_layers(self, "prior", "modulation")
 
     def _c(self, cond: Tensor | None) -> Tensor | None:
         if not self.conditional:
@@ -236,9 +242,7 @@ class GANGenerator(Architecture):
     def init_from(self, gen: torch.Generator) -> None:
         """The Linear layers as ``init_parameters`` draws them; the modulation starts as none (zero)."""
         init_linears(self, gen)
-        if self.film:
-            for p in self.modulation.parameters():
-                p.zero_()
+        _zero_layers(self, "modulation")
 
     def forward(self, z: Tensor, cond: Tensor) -> Tensor:
         if not self.film:

@@ -50,7 +50,7 @@ class Kind:
     hidden_dim: int = 128
     # generator.ema_decay left null, with the default architecture (the published ones: 0, off)
     ema_decay: float = 0.0
-    # generator.film left null: on for keys of several classes where the architecture has it
+    # generator.film left null: on for keys of several classes, with the default architecture
     film: bool = False
 
     @property

@@ -161,7 +161,8 @@ class StoreSpec:
     conditional_prior: bool | None = _GEN.conditional_prior
     # the generator weights' moving average that sampling reads (store/store.py); None: the type's default
     ema_decay: float | None = _GEN.ema_decay
-    # cVAE: the condition's FiLM of the decoder's hidden layers (models/generators.py); None: the type's default
+    # cVAE and GAN: the condition's FiLM of the generating network's hidden layers (models/generators.py);
+    # None: the type's default for the key's granularity
     film: bool | None = _GEN.film
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     seed: int = 0
@@ -193,8 +194,7 @@ class StoreSpec:
             raise ConfigError(f"generator.conditional_prior=true needs a conditional VAE architecture "
                               f"(generator.type cvae, generator.arch=default), not type {self.type} "
                               f"arch {self.arch}; set it false")
-        if self.output_variance and "output_variance" not in constructor_args(
-                ARCHITECTURES[kind(self.type).arch(self.arch)["generator"].cls]):
+        if self.output_variance and not _generator_has("output_variance", self.type, self.arch):
             raise ConfigError(f"generator.output_variance=true needs an architecture with an output variance "
                               f"(generator.type vae or cvae, generator.arch=default), not type {self.type} "
                               f"arch {self.arch}; set it false")
