@@ -219,44 +219,41 @@ def test_parameter_tensors_round_trip_and_averaging():
         a.load_parameter_tensors(shaped)
 
 
-@pytest.mark.parametrize("type_", ["vae", "cvae"])
-def test_state_from_before_the_output_variance_loads_as_mean_sampling(type_):
-    # A checkpoint written before generator.output_variance existed: its spec has no such field and
-    # its VAE has no output_log_var; it must rebuild as that same model (mean sampling, same bytes).
-    old = make_store(type_, "unified")  # the default: no output variance
+# Keys added to the generator after checkpoints existed, each with a layer of its own: a state
+# written before the key (its spec without the field, its model without the layer) rebuilds as
+# that same model (the same sample bytes); a store with the layer keeps and restores it.
+# (type, key, how stores were before, the layer's name fragment, a store with it, its granularity,
+# the tensors it must have)
+ADDED_LAYERS = [
+    ("vae", "output_variance", {}, "output_log_var", {"output_variance": True}, "unified",
+     ["unified/generator/param/output_scaled_log_var"]),
+    ("cvae", "output_variance", {}, "output_log_var", {"output_variance": True}, "unified",
+     ["unified/generator/param/output_scaled_log_var"]),
+    ("cvae", "conditional_prior", {"conditional_prior": False}, "prior", {"conditional_prior": True}, "per_class",
+     ["class/a/generator/param/prior.0.weight"]),
+    ("cvae", "film", {"film": False}, "modulation", {}, "unified",
+     ["unified/generator/param/modulation.0.weight", "unified/generator/ema/modulation.0.weight"]),
+]
+
+
+@pytest.mark.parametrize("type_,key,before,layer,kw,granularity,names", ADDED_LAYERS,
+                         ids=[f"{c[0]}-{c[1]}" for c in ADDED_LAYERS])
+def test_state_from_before_an_added_layer_loads_as_that_model(type_, key, before, layer, kw, granularity, names):
+    old = make_store(type_, "unified", **before)
     old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
     tensors, meta = old.state_dict()
     meta = json.loads(json.dumps(meta))
-    assert "output_variance" not in meta["arch"]["unified/generator"]["kwargs"]  # recorded as before
-    assert not any("output_log_var" in n for n in tensors)
-    del meta["spec"]["output_variance"]
+    assert key not in meta["arch"]["unified/generator"]["kwargs"]  # recorded as before
+    assert not any(layer in n for n in tensors)
+    del meta["spec"][key]
     rebuilt = GeneratorStore.from_state(tensors, meta)
-    assert rebuilt.spec.output_variance is False
+    assert getattr(rebuilt.spec, key) is False
     assert torch.equal(rebuilt.sample(torch.tensor([0, 2]), gen=gen(3)), old.sample(torch.tensor([0, 2]), gen=gen(3)))
-    new = make_store(type_, "unified", output_variance=True)  # the learned variance is state, kept and restored
+    new = make_store(type_, granularity, **kw)  # the layer is state, kept and restored
     new.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
     t2, m2 = new.state_dict()
-    assert m2["arch"]["unified/generator"]["kwargs"]["output_variance"] is True
-    assert "unified/generator/param/output_scaled_log_var" in t2
-    assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
-
-
-def test_state_from_before_the_conditional_prior_loads_with_the_n01_prior():
-    old = make_store("cvae", "unified", conditional_prior=False)  # as stores were before: the N(0, I) prior
-    old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
-    tensors, meta = old.state_dict()
-    meta = json.loads(json.dumps(meta))
-    assert "conditional_prior" not in meta["arch"]["unified/generator"]["kwargs"]  # recorded as before
-    assert not any("prior" in n for n in tensors)
-    del meta["spec"]["conditional_prior"]
-    rebuilt = GeneratorStore.from_state(tensors, meta)
-    assert rebuilt.spec.conditional_prior is False
-    assert torch.equal(rebuilt.sample(torch.tensor([0, 2]), gen=gen(3)), old.sample(torch.tensor([0, 2]), gen=gen(3)))
-    new = make_store("cvae", "per_class", conditional_prior=True)  # the prior's layer is state, kept and restored
-    new.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
-    t2, m2 = new.state_dict()
-    assert m2["arch"]["class/a/generator"]["kwargs"]["conditional_prior"] is True
-    assert "class/a/generator/param/prior.0.weight" in t2
+    assert m2["arch"][names[0].split("/param/")[0]]["kwargs"][key] is True
+    assert all(n in t2 for n in names)
     assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
 
 
@@ -297,25 +294,6 @@ def test_film_is_the_default_for_keys_of_several_classes_and_refused_where_none_
         assert make_store(type_, "unified", arch=arch).spec.film is False  # they have none
         with pytest.raises(ConfigError, match=f"generator.film=true needs .*type {type_} arch {arch}"):
             make_store(type_, "unified", film=True, arch=arch)
-
-
-def test_state_from_before_the_film_loads_with_the_plain_decoder():
-    old = make_store("cvae", "unified", film=False)  # as stores were before
-    old.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
-    tensors, meta = old.state_dict()
-    meta = json.loads(json.dumps(meta))
-    assert "film" not in meta["arch"]["unified/generator"]["kwargs"]  # recorded as before
-    assert not any("modulation" in n for n in tensors)
-    del meta["spec"]["film"]
-    rebuilt = GeneratorStore.from_state(tensors, meta)
-    assert rebuilt.spec.film is False
-    assert torch.equal(rebuilt.sample(torch.tensor([0, 2]), gen=gen(3)), old.sample(torch.tensor([0, 2]), gen=gen(3)))
-    new = make_store("cvae", "unified")  # the modulation's layer is state, kept and restored
-    new.train_batch(*batch(0), gen=gen(0), node="n0", round=0)
-    t2, m2 = new.state_dict()
-    assert m2["arch"]["unified/generator"]["kwargs"]["film"] is True
-    assert "unified/generator/param/modulation.0.weight" in t2 and "unified/generator/ema/modulation.0.weight" in t2
-    assert_identical(GeneratorStore.from_state(t2, json.loads(json.dumps(m2))), new)
 
 
 def test_output_variance_is_opt_in_and_refused_where_no_architecture_has_one():
