@@ -175,25 +175,33 @@ def test_output_variance_is_an_extra_parameter_with_the_same_linear_draws():
     assert build_model("CVAE", with_var.kwargs()).output_variance
 
 
-def test_conditional_prior_is_an_extra_layer_after_the_same_draws_starting_at_n01():
-    plain, with_prior = CVAE(D, C, Z, H, gen=_gen(4)), CVAE(D, C, Z, H, conditional_prior=True, gen=_gen(4))
-    names = [n for n, _ in with_prior.named_parameters()]
-    assert names == [n for n, _ in plain.named_parameters()] + ["prior.0.weight", "prior.0.bias"]
-    for n, p in plain.named_parameters():  # drawn last: the encoder and decoder are as before
-        assert torch.equal(p, dict(with_prior.named_parameters())[n]), n
+# Layers added after checkpoints existed: each is drawn after the others (so the rest of the model
+# is as before), starts as "nothing yet" (zero), and is recorded in kwargs only when on.
+ADDED_LAYERS = [(CVAE, "conditional_prior", "prior"), (CVAE, "film", "modulation"),
+                (GANGenerator, "film", "modulation")]
+
+
+@pytest.mark.parametrize("cls,key,layer", ADDED_LAYERS, ids=[f"{c.__name__}-{k}" for c, k, _ in ADDED_LAYERS])
+def test_an_added_layer_is_drawn_last_starts_at_zero_and_is_recorded_only_when_on(cls, key, layer):
+    plain, added = cls(D, C, Z, H, gen=_gen(4)), cls(D, C, Z, H, **{key: True}, gen=_gen(4))
+    names = [n for n, _ in added.named_parameters()]
+    assert names == [n for n, _ in plain.named_parameters()] + [f"{layer}.0.weight", f"{layer}.0.bias"]
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, dict(added.named_parameters())[n]), n
+    assert all(not p.any() for p in getattr(added, layer).parameters())
+    assert key not in plain.kwargs()  # recorded as before it existed
+    assert added.kwargs()[key] is True
+    assert getattr(build_model(cls.__name__, added.kwargs()), key)
+
+
+def test_conditional_prior_starts_at_n01():
+    with_prior = CVAE(D, C, Z, H, conditional_prior=True, gen=_gen(4))
     mean, logvar = with_prior.prior(torch.randn(3, C, generator=_gen(5))).chunk(2, dim=-1)
     assert torch.equal(mean, torch.zeros(3, Z)) and torch.equal(logvar, torch.zeros(3, Z))  # N(0, I)
-    assert "conditional_prior" not in plain.kwargs()  # recorded as before it existed
-    assert with_prior.kwargs()["conditional_prior"] is True
-    assert build_model("CVAE", with_prior.kwargs()).conditional_prior
 
 
-def test_film_is_an_extra_layer_after_the_same_draws_modulating_the_hidden_layers():
+def test_film_modulates_the_decoders_hidden_layers_starting_at_none():
     plain, film = CVAE(D, C, Z, H, gen=_gen(4)), CVAE(D, C, Z, H, film=True, gen=_gen(4))
-    names = [n for n, _ in film.named_parameters()]
-    assert names == [n for n, _ in plain.named_parameters()] + ["modulation.0.weight", "modulation.0.bias"]
-    for n, p in plain.named_parameters():  # drawn last: the encoder and decoder are as before
-        assert torch.equal(p, dict(film.named_parameters())[n]), n
     assert film.modulation[0].weight.shape == (2 * H * 2, C)  # [scale, shift] for each of the 2 hidden layers
     z, c = torch.randn(5, Z, generator=_gen(5)), torch.randn(5, C, generator=_gen(6))
     assert torch.equal(film.decode(z, c), plain.decode(z, c))  # zero modulation: the plain decoder
@@ -201,20 +209,12 @@ def test_film_is_an_extra_layer_after_the_same_draws_modulating_the_hidden_layer
         film.modulation[0].bias[:H] = -1.0  # SiLU(0) = 0 input to layer 2, so the output is c-free there
         h2 = torch.nn.functional.silu(film.decoder[2].bias.expand(5, H))
         torch.testing.assert_close(film.decode(z, c), film.decoder[4](h2))
-    assert "film" not in plain.kwargs()  # recorded as before it existed
-    assert film.kwargs()["film"] is True
-    assert build_model("CVAE", film.kwargs()).film
 
 
-def test_gan_generator_film_is_an_extra_layer_after_the_same_draws_starting_at_none():
+def test_gan_generator_film_starts_at_none():
     plain, film = GANGenerator(D, C, Z, H, gen=_gen(4)), GANGenerator(D, C, Z, H, film=True, gen=_gen(4))
-    assert [n for n, _ in film.named_parameters()] == [n for n, _ in plain.named_parameters()] + [
-        "modulation.0.weight", "modulation.0.bias"]
-    for n, p in plain.named_parameters():
-        assert torch.equal(p, dict(film.named_parameters())[n]), n
     z, c = torch.randn(5, Z, generator=_gen(5)), torch.randn(5, C, generator=_gen(6))
     assert torch.equal(film(z, c), plain(z, c))
-    assert "film" not in plain.kwargs() and film.kwargs()["film"] is True
 
 
 def test_kl_to_the_conditional_prior_is_the_gaussian_kl():
