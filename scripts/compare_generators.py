@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
     ap.add_argument("--granularities", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                    help="the seeds to run (the README's tables: 0 1 2); more seeds, to tell a change from noise")
     ap.add_argument("overrides", nargs="*", help="config overrides for every cell, e.g. generator.gan.d_steps=1")
     args = ap.parse_args(argv)
     from omegaconf import OmegaConf
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from feda2v.data import prepare
 
     conf = ROOT / "conf"
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = [0] if args.quick else args.seeds
     extra = ["federation.rounds=2"] if args.quick else []
     common = ["tracking=none", "train.progress=off", *extra, *args.overrides]
     rows: dict[str, dict[str, list[float]]] = {}
