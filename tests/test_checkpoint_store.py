@@ -169,7 +169,8 @@ def test_derived_config_keys_are_the_type_default_keys():
 def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
     # null (the default) is the type's width; checkpoints record it resolved, so a run from before
     # (every type 128) resumes where null still means 128 (vae, published architectures) and
-    # is refused, naming the key, where it now means 256 (cvae, gan), and resumes with it set to 128
+    # is refused, naming the key, where it now means more (cvae 512 for keys of several classes, 256
+    # per class; gan 256), and resumes with it set to 128
     from pathlib import Path
 
     from feda2v.checkpoint import check_resumable, read_run_state, state_config
@@ -177,7 +178,8 @@ def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
     from feda2v.config.files import compose_conf
 
     conf = Path(__file__).resolve().parents[1] / "conf"
-    for overrides, want in ((["generator=cvae"], 256), (["generator=vae"], 128), (["generator=gan"], 256),
+    for overrides, want in ((["generator=cvae"], 512), (["generator=cvae", "generator.granularity=per_class"], 256),
+                            (["generator=vae"], 128), (["generator=gan"], 256),
                             (["generator=cvae", "generator.arch=fedgfe"], 128)):
         cfg = load_config(compose_conf(conf, overrides))
         assert cfg.generator.hidden_dim is None
@@ -187,18 +189,22 @@ def test_null_hidden_dim_is_recorded_as_the_type_width(per_class_file):
         old["generator"]["hidden_dim"] = 128  # what every run before recorded
         state = dataclasses.replace(read_run_state(per_class_file), config=old, data_manifest_hash=None)
         if want != 128:
-            with pytest.raises(CheckpointError, match="generator.hidden_dim is 128 there, 256 here"):
+            with pytest.raises(CheckpointError, match=f"generator.hidden_dim is 128 there, {want} here"):
                 check_resumable(mine, state, None, per_class_file)
             pinned = state_config(load_config(compose_conf(conf, [*overrides, "generator.hidden_dim=128"])))
             check_resumable(pinned, state, None, per_class_file)
         else:
             check_resumable(mine, state, None, per_class_file)
     # a config recorded unresolved (format-1 headers held the whole config) resolves the same way
-    unresolved = dataclasses.replace(read_run_state(per_class_file), data_manifest_hash=None,
-                                     config={"generator": {"type": "cvae", "hidden_dim": None}})
-    check_resumable({"generator": {"type": "cvae", "hidden_dim": 256}}, unresolved, None, per_class_file)
-    with pytest.raises(CheckpointError, match="generator.hidden_dim is 256 there, 128 here"):
-        check_resumable({"generator": {"type": "cvae", "hidden_dim": 128}}, unresolved, None, per_class_file)
+    # (with its granularity: a cVAE key of several classes is wider)
+    for granularity, width in (("per_class", 256), ("unified", 512)):
+        unresolved = dataclasses.replace(read_run_state(per_class_file), data_manifest_hash=None, config={
+            "generator": {"type": "cvae", "granularity": granularity, "hidden_dim": None}})
+        check_resumable({"generator": {"type": "cvae", "granularity": granularity, "hidden_dim": width}},
+                        unresolved, None, per_class_file)
+        with pytest.raises(CheckpointError, match=f"generator.hidden_dim is {width} there, 128 here"):
+            check_resumable({"generator": {"type": "cvae", "granularity": granularity, "hidden_dim": 128}},
+                            unresolved, None, per_class_file)
 
 
 def test_null_ema_decay_is_recorded_resolved_and_binds_a_resume(per_class_file):

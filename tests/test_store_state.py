@@ -260,16 +260,21 @@ def test_state_from_before_an_added_layer_loads_as_that_model(type_, key, before
 def test_hidden_dim_null_is_the_types_width():
     from feda2v.store.spec import StoreSpec
 
-    def spec(type_, **kw):
-        return StoreSpec(type=type_, granularity="unified", classes=("a", "b"), feature_dim=4, condition_dim=3, **kw)
+    def spec(type_, granularity="unified", **kw):
+        return StoreSpec(type=type_, granularity=granularity, classes=("a", "b"), feature_dim=4, condition_dim=3,
+                         class_groups={"g": ("a", "b")} if granularity == "per_group" else {}, **kw)
 
-    assert spec("cvae").hidden_dim == 256 and spec("vae").hidden_dim == 128 and spec("gan").hidden_dim == 256
+    assert spec("cvae").hidden_dim == 512 and spec("vae").hidden_dim == 128 and spec("gan").hidden_dim == 256
+    # a cVAE key serving several classes is wider than one serving one
+    assert spec("cvae", "per_group").hidden_dim == 512 and spec("cvae", "per_class").hidden_dim == 256
+    assert spec("gan", "per_class").hidden_dim == 256 and spec("vae", "per_class").hidden_dim == 128
     assert spec("cvae", arch="fedgfe").hidden_dim == 128  # the published architectures keep their width
-    assert spec("cvae", hidden_dim=32).hidden_dim == 32
-    s = spec("cvae")
-    assert StoreSpec.from_json(s.to_json()).hidden_dim == 256  # recorded resolved
-    store = GeneratorStore(s, torch.zeros(2, 3))
-    assert store.module("unified").encoder[0].weight.shape[0] == 256
+    assert spec("cvae", hidden_dim=32).hidden_dim == 32 and spec("cvae", "per_class", hidden_dim=512).hidden_dim == 512
+    for granularity, width in (("unified", 512), ("per_class", 256)):
+        s = spec("cvae", granularity)
+        assert StoreSpec.from_json(s.to_json()).hidden_dim == width  # recorded resolved
+        store = GeneratorStore(s, torch.zeros(2, 3))
+        assert store.module(store.keys[0]).encoder[0].weight.shape[0] == width
 
 
 def test_conditional_prior_is_the_cvae_default_and_refused_where_no_architecture_has_one():

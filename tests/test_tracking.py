@@ -81,7 +81,7 @@ def test_run_params_log_the_values_a_type_default_resolved_to():
     from feda2v.pipeline.train import run_params
     from feda2v.store.spec import StoreSpec
 
-    for typ, lr, betas, hidden, ema in (("cvae", "0.002", "[0.9, 0.999]", "256", "0.995"),
+    for typ, lr, betas, hidden, ema in (("cvae", "0.002", "[0.9, 0.999]", "512", "0.995"),
                                          ("gan", "0.001", "[0.5, 0.99]", "256", "0.995"),
                                          ("vae", "0.002", "[0.9, 0.999]", "128", "0.0")):
         cfg = load_config({"data": {"name": "digits"}, "generator": {"type": typ}})
@@ -96,6 +96,7 @@ def test_run_params_log_the_values_a_type_default_resolved_to():
         assert cfg.generator.optimizer.lr is None  # the run's config itself is left as it was
     per_class = load_config({"data": {"name": "digits"}, "generator": {"type": "cvae", "granularity": "per_class"}})
     assert flatten(run_params(per_class))["generator.film"] == "false"  # the granularity's resolution
+    assert flatten(run_params(per_class))["generator.hidden_dim"] == "256"
     cfg = load_config({"data": {"name": "digits"}, "generator": {"type": "gan", "hidden_dim": 64,
                                                                   "optimizer": {"lr": 0.01}}})
     flat = flatten(run_params(cfg))

@@ -81,8 +81,9 @@ class GeneratorConfig:
     class_groups: Dict[str, List[str]] = field(default_factory=dict)
     default_group: Optional[str] = None  # group for classes missing from class_groups
     latent_dim: int = 16
-    # width of every hidden layer; null: the type's default (store/kinds.py: cvae and gan 256, vae
-    # 128; the published architectures 128), recorded resolved in checkpoints
+    # width of every hidden layer; null: the type's default (store/kinds.py: cvae 512 for keys of
+    # several classes (unified, groups) and 256 per class, gan 256, vae 128; the published
+    # architectures 128), recorded resolved in checkpoints
     hidden_dim: Optional[int] = None
     beta_max: float = 1.0  # VAE KL weight after warm-up
     # On the key's persistent optimizer step counter. KL annealing (Bowman et al., 2016) over about

@@ -95,9 +95,15 @@ _FIXED_HIDDEN_DIM = 128
 
 def resolve_hidden_dim(value: int | None, type_: str, arch: str, granularity: str = "unified") -> int:
     """generator.hidden_dim as the store runs it: null is the type's own width for the default
-    architecture (store/kinds.py), 128 for the published ones."""
+    architecture (store/kinds.py; keys of several classes may have their own, wider: one network
+    serves all their classes), 128 for the published ones."""
     if value is None:
-        return kind(type_).hidden_dim if arch == DEFAULT_ARCH else _FIXED_HIDDEN_DIM
+        if arch != DEFAULT_ARCH:
+            return _FIXED_HIDDEN_DIM
+        k = kind(type_)
+        if granularity != "per_class" and k.hidden_dim_several_classes is not None:
+            return k.hidden_dim_several_classes
+        return k.hidden_dim
     return int(value)
 
 
@@ -178,7 +184,8 @@ class StoreSpec:
         if isinstance(self.gan, Mapping):
             object.__setattr__(self, "gan", GanSpec(**dict(self.gan)))
         object.__setattr__(self, "output_variance", bool(self.output_variance))
-        object.__setattr__(self, "hidden_dim", resolve_hidden_dim(self.hidden_dim, self.type, self.arch))
+        object.__setattr__(self, "hidden_dim", resolve_hidden_dim(self.hidden_dim, self.type, self.arch,
+                                                                   self.granularity))
         object.__setattr__(self, "conditional_prior",
                            resolve_conditional_prior(self.conditional_prior, self.type, self.arch))
         object.__setattr__(self, "ema_decay", resolve_ema_decay(self.ema_decay, self.type, self.arch))
