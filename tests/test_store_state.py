@@ -301,6 +301,21 @@ def test_film_is_the_default_for_keys_of_several_classes_and_refused_where_none_
             make_store(type_, "unified", film=True, arch=arch)
 
 
+def test_the_several_classes_defaults_follow_one_predicate_over_every_granularity():
+    # FiLM and the wider cVAE both belong to keys serving several classes: one predicate decides
+    # both, for every granularity the config accepts, so a new granularity cannot split them
+    from feda2v.config.schema import CHOICES
+    from feda2v.store.spec import holds_several_classes
+
+    granularities = CHOICES["generator.granularity"]
+    assert {g: holds_several_classes(g) for g in granularities} == {
+        "unified": True, "per_class": False, "per_group": True}
+    for g in granularities:
+        spec = make_store("cvae", g, hidden_dim=None).spec  # null: the type's width
+        assert spec.film is holds_several_classes(g)
+        assert spec.hidden_dim == (512 if holds_several_classes(g) else 256)
+
+
 def test_output_variance_is_opt_in_and_refused_where_no_architecture_has_one():
     assert make_store("cvae", "unified").spec.output_variance is False
     assert make_store("cvae", "unified", output_variance=True).spec.output_variance is True

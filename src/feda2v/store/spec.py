@@ -81,6 +81,14 @@ def has_conditional_prior(type_: str, arch: str) -> bool:
 
 # Each resolver: (the config value, generator.type, generator.arch, generator.granularity) -> the
 # value the store runs with.
+
+
+def holds_several_classes(granularity: str) -> bool:
+    """Whether a key of this granularity serves several classes (unified, class groups): one
+    network must then shape each class, so it gets the type's several-classes defaults (FiLM, a
+    wider hidden layer); a per-class key's condition is one constant vector."""
+    return granularity != "per_class"
+
 def resolve_conditional_prior(value: bool | None, type_: str, arch: str, granularity: str = "unified") -> bool:
     """generator.conditional_prior as the store runs it: null is the type's own default (on for
     the cVAE's default architecture, store/kinds.py), where the architecture has one."""
@@ -101,7 +109,7 @@ def resolve_hidden_dim(value: int | None, type_: str, arch: str, granularity: st
         if arch != DEFAULT_ARCH:
             return _FIXED_HIDDEN_DIM
         k = kind(type_)
-        if granularity != "per_class" and k.hidden_dim_several_classes is not None:
+        if holds_several_classes(granularity) and k.hidden_dim_several_classes is not None:
             return k.hidden_dim_several_classes
         return k.hidden_dim
     return int(value)
@@ -120,7 +128,7 @@ def resolve_film(value: bool | None, type_: str, arch: str, granularity: str = "
     the default architecture's keys that hold several classes; off per class, where a key's
     condition is one vector and its modulation would be a constant, and for the other architectures."""
     if value is None:
-        return kind(type_).film and arch == DEFAULT_ARCH and granularity != "per_class"
+        return kind(type_).film and arch == DEFAULT_ARCH and holds_several_classes(granularity)
     return bool(value)
 
 
