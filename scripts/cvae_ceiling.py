@@ -221,6 +221,28 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+def render(seeds: list[int], ceiling: dict, cvae: dict) -> str:
+    """The report's markdown tables (what main writes to cvae_ceiling.md)."""
+    lines = [f"Seeds {', '.join(map(str, seeds))}; TSTR/TRTR, mean ± std.", "",
+             "| Gaussian generator fitted on the real train split | TSTR/TRTR |", "|---|---|"]
+    lines += [f"| {name} | {_mean_std(v)} |" for name, v in ceiling.items()]
+    if cvae:
+        cols = ["tstr_trtr_ratio", "active_latent_dims", "spectrum_ratio_top3", "spectrum_ratio_4_16",
+                "gaussian_sample_mean_and_cov", "gaussian_real_mean_sample_cov", "gaussian_sample_mean_real_cov"]
+        lines += ["", "| generator | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [f"| {name} | " + " | ".join(_mean_std(d[c]) for c in cols) + " |" for name, d in cvae.items()]
+        rows = [c for c in next(iter(cvae.values())) if c.startswith("latents: ")]
+        lines += ["", f"The trained decoder fed latents per class from (TSTR/TRTR, each the mean of {LATENT_DRAWS} "
+                  "sample draws):", "", "| latents | " + " | ".join(cvae) + " |", "|---|" + "---|" * len(cvae)]
+        lines += [f"| {_cell(r.removeprefix('latents: '))} | " + " | ".join(_mean_std(d[r]) for d in cvae.values()) + " |"
+                  for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a markdown table cell
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -259,20 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cvae_ceiling.json").write_text(json.dumps({"seeds": args.seeds, "ceiling": ceiling, "cvae": cvae},
                                                            indent=2) + "\n")
-    lines = [f"Seeds {', '.join(map(str, args.seeds))}; TSTR/TRTR, mean ± std.", "",
-             "| Gaussian generator fitted on the real train split | TSTR/TRTR |", "|---|---|"]
-    lines += [f"| {name} | {_mean_std(v)} |" for name, v in ceiling.items()]
-    if cvae:
-        cols = ["tstr_trtr_ratio", "active_latent_dims", "spectrum_ratio_top3", "spectrum_ratio_4_16",
-                "gaussian_sample_mean_and_cov", "gaussian_real_mean_sample_cov", "gaussian_sample_mean_real_cov"]
-        lines += ["", "| generator | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        lines += [f"| {name} | " + " | ".join(_mean_std(d[c]) for c in cols) + " |" for name, d in cvae.items()]
-        rows = [c for c in next(iter(cvae.values())) if c.startswith("latents: ")]
-        lines += ["", f"The trained decoder fed latents per class from (TSTR/TRTR, each the mean of {LATENT_DRAWS} "
-                  "sample draws):", "", "| latents | " + " | ".join(cvae) + " |", "|---|" + "---|" * len(cvae)]
-        lines += [f"| {r.removeprefix('latents: ')} | " + " | ".join(_mean_std(d[r]) for d in cvae.values()) + " |"
-                  for r in rows]
-    table = "\n".join(lines) + "\n"
+    table = render(args.seeds, ceiling, cvae)
     (args.out / "cvae_ceiling.md").write_text(table)
     print(table)
     return 0
