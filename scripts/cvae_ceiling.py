@@ -193,11 +193,12 @@ def latent_densities(store, data, n: int, seed: int, eval_seed: int) -> dict[str
     draws = [sample_synthetic(store, len(data.classes), n, eval_seed + 1000 * d) for d in range(LATENT_DRAWS)]
     out["the model's own samples"] = float(np.mean([ratio(x.numpy().astype(np.float64), y.numpy()) for x, y in draws]))
     for k in MIXTURE_COMPONENTS:
-        fits = {int(c): GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=derive(seed, k, c))
-                .fit(posterior_samples(int(c))) for c in classes}
+        fits = {int(c): GaussianMixture(k, covariance_type="full", reg_covar=1e-4,
+                                        random_state=_sklearn_seed(seed, k, c)).fit(posterior_samples(int(c)))
+                for c in classes}
 
         def mixture(c, d, fits=fits, k=k):
-            fits[c].random_state = derive(seed, k, c, d)
+            fits[c].random_state = _sklearn_seed(seed, k, c, d)
             return fits[c].sample(n)[0]
         out[f"ex-post {k}-Gaussian mixture" if k > 1 else "ex-post Gaussian"] = decoded(mixture)
 
@@ -210,7 +211,7 @@ def latent_densities(store, data, n: int, seed: int, eval_seed: int) -> dict[str
     return out
 
 
-def derive(*parts) -> int:
+def _sklearn_seed(*parts) -> int:
     """A 32-bit seed for sklearn, from the project's seed derivation."""
     from feda2v.seeding import derive_seed
 
@@ -234,8 +235,8 @@ def render(seeds: list[int], ceiling: dict, cvae: dict) -> str:
         rows = [c for c in next(iter(cvae.values())) if c.startswith("latents: ")]
         lines += ["", f"The trained decoder fed latents per class from (TSTR/TRTR, each the mean of {LATENT_DRAWS} "
                   "sample draws):", "", "| latents | " + " | ".join(cvae) + " |", "|---|" + "---|" * len(cvae)]
-        lines += [f"| {_cell(r.removeprefix('latents: '))} | " + " | ".join(_mean_std(d[r]) for d in cvae.values()) + " |"
-                  for r in rows]
+        lines += [f"| {_cell(r.removeprefix('latents: '))} | "
+                  + " | ".join(_mean_std(d[r]) for d in cvae.values()) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,8 @@ def test_every_table_row_has_its_headers_cells_even_with_a_pipe_in_a_name():
     diag = {"tstr_trtr_ratio": [0.9, 0.8], "active_latent_dims": [7, 8], "spectrum_ratio_top3": [0.8, 0.8],
             "spectrum_ratio_4_16": [0.4, 0.5], "gaussian_sample_mean_and_cov": [0.8, 0.8],
             "gaussian_real_mean_sample_cov": [0.8, 0.9], "gaussian_sample_mean_real_cov": [0.9, 0.9],
-            "latents: the model's own samples": [0.89, 0.88], "latents: the train split's posteriors q(z | x)": [0.93, 0.92]}
+            "latents: the model's own samples": [0.89, 0.88],
+            "latents: the train split's posteriors q(z | x)": [0.93, 0.92]}
     text = cc.render([0, 1], {"per-class diagonal": [0.41, 0.42]}, {"cvae unified": diag, "cvae, N(0, I) prior": diag})
     tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
     assert len(tables) == 3

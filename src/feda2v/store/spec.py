@@ -79,16 +79,15 @@ def has_conditional_prior(type_: str, arch: str) -> bool:
     return _generator_has("conditional_prior", type_, arch)
 
 
-# Each resolver: (the config value, generator.type, generator.arch, generator.granularity) -> the
-# value the store runs with.
-
-
 def holds_several_classes(granularity: str) -> bool:
     """Whether a key of this granularity serves several classes (unified, class groups): one
     network must then shape each class, so it gets the type's several-classes defaults (FiLM, a
     wider hidden layer); a per-class key's condition is one constant vector."""
     return granularity != "per_class"
 
+
+# Each resolver: (the config value, generator.type, generator.arch, generator.granularity) -> the
+# value the store runs with.
 def resolve_conditional_prior(value: bool | None, type_: str, arch: str, granularity: str = "unified") -> bool:
     """generator.conditional_prior as the store runs it: null is the type's own default (on for
     the cVAE's default architecture, store/kinds.py), where the architecture has one."""
