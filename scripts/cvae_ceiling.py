@@ -49,11 +49,19 @@ def _top_k_plus_diag(cov: np.ndarray, k: int) -> np.ndarray:
     return top + np.diag(np.clip(np.diag(cov - top), 1e-6, None))
 
 
+def _tstr_trtr(x: np.ndarray, y: np.ndarray, real: tuple, seed: int) -> float:
+    """TSTR/TRTR of the synthetic set (x, y) by the evaluator's own ``metrics.tstr_trtr``, against
+    ``real`` = (train x, train y, test x, test y)."""
+    from feda2v.evaluate import metrics as M
+
+    tstr, trtr = M.tstr_trtr(x, y, *real, seed=seed)
+    return tstr.balanced / trtr.balanced
+
+
 def gaussian_ceiling(tr_x, tr_y, te_x, te_y, n: int, seed: int) -> dict[str, float]:
     """TSTR/TRTR of Gaussian generators fitted on the real train split (name -> ratio)."""
     from sklearn.covariance import LedoitWolf
 
-    from feda2v.evaluate import metrics as M
     from feda2v.seeding import numpy_generator
 
     classes = np.unique(tr_y)
@@ -77,12 +85,10 @@ def gaussian_ceiling(tr_x, tr_y, te_x, te_y, n: int, seed: int) -> dict[str, flo
     for name, cov_of in generators.items():
         sx = np.concatenate([numpy_generator(seed, "ceiling", name, int(c)).multivariate_normal(means[c], cov_of(c), n)
                              for c in classes])
-        tstr, trtr = M.tstr_trtr(sx, ys, tr_x, tr_y, te_x, te_y, seed=seed)
-        out[name] = tstr.balanced / trtr.balanced
+        out[name] = _tstr_trtr(sx, ys, (tr_x, tr_y, te_x, te_y), seed)
     boot = np.concatenate([numpy_generator(seed, "ceiling", "bootstrap", int(c)).choice(np.flatnonzero(tr_y == c), n)
                            for c in classes])
-    tstr, trtr = M.tstr_trtr(tr_x[boot], tr_y[boot], tr_x, tr_y, te_x, te_y, seed=seed)
-    out["real train split, resampled"] = tstr.balanced / trtr.balanced
+    out["real train split, resampled"] = _tstr_trtr(tr_x[boot], tr_y[boot], (tr_x, tr_y, te_x, te_y), seed)
     return out
 
 
@@ -91,7 +97,6 @@ def diagnose_cvae(conf: Path, prepared: Path, seed: int, overrides: list[str]) -
     import torch
     from compare_generators import train_cell  # scripts/, beside this one
 
-    from feda2v.evaluate import metrics as M
     from feda2v.evaluate.job import _real_sets, compute_metrics, derive_eval_seed, sample_synthetic
     from feda2v.seeding import numpy_generator
 
@@ -117,10 +122,9 @@ def diagnose_cvae(conf: Path, prepared: Path, seed: int, overrides: list[str]) -
     def swapped(mean_of, cov_of, name):
         x = np.concatenate([numpy_generator(seed, "ceiling/swap", name, int(c)).multivariate_normal(mean_of[c], cov_of[c], n)
                             for c in classes])
-        tstr, trtr = M.tstr_trtr(x, np.repeat(classes, n), tr_x, tr_y, te_x, te_y, seed=eval_seed)
-        return tstr.balanced / trtr.balanced
+        return _tstr_trtr(x, np.repeat(classes, n), (tr_x, tr_y, te_x, te_y), eval_seed)
 
-    latents = latent_densities(store, data, n, seed, eval_seed)
+    latents = latent_densities(store, data, (tr_x, tr_y, te_x, te_y), n, seed, eval_seed)
     return {
         "tstr_trtr_ratio": metrics["overall"]["tstr_trtr_ratio"],
         "active_latent_dims": int((mu.var(0) > 0.01).sum()),
@@ -142,35 +146,30 @@ def _sampling_module(store, key: str):
     import torch
 
     module = copy.deepcopy(store.module(key, "generator"))
-    tensors, _ = store.state_dict()
+    tensors = store.parameter_tensors()
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(tensors.get(f"{key}/generator/ema/{name}", p))
     return module
 
 
-def latent_densities(store, data, n: int, seed: int, eval_seed: int) -> dict[str, float]:
+def latent_densities(store, data, real: tuple, n: int, seed: int, eval_seed: int) -> dict[str, float]:
     """TSTR/TRTR of the trained decoder fed latents from each per-class density (name -> mean over
-    ``LATENT_DRAWS`` draws): what a better prior could still give the same decoder."""
+    ``LATENT_DRAWS`` draws): what a better prior could still give the same decoder. ``real``: the
+    real (train x, train y, test x, test y), features as float64."""
     import torch
     from sklearn.mixture import GaussianMixture
 
-    from feda2v.evaluate import metrics as M
-    from feda2v.evaluate.job import _real_sets, sample_synthetic
+    from feda2v.evaluate.job import sample_synthetic
     from feda2v.seeding import numpy_generator
 
-    tr_x, tr_y, te_x, te_y = (t.numpy() for t in _real_sets(data))
-    tr64, te64 = tr_x.astype(np.float64), te_x.astype(np.float64)
+    tr_x, tr_y = real[0], real[1]
     classes = np.unique(tr_y)
     module = _sampling_module(store, store.key_for_class(data.classes[0]))
     cond = data.conditions.float()
     with torch.no_grad():
         mu, logvar = module.encode(torch.as_tensor(tr_x, dtype=torch.float32), cond[torch.as_tensor(tr_y)])
     mu, sd = mu.numpy().astype(np.float64), np.exp(0.5 * logvar.numpy()).astype(np.float64)
-
-    def ratio(x: np.ndarray, y: np.ndarray) -> float:
-        tstr, trtr = M.tstr_trtr(x, y, tr64, tr_y, te64, te_y, seed=eval_seed)
-        return tstr.balanced / trtr.balanced
 
     def decoded(latents_of) -> float:  # latents_of(class, draw) -> [n, latent_dim]
         vals = []
@@ -180,7 +179,7 @@ def latent_densities(store, data, n: int, seed: int, eval_seed: int) -> dict[str
                 z = torch.as_tensor(latents_of(int(c), d), dtype=torch.float32)
                 with torch.no_grad():
                     xs.append(module.decode(z, cond[int(c)].expand(len(z), -1)).numpy().astype(np.float64))
-            vals.append(ratio(np.concatenate(xs), np.repeat(classes, n)))
+            vals.append(_tstr_trtr(np.concatenate(xs), np.repeat(classes, n), real, eval_seed))
         return float(np.mean(vals))
 
     def posterior_samples(c: int) -> np.ndarray:
@@ -191,7 +190,8 @@ def latent_densities(store, data, n: int, seed: int, eval_seed: int) -> dict[str
     out = {}
     # the evaluator's own samples, re-drawn: the pipeline's number without a single draw's noise
     draws = [sample_synthetic(store, len(data.classes), n, eval_seed + 1000 * d) for d in range(LATENT_DRAWS)]
-    out["the model's own samples"] = float(np.mean([ratio(x.numpy().astype(np.float64), y.numpy()) for x, y in draws]))
+    out["the model's own samples"] = float(np.mean([_tstr_trtr(x.numpy().astype(np.float64), y.numpy(), real, eval_seed)
+                                                    for x, y in draws]))
     for k in MIXTURE_COMPONENTS:
         fits = {int(c): GaussianMixture(k, covariance_type="full", reg_covar=1e-4,
                                         random_state=_sklearn_seed(seed, k, c)).fit(posterior_samples(int(c)))
