@@ -286,3 +286,54 @@ def test_gan_settings_bind_a_gan_run_only(per_class_file):
         check_resumable(cfg("gan", 2), state(cfg("gan", 1)), None, per_class_file)
     with pytest.raises(CheckpointError, match="generator.type is 'cvae' there, 'gan' here"):
         check_resumable(cfg("gan", 2), state(cfg("cvae", 1)), None, per_class_file)
+
+
+def test_null_lr_schedule_is_recorded_resolved_and_binds_a_resume_and_its_rounds(per_class_file):
+    # null means the type's schedule (cvae keys of several classes: cosine at 3e-3; per class, vae,
+    # gan and the published architectures: constant). A run from before the key (recorded without
+    # it: constant, with an lr null that ran the constant default) is refused, naming it, where null
+    # now means cosine, and resumes with generator.optimizer.schedule=constant at the lr it had.
+    # A cosine run decays over decay_rounds (null: federation.rounds, recorded resolved), so it
+    # resumes with more rounds only with its horizon pinned; a constant one, which has none, with any.
+    from pathlib import Path
+
+    from feda2v.checkpoint import check_resumable, read_run_state, state_config
+    from feda2v.config import load_config
+    from feda2v.config.files import compose_conf
+    from feda2v.store import StoreSpec
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for overrides, want, lr in ((["generator=cvae"], "cosine", 3e-3), (["generator=vae"], "constant", 2e-3),
+                                (["generator=cvae", "generator.granularity=per_class"], "constant", 2e-3),
+                                (["generator=gan"], "constant", 1e-3),
+                                (["generator=cvae", "generator.arch=fedgfe"], "constant", 2e-3)):
+        cfg = load_config(compose_conf(conf, overrides))
+        assert cfg.generator.optimizer.schedule is None
+        mine = state_config(cfg)
+        assert mine["generator"]["optimizer"]["schedule"] == want, overrides
+        spec = StoreSpec.from_config(cfg, classes=CLASSES, feature_dim=6, condition_dim=3).optimizer
+        horizon = cfg.federation.rounds if want == "cosine" else 1
+        assert (spec.schedule, spec.lr, spec.decay_rounds) == (want, lr, horizon)
+        old = json.loads(json.dumps(mine))
+        del old["generator"]["optimizer"]["schedule"], old["generator"]["optimizer"]["decay_rounds"]
+        state = dataclasses.replace(read_run_state(per_class_file), config=old, data_manifest_hash=None)
+        if want == "cosine":
+            with pytest.raises(CheckpointError,
+                               match="generator.optimizer.schedule is 'constant' there, 'cosine' here"):
+                check_resumable(mine, state, None, per_class_file)
+            pinned = load_config(compose_conf(conf, [*overrides, "generator.optimizer.schedule=constant"]))
+            check_resumable(state_config(pinned), state, None, per_class_file)
+            assert StoreSpec.from_config(pinned, classes=CLASSES, feature_dim=6, condition_dim=3).optimizer.lr == 2e-3
+        else:
+            check_resumable(mine, state, None, per_class_file)
+        assert mine["generator"]["optimizer"]["decay_rounds"] == (20 if want == "cosine" else None)
+        ran = dataclasses.replace(read_run_state(per_class_file), config=mine, data_manifest_hash=None)
+        longer = state_config(load_config(compose_conf(conf, [*overrides, "federation.rounds=40"])))
+        if want == "cosine":
+            with pytest.raises(CheckpointError, match="generator.optimizer.decay_rounds is 20 there, 40 here"):
+                check_resumable(longer, ran, None, per_class_file)
+            pinned = load_config(compose_conf(conf, [*overrides, "federation.rounds=40",
+                                                     "generator.optimizer.decay_rounds=20"]))
+            check_resumable(state_config(pinned), ran, None, per_class_file)
+        else:
+            check_resumable(longer, ran, None, per_class_file)

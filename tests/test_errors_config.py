@@ -53,6 +53,8 @@ BAD = {
     "generator.film": "perhaps",
     "generator.optimizer.name": "sgd",
     "generator.optimizer.lr": 0.0,
+    "generator.optimizer.schedule": "linear",
+    "generator.optimizer.decay_rounds": 0,
     "generator.optimizer.betas": [0.9],
     "generator.optimizer.eps": 0.0,
     "generator.optimizer.weight_decay": -0.01,

@@ -29,7 +29,9 @@ from conftest import cli
 BASE = ["data=digits", "data.nodes=3", "data.condition=onehot", "data.max_samples=300",
         "data.partition.scheme=iid", "generator.hidden_dim=16", "generator.latent_dim=4",
         "federation.rounds=2", "federation.local_epochs=1", "tracking=none", "train.progress=off",
-        "evaluate.samples_per_class=20", "evaluate.knn_k=3"]
+        "evaluate.samples_per_class=20", "evaluate.knn_k=3",
+        # the cVAE's cosine lr over 3 rounds: the cases resume the project's 2 rounds to 3
+        "generator.optimizer.decay_rounds=3"]
 
 
 LATE = ["checkpoint.dir=ck_new", "train.reports_dir=rep_new/train", "train.metrics_path=rep_new/m.json",

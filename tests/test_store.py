@@ -518,3 +518,52 @@ def test_parameters_stay_the_trained_ones_after_external_rebinding_and_deepcopy(
     assert torch.equal(p, twin.module("class/b").net[0].weight)
     ts, tt = s.state_dict()[0], twin.state_dict()[0]
     assert all(torch.equal(ts[n], tt[n]) for n in ts)
+
+
+def test_a_scheduled_lr_steps_each_round_at_its_factor_as_adamw_at_that_lr_would():
+    # cosine over 3 rounds: the grouped update of a round's visit is AdamW's at lr x lr_scale(round),
+    # for every key alike; the optimizers keep the configured lr (what a reset or a checkpoint holds)
+    from feda2v.store.optim import COSINE_FINAL_FRACTION, lr_scale
+
+    scales = [lr_scale("cosine", r, 3) for r in (1, 2, 3)]
+    assert scales == sorted(scales, reverse=True) and scales[0] < 1 and scales[-1] > COSINE_FINAL_FRACTION
+    assert lr_scale("cosine", 0, 3) == scales[0] and lr_scale("cosine", 9, 3) == scales[-1]  # clamped to the run
+    assert lr_scale("constant", 2, 3) == 1.0
+    # (no moving average: the by-hand reference is the grouped-step test's, above)
+    s = make_store("cvae", "per_class", ema_decay=0.0, optimizer={"lr": 0.05, "schedule": "cosine", "decay_rounds": 3})
+    ref, flat = clone(s), make_store("cvae", "per_class", ema_decay=0.0, optimizer={"lr": 0.05})
+    for step, (round_, classes) in enumerate([(1, (0, 1, 2, 3)), (2, (0, 2)), (3, (1, 2, 3)), (3, (0, 1, 2, 3))]):
+        x, y = batch(step, classes, n=13)
+        s.train_batch(x, y, gen=gen(step), node="n", round=round_)
+        flat.train_batch(x, y, gen=gen(step), node="n", round=round_)
+        for k in ref.keys:
+            ref.optimizer(k).param_groups[0]["lr"] = 0.05 * lr_scale("cosine", round_, 3)
+        _reference_step(ref, x, y, gen(step))
+        for k in ref.keys:
+            ref.optimizer(k).param_groups[0]["lr"] = 0.05
+    ts, tr, tf = s.state_dict()[0], ref.state_dict()[0], flat.state_dict()[0]
+    assert sorted(ts) == sorted(tr)
+    for n in ts:
+        torch.testing.assert_close(ts[n], tr[n], rtol=1e-4, atol=1e-6, msg=n)
+    # the schedule did something: the constant lr's weights are elsewhere
+    assert max((ts[n] - tf[n]).abs().max().item() for n in ts if "/generator/param/" in n) > 1e-3
+    assert {s.optimizer(k).param_groups[0]["lr"] for k in s.keys} == {0.05}
+    assert GeneratorStore.from_state(*s.state_dict()).spec.optimizer == s.spec.optimizer
+
+
+@pytest.mark.parametrize("type_", ["vae", "cvae", "gan"])
+@pytest.mark.parametrize("granularity", ["unified", "per_class", "per_group"])
+def test_a_scheduled_round_is_bit_for_bit_the_constant_lr_of_its_factor(type_, granularity):
+    # every update of a round (both GAN roles, every key) takes the round's factor, and nothing else
+    # changes: round 2 of 3 under the cosine at lr L is the constant lr L x lr_scale(2) exactly
+    from feda2v.store.optim import lr_scale
+
+    lr = 0.01
+    scheduled = make_store(type_, granularity, optimizer={"lr": lr, "schedule": "cosine", "decay_rounds": 3})
+    constant = make_store(type_, granularity, optimizer={"lr": lr * lr_scale("cosine", 2, 3)})
+    for step, classes in enumerate([(0, 1, 2, 3), (0, 2)]):
+        x, y = batch(step, classes, n=13)
+        for s in (scheduled, constant):
+            s.train_batch(x, y, gen=gen(step), node="n", round=2)
+    a, b = scheduled.state_dict()[0], constant.state_dict()[0]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)

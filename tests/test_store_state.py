@@ -302,10 +302,11 @@ def test_film_is_the_default_for_keys_of_several_classes_and_refused_where_none_
 
 
 def test_the_several_classes_defaults_follow_one_predicate_over_every_granularity():
-    # FiLM and the wider cVAE both belong to keys serving several classes: one predicate decides
-    # both, for every granularity the config accepts, so a new granularity cannot split them
+    # FiLM, the wider cVAE and its cosine lr all belong to keys serving several classes: one
+    # predicate decides them, for every granularity the config accepts, so a new granularity cannot
+    # split them
     from feda2v.config.schema import CHOICES
-    from feda2v.store.spec import holds_several_classes
+    from feda2v.store.spec import holds_several_classes, resolve_lr_schedule
 
     granularities = CHOICES["generator.granularity"]
     assert {g: holds_several_classes(g) for g in granularities} == {
@@ -314,6 +315,7 @@ def test_the_several_classes_defaults_follow_one_predicate_over_every_granularit
         spec = make_store("cvae", g, hidden_dim=None).spec  # null: the type's width
         assert spec.film is holds_several_classes(g)
         assert spec.hidden_dim == (512 if holds_several_classes(g) else 256)
+        assert resolve_lr_schedule(None, "cvae", "default", g) == ("cosine" if holds_several_classes(g) else "constant")
 
 
 def test_output_variance_is_opt_in_and_refused_where_no_architecture_has_one():

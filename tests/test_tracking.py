@@ -81,9 +81,9 @@ def test_run_params_log_the_values_a_type_default_resolved_to():
     from feda2v.pipeline.train import run_params
     from feda2v.store.spec import StoreSpec
 
-    for typ, lr, betas, hidden, ema in (("cvae", "0.002", "[0.9, 0.999]", "512", "0.995"),
-                                         ("gan", "0.001", "[0.5, 0.99]", "256", "0.995"),
-                                         ("vae", "0.002", "[0.9, 0.999]", "128", "0.0")):
+    for typ, lr, betas, hidden, ema, schedule in (("cvae", "0.003", "[0.9, 0.999]", "512", "0.995", "cosine"),
+                                                   ("gan", "0.001", "[0.5, 0.99]", "256", "0.995", "constant"),
+                                                   ("vae", "0.002", "[0.9, 0.999]", "128", "0.0", "constant")):
         cfg = load_config({"data": {"name": "digits"}, "generator": {"type": typ}})
         assert cfg.generator.optimizer.lr is None and cfg.generator.hidden_dim is None
         flat = flatten(run_params(cfg))
@@ -91,12 +91,15 @@ def test_run_params_log_the_values_a_type_default_resolved_to():
                 flat["generator.ema_decay"]) == (lr, betas, hidden, ema), typ
         spec = StoreSpec.from_config(cfg, classes=["a"], feature_dim=4, condition_dim=4)  # what trains
         assert (str(spec.optimizer.lr), str(list(spec.optimizer.betas))) == (lr, betas)
+        assert flat["generator.optimizer.schedule"] == schedule == spec.optimizer.schedule
         assert flat["generator.conditional_prior"] == ("true" if typ == "cvae" else "false")
         assert flat["generator.film"] == ("false" if typ == "vae" else "true") == str(spec.film).lower()
         assert cfg.generator.optimizer.lr is None  # the run's config itself is left as it was
     per_class = load_config({"data": {"name": "digits"}, "generator": {"type": "cvae", "granularity": "per_class"}})
     assert flatten(run_params(per_class))["generator.film"] == "false"  # the granularity's resolution
     assert flatten(run_params(per_class))["generator.hidden_dim"] == "256"
+    assert (flatten(run_params(per_class))["generator.optimizer.schedule"],
+            flatten(run_params(per_class))["generator.optimizer.lr"]) == ("constant", "0.002")
     cfg = load_config({"data": {"name": "digits"}, "generator": {"type": "gan", "hidden_dim": 64,
                                                                   "optimizer": {"lr": 0.01}}})
     flat = flatten(run_params(cfg))

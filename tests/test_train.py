@@ -75,8 +75,9 @@ MATRIX = [(s, g, t, r) for s in ("shared", "local", "fedavg") for g in ("unified
 @pytest.mark.parametrize("sharing, granularity, gtype, reset", MATRIX,
                          ids=[f"{s}-{g}-{t}-{'reset' if r else 'keep'}" for s, g, t, r in MATRIX])
 def test_resume_is_bit_identical(tmp_path, prepared, sharing, granularity, gtype, reset):
+    # decay_rounds: the cosine lr's horizon is the run's 3 rounds, also while it stops after 1
     sections = {"federation": {"sharing": sharing, "reset_on_class_change": reset},
-                "generator": {"type": gtype, "granularity": granularity}}
+                "generator": {"type": gtype, "granularity": granularity, "optimizer": {"decay_rounds": 3}}}
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(straight, prepared, rounds=3, **sections)
     run(split, prepared, rounds=1, **sections)
@@ -92,8 +93,8 @@ CONDITIONAL_PRIOR = [("shared", "unified", True), ("local", "per_class", False),
 @pytest.mark.parametrize("sharing, granularity, reset", CONDITIONAL_PRIOR,
                          ids=[f"{s}-{g}-{'reset' if r else 'keep'}" for s, g, r in CONDITIONAL_PRIOR])
 def test_resume_with_the_conditional_prior_is_bit_identical(tmp_path, prepared, sharing, granularity, reset):
-    sections = {"federation": {"sharing": sharing, "reset_on_class_change": reset},
-                "generator": {"type": "cvae", "granularity": granularity}}  # the cVAE's default: on
+    sections = {"federation": {"sharing": sharing, "reset_on_class_change": reset},  # the cVAE's default: on
+                "generator": {"type": "cvae", "granularity": granularity, "optimizer": {"decay_rounds": 3}}}
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(straight, prepared, rounds=3, **sections)
     run(split, prepared, rounds=1, **sections)
@@ -163,7 +164,7 @@ def test_group_map_missing_a_class_is_a_clear_error(tmp_path, prepared):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, prepared, monkeypatch):
-    run(tmp_path, prepared, rounds=2)
+    run(tmp_path, prepared, rounds=2, generator={"optimizer": {"decay_rounds": 4}})  # resumed to 4 below
     good = (tmp_path / "ckpt/latest.ckpt").read_bytes()
     import feda2v.data as data_mod
 
@@ -176,7 +177,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, prepared
 
     monkeypatch.setattr(data_mod, "load_prepared", poisoned)
     with pytest.raises(NonFiniteLossError, match="node/001"):
-        run(tmp_path, prepared, rounds=4, resume="latest")
+        run(tmp_path, prepared, rounds=4, resume="latest", generator={"optimizer": {"decay_rounds": 4}})
     assert (tmp_path / "ckpt/latest.ckpt").read_bytes() == good
     assert verify_checkpoint(tmp_path / "ckpt/latest.ckpt")["round"] == 2
 

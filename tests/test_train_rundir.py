@@ -194,7 +194,8 @@ def test_state_round_trips_through_the_run_state_module(tmp_path, prepared):
 def test_sigint_stops_at_a_safe_point_keeps_latest_and_says_so(tmp_path, prepared, monkeypatch):
     from feda2v.pipeline import train as train_mod
 
-    run_in(tmp_path, prepared, rounds=2)
+    horizon = {"optimizer": {"decay_rounds": 4}}  # the cosine lr's: the run goes on to 4 rounds
+    run_in(tmp_path, prepared, rounds=2, generator=horizon)
     latest = (tmp_path / "ckpt/latest.ckpt").read_bytes()
     sent = []
     # what the process had: default_int_handler, or SIG_IGN where a shell started it in the background
@@ -207,7 +208,7 @@ def test_sigint_stops_at_a_safe_point_keeps_latest_and_says_so(tmp_path, prepare
 
     monkeypatch.setattr(train_mod.Progress, "node_done", interrupt)
     with pytest.raises(TrainingStopped) as e:
-        run_in(tmp_path, prepared, rounds=4, train={"resume": "latest"})
+        run_in(tmp_path, prepared, rounds=4, train={"resume": "latest"}, generator=horizon)
     assert e.value.exit_code == 130 and "\n" not in str(e.value)
     assert str(e.value).startswith("stopped by SIGINT; ckpt/latest.ckpt (round 2) is the last complete checkpoint")
     assert (tmp_path / "ckpt/latest.ckpt").read_bytes() == latest

@@ -104,15 +104,13 @@ def state_config(cfg) -> dict:
     plain = to_plain(cfg) if OmegaConf.is_config(cfg) else _deep_copy(cfg)
     for dotted in OPERATIONAL:
         _drop(plain, dotted)
-    gen = plain.get("generator")
-    if isinstance(gen, dict):
-        # a null that means the type's default is recorded as the value it resolves to, so a
-        # checkpoint written before the key existed (or before its default became the type's:
-        # hidden_dim was 128) resumes where null means that too, and is refused, naming it, elsewhere
-        from feda2v.store.spec import resolve_generator_defaults
+    # a null that means the type's default is recorded as the value it resolves to, so a
+    # checkpoint written before the key existed (or before its default became the type's:
+    # hidden_dim was 128) resumes where null means that too, and is refused, naming it, elsewhere;
+    # the lr schedule's horizon likewise (null: federation.rounds, which alone stays resume-free)
+    from feda2v.store.spec import resolve_run_config
 
-        resolve_generator_defaults(gen)
-    return plain
+    return resolve_run_config(plain)
 
 
 def operational_config(cfg) -> dict:
@@ -286,6 +284,8 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
     "generator.conditional_prior": False,  # cVAE stores had the N(0, I) prior (models/generators.py)
     "generator.ema_decay": 0.0,  # stores sampled their trained weights (store/store.py)
     "generator.film": False,  # generating networks saw the condition in their input only (models/generators.py)
+    "generator.optimizer.schedule": "constant",  # every round stepped at the configured lr (store/optim.py)
+    "generator.optimizer.decay_rounds": None,  # ... so there was no horizon
 }
 # Recorded keys whose value state_config derives from others (a null resolved by generator.type):
 # compared last, so a refusal names the key the user changed, not its consequence.
@@ -318,11 +318,23 @@ def check_resumable(config: Mapping[str, Any], state: RunState, manifest_hash: s
                                               "granularity": flat.get("generator.granularity", "unified"),
                                               **{name.split(".", 1)[1]: None for name in nulls}})
             flat.update({name: gen[name.split(".", 1)[1]] for name in nulls})
+        if flat.get("generator.optimizer.schedule") is None:
+            from feda2v.store.spec import resolve_decay_rounds, resolve_lr_schedule
+
+            schedule = resolve_lr_schedule(None, str(flat.get("generator.type")), flat.get("generator.arch", "default"),
+                                           flat.get("generator.granularity", "unified"))
+            flat["generator.optimizer.schedule"] = schedule
+            flat["generator.optimizer.decay_rounds"] = resolve_decay_rounds(
+                schedule, flat.get("generator.optimizer.decay_rounds"), flat.get("federation.rounds", 1))
     # generator.gan.* trains nothing but a GAN: a cVAE run resumes whatever the GAN defaults became
     # (a differing generator.type is still refused, naming that key)
     free = RESUME_FREE if mine.get("generator.type") == theirs.get("generator.type") == "gan" else \
         RESUME_FREE + (GAN_ONLY,)
-    for name in sorted(set(mine) | set(theirs), key=lambda n: (n in DERIVED_CONFIG_KEYS, n)):
+    # the type defaults after what they follow (the type, the granularity), the schedule's horizon
+    # after the schedule
+    order = {**{n: 1 for n in (*DERIVED_CONFIG_KEYS, "generator.optimizer.schedule")},
+             "generator.optimizer.decay_rounds": 2}
+    for name in sorted(set(mine) | set(theirs), key=lambda n: (order.get(n, 0), n)):
         if _free(name, free):
             continue
         if mine.get(name) != theirs.get(name):

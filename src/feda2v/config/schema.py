@@ -50,10 +50,18 @@ class OptimizerConfig:
     """The one optimizer factory's settings: every (key, role) optimizer and every reset use these."""
 
     name: str = "adamw"  # adamw | adam
-    # null: the generator type's own default (vae/cvae: 2e-3, [0.9, 0.999]; gan: 1e-3, [0.5, 0.99]),
+    # null: the generator type's own default (vae/cvae: 3e-3 with the cosine schedule, 2e-3 constant,
+    # [0.9, 0.999]; gan: 1e-3, [0.5, 0.99]),
     # so generator.type=gan and generator=gan compose the same training (store/kinds.py)
     lr: Optional[float] = None
     betas: Optional[List[float]] = None
+    # the lr over the federation's rounds: constant | cosine (from lr down to a tenth of it by round
+    # decay_rounds, store/optim.lr_scale); null: the type's default (cvae keys of several classes:
+    # cosine; per class, vae, gan: constant)
+    schedule: Optional[str] = None
+    # the rounds the cosine decays over (later rounds stay at its last lr); null: federation.rounds.
+    # Recorded resolved: a cosine run resumes with more rounds only with this set to what it had.
+    decay_rounds: Optional[int] = None
     eps: float = 1e-8
     weight_decay: float = 1e-2
 
@@ -236,6 +244,9 @@ class Feda2vConfig:
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
+
+# generator.optimizer.schedule's values (nullable, so checked as a rule in config/validate.py)
+LR_SCHEDULES = ("constant", "cosine")
 
 # Allowed values of the string "enums" (kept as str so YAML stays plain and DVC -S works).
 CHOICES: Dict[str, tuple] = {

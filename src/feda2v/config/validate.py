@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping
 
 from typing import TYPE_CHECKING
 
-from feda2v.config.schema import CHOICES, LEGACY_ALIASES, Feda2vConfig
+from feda2v.config.schema import CHOICES, LEGACY_ALIASES, LR_SCHEDULES, Feda2vConfig
 from feda2v.errors import ConfigError
 
 # omegaconf (and yaml, antlr) are imported where a config is built or resolved, not by importing
@@ -156,6 +156,10 @@ RULES: Dict[str, _Rule] = {
                                  "in [0, 1) or null (the type's default)"),
     "generator.beta_max": _at_least(0),
     "generator.beta_warmup_steps": _at_least(0),
+    "generator.optimizer.schedule": _Rule(lambda v: v is None or v in LR_SCHEDULES,
+                                          f"one of {', '.join(LR_SCHEDULES)} or null (the type's default)"),
+    "generator.optimizer.decay_rounds": _Rule(lambda v: v is None or (_finite(v) and v >= 1),
+                                              ">= 1 or null (federation.rounds)"),
     "generator.optimizer.lr": _Rule(lambda v: v is None or (_finite(v) and v > 0), "> 0 or null (the type's default)"),
     "generator.gan.d_steps": _at_least(1),
     "generator.gan.g_steps": _at_least(1),

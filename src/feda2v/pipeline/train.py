@@ -26,16 +26,16 @@ def run_params(cfg) -> dict:
     """The run's MLflow params: the resolved config, minus where it was resumed from.
 
     A generator null that means "the type's default" is logged as the value the run trained with
-    (hidden_dim, conditional_prior, ema_decay, optimizer lr and betas): in MLflow's run table a
+    (hidden_dim, conditional_prior, ema_decay, optimizer lr, betas, schedule and decay_rounds): in MLflow's run table a
     cvae and a gan run would otherwise both show lr null, and a filter on the width would miss
     every run that left it to the type."""
-    from feda2v.store.spec import resolve_generator_defaults, resolve_optimizer_defaults
+    from feda2v.store.spec import resolve_optimizer_defaults, resolve_run_config
 
     plain = to_plain(cfg)
     plain["train"]["resume"] = None
-    gen = resolve_generator_defaults(plain["generator"])
+    gen = resolve_run_config(plain)["generator"]
     opt = gen["optimizer"]
-    lr, betas = resolve_optimizer_defaults(opt["lr"], opt["betas"], str(gen["type"]))
+    lr, betas = resolve_optimizer_defaults(opt["lr"], opt["betas"], str(gen["type"]), opt["schedule"])
     opt.update(lr=lr, betas=list(betas))
     return plain
 

@@ -9,6 +9,7 @@ optimizer's own state entries.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -20,6 +21,24 @@ from feda2v.errors import ConfigError
 
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+# The cosine schedule's last-round lr, as a fraction of the configured one: the decay averages
+# out the late steps' noise in the weights, and the floor keeps the last rounds learning.
+COSINE_FINAL_FRACTION = 0.1
+
+
+def lr_scale(schedule: str, round_: int, rounds: int) -> float:
+    """The factor on the configured lr for the steps of round ``round_`` of ``rounds`` (1-based).
+
+    Per round, not per step: every key of a store, whatever its own step count (a per_class key
+    steps only where its class is), and every node of the round, with one fused update per step,
+    get the same lr; and a resumed run knows it from the round alone. ``cosine``: half a cosine
+    from 1 down to COSINE_FINAL_FRACTION, read at the round's middle."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ConfigError(f"generator.optimizer.schedule: {schedule!r} is not one of constant, cosine")
+    t = (min(max(int(round_), 1), int(rounds)) - 0.5) / int(rounds)
+    return COSINE_FINAL_FRACTION + (1 - COSINE_FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 # `OptimizerSpec` appears in annotations only (never evaluated): spec.py sits above this module.
@@ -78,13 +97,16 @@ def _hyper(opt: torch.optim.Optimizer) -> tuple:
 
 
 def _fused_call(hyper: tuple, ps: list, gs: list, ms: list, vs: list, steps: list, found_inf: Tensor | None,
-                count_steps: bool = True) -> None:
+                count_steps: bool = True, lr_scale: float = 1.0) -> None:
     """Exactly what ``torch.optim.adam.adam(fused=True)`` does for one device and dtype (steps += 1,
     then torch's fused kernel, then steps -= found_inf), without its per-call regrouping of the
     lists by device and dtype (the store's tensors are all float32 on one device).
     ``count_steps=False``: the caller has already added ``1 - found_inf`` to the steps (the same
-    values where it matters: the kernel reads them only when found_inf is 0)."""
+    values where it matters: the kernel reads them only when found_inf is 0).
+    ``lr_scale``: the schedule's factor on the group's lr (``lr_scale()``); the optimizers keep the
+    configured lr, so a reset or a checkpoint holds the factory's hyper-parameters in every round."""
     lr, beta1, beta2, eps, wd, decoupled = hyper
+    lr = lr * lr_scale
     if count_steps:
         torch._foreach_add_(steps, 1)
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -96,7 +118,7 @@ def _fused_call(hyper: tuple, ps: list, gs: list, ms: list, vs: list, steps: lis
 
 @torch.no_grad()
 def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], Sequence[Tensor]]],
-                 found_inf: Tensor | None = None) -> None:
+                 found_inf: Tensor | None = None, lr_scale: float = 1.0) -> None:
     """One fused Adam(W) update for many optimizers: ``items`` = [(optimizer, params, grads), ...].
 
     Optimizers whose param-group hyper-parameters are equal (the normal case: one factory) are
@@ -115,7 +137,7 @@ def grouped_step(items: Sequence[tuple[torch.optim.Optimizer, Sequence[Tensor], 
             b[3].append(st["exp_avg_sq"])
             b[4].append(st["step"])
     for hyper, (ps, gs, ms, vs, steps) in buckets.items():
-        _fused_call(hyper, ps, gs, ms, vs, steps, found_inf)
+        _fused_call(hyper, ps, gs, ms, vs, steps, found_inf, lr_scale=lr_scale)
 
 
 class FusedUpdate:
@@ -200,7 +222,7 @@ class FusedUpdate:
 
     @torch.no_grad()
     def __call__(self, grads: Sequence[Tensor], found_inf: Tensor | None = None,
-                 kept: Iterable[Tensor] = ()) -> None:
+                 kept: Iterable[Tensor] = (), lr_scale: float = 1.0) -> None:
         """``grads``: per parameter name, the stacked gradient [K, ...] (contiguous: torch's fused
         CPU Adam reads memory linearly and would mix elements of a non-contiguous one); ``kept``:
         the caller's gradient buffers, the same objects at every step."""
@@ -215,4 +237,4 @@ class FusedUpdate:
                 self._bank.index_add_(0, self._rows_idx, self._ones if found_inf is None else self._ones * one)
         for hyper, pos, ps, ms, vs, steps in self._calls:
             gs = flat if pos is None else [flat[q] for q in pos]
-            _fused_call(hyper, ps, gs, ms, vs, steps, found_inf, count_steps=not banked)
+            _fused_call(hyper, ps, gs, ms, vs, steps, found_inf, count_steps=not banked, lr_scale=lr_scale)

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from feda2v.config.schema import GanConfig, GeneratorConfig
+from feda2v.config.schema import LR_SCHEDULES, GanConfig, GeneratorConfig
 from feda2v.errors import CheckpointError, ConfigError
 from feda2v.models import ARCHITECTURES, constructor_args
 from feda2v.store.kinds import DEFAULT_ARCH, kind  # the kinds table (type defaults); DEFAULT_ARCH re-exported
+from feda2v.store.optim import lr_scale
 
 
 # The config schema owns the defaults; a spec built in code (tests, tools) gets the same ones.
@@ -30,11 +31,27 @@ class OptimizerSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 1e-2
+    # the lr over the federation's rounds (store/optim.lr_scale) and the rounds it decays over
+    # (generator.optimizer.decay_rounds resolved; 1 for the constant lr; a spec from before the
+    # schedule existed: constant)
+    schedule: str = "constant"
+    decay_rounds: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         for f in ("lr", "eps", "weight_decay"):
             object.__setattr__(self, f, float(getattr(self, f)))
+        object.__setattr__(self, "schedule", str(self.schedule))
+        object.__setattr__(self, "decay_rounds", int(self.decay_rounds))
+        if self.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"generator.optimizer.schedule: {self.schedule!r} is not one of "
+                              f"{', '.join(LR_SCHEDULES)}")
+        if self.decay_rounds < 1:
+            raise ConfigError(f"generator.optimizer.decay_rounds must be >= 1, got {self.decay_rounds}")
+
+    def lr_scale(self, round_: int) -> float:
+        """The factor on ``lr`` for a visit of round ``round_`` (1-based)."""
+        return lr_scale(self.schedule, round_, self.decay_rounds)
 
 
 def _ordered_groups(groups: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -136,11 +153,24 @@ TYPE_DEFAULT_KEYS = {"conditional_prior": resolve_conditional_prior, "hidden_dim
                      "ema_decay": resolve_ema_decay, "film": resolve_film}
 
 
-def resolve_optimizer_defaults(lr: float | None, betas: Sequence[float] | None, type_: str) -> tuple[float, tuple]:
-    """generator.optimizer's (lr, betas) as the store runs them: a null is the type's own setting
-    (store/kinds.py)."""
+def resolve_lr_schedule(value: str | None, type_: str, arch: str, granularity: str = "unified") -> str:
+    """generator.optimizer.schedule as the store runs it: null is the type's own schedule for the
+    default architecture's keys that hold several classes (store/kinds.py); constant per class,
+    where a key steps only on its class's samples (~a fifth of the unified key's steps in the
+    default run) and a decayed lr left it under-trained, and for the published architectures (as
+    they trained)."""
+    if value is None:
+        return kind(type_).lr_schedule if arch == DEFAULT_ARCH and holds_several_classes(granularity) else "constant"
+    return str(value)
+
+
+def resolve_optimizer_defaults(lr: float | None, betas: Sequence[float] | None, type_: str,
+                               schedule: str = "constant") -> tuple[float, tuple]:
+    """generator.optimizer's (lr, betas) as the store runs them under the (resolved) ``schedule``:
+    a null is the type's own setting for that schedule (store/kinds.py). The lr's default follows
+    the schedule, so a run from before the schedule existed (constant) resumes with its lr."""
     defaults = kind(type_).optimizer_defaults
-    return (float(defaults["lr"] if lr is None else lr),
+    return (float(defaults["lr"][schedule] if lr is None else lr),
             tuple(defaults["betas"] if betas is None else betas))
 
 
@@ -152,7 +182,32 @@ def resolve_generator_defaults(generator: dict) -> dict:
     for key, resolve in TYPE_DEFAULT_KEYS.items():
         if key in generator:
             generator[key] = resolve(generator[key], type_, arch, granularity)
+    opt = generator.get("optimizer")
+    if isinstance(opt, dict) and "schedule" in opt:
+        opt["schedule"] = resolve_lr_schedule(opt["schedule"], type_, arch, granularity)
     return generator
+
+
+def resolve_decay_rounds(schedule: str, decay_rounds: int | None, rounds: int) -> int | None:
+    """generator.optimizer.decay_rounds as a run records it: the horizon of a decaying ``schedule``
+    (resolved), null meaning the run's federation.rounds; None under the constant lr, which has none
+    (so a constant run still resumes with more rounds)."""
+    if schedule == "constant":
+        return None
+    return int(rounds if decay_rounds is None else decay_rounds)
+
+
+def resolve_run_config(plain: dict) -> dict:
+    """A plain whole config with the generator's type defaults resolved (resolve_generator_defaults)
+    and the lr schedule's horizon, which also reads federation.rounds; in place, returned."""
+    gen = plain.get("generator")
+    if isinstance(gen, dict):
+        resolve_generator_defaults(gen)
+        opt = gen.get("optimizer")
+        if isinstance(opt, dict) and "schedule" in opt:
+            rounds = (plain.get("federation") or {}).get("rounds", 1)
+            opt["decay_rounds"] = resolve_decay_rounds(opt["schedule"], opt.get("decay_rounds"), rounds)
+    return plain
 
 
 @dataclass(frozen=True)
@@ -230,7 +285,9 @@ class StoreSpec:
     def from_config(cls, cfg: Any, *, classes: Sequence[str], feature_dim: int, condition_dim: int) -> "StoreSpec":
         g = cfg.generator
         o = g.optimizer
-        lr, betas = resolve_optimizer_defaults(o.lr, o.betas, str(g.type))
+        schedule = resolve_lr_schedule(o.schedule, str(g.type), str(g.arch), str(g.granularity))
+        lr, betas = resolve_optimizer_defaults(o.lr, o.betas, str(g.type), schedule)
+        decay_rounds = resolve_decay_rounds(schedule, o.decay_rounds, cfg.federation.rounds) or 1  # 1: no horizon
         return cls(
             type=str(g.type), arch=str(g.arch), granularity=str(g.granularity), classes=tuple(classes),
             feature_dim=int(feature_dim), condition_dim=int(condition_dim),
@@ -243,7 +300,8 @@ class StoreSpec:
             ema_decay=None if g.ema_decay is None else float(g.ema_decay),
             film=None if g.film is None else bool(g.film),
             optimizer=OptimizerSpec(name=str(o.name), lr=float(lr), betas=tuple(betas),
-                                    eps=float(o.eps), weight_decay=float(o.weight_decay)),
+                                    eps=float(o.eps), weight_decay=float(o.weight_decay), schedule=schedule,
+                                    decay_rounds=decay_rounds),
             seed=int(cfg.seed), fusion_dim=int(g.fusion_dim),
             gan=GanSpec(schedule=str(g.gan.schedule), d_steps=int(g.gan.d_steps), g_steps=int(g.gan.g_steps),
                         loss=str(g.gan.loss), r1_gamma=float(g.gan.r1_gamma)),

@@ -63,6 +63,7 @@ class Visit:
 
     def __init__(self, store: GeneratorStore, node: str, round_: int):
         self.store, self.node, self.round = store, str(node), int(round_)
+        self.lr_scale = store.spec.optimizer.lr_scale(self.round)  # every update of the visit: one round's lr
         dev, k = store.device, len(store.keys)
         self.metrics: tuple[str, ...] = store._kind.metrics
         m = len(self.metrics)
@@ -226,7 +227,7 @@ def vae_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, 
         grads, grad_check = stacked_grads(objective.sum(), params)
     visit.check(("loss", objective), grad_check)  # both before the update they veto
     with step_range("generator_step/optimizer"):
-        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf, update=update)
+        store._apply_update(GENERATOR, grp.active, grads, visit.found_inf, update=update, lr_scale=visit.lr_scale)
     return torch.stack([loss, rec, kl, beta], dim=1).detach()
 
 
@@ -298,7 +299,7 @@ def _d_step(store: GeneratorStore, grp: Grouping, keys: list[str], xs: Tensor, c
         d_grads, grad_check = stacked_grads(d_loss.sum(), d_params)
     visit.check(("discriminator loss", d_loss), grad_check)
     with step_range("generator_step/optimizer"):
-        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
+        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf, lr_scale=visit.lr_scale)
     return d_loss.detach(), ((fake, g_params) if keep_fake else None)
 
 
@@ -319,7 +320,7 @@ def _g_step(store: GeneratorStore, grp: Grouping, keys: list[str], cs: Tensor, z
         g_grads, grad_check = stacked_grads(g_loss.sum(), g_params)
     visit.check(("generator loss", g_loss), grad_check)
     with step_range("generator_step/optimizer"):
-        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
+        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf, lr_scale=visit.lr_scale)
     return g_loss.detach()
 
 
@@ -355,6 +356,6 @@ def _gan_simultaneous(store, grp, keys, xs, cs, zs, visit, gen) -> Tensor:
         g_grads, g_check = stacked_grads(g_loss.sum(), g_params)
     visit.check(("loss", torch.stack([g_loss, d_loss], 1)), d_check, g_check)
     with step_range("generator_step/optimizer"):
-        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf)
-        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf)
+        store._apply_update(DISCRIMINATOR, grp.active, d_grads, visit.found_inf, lr_scale=visit.lr_scale)
+        store._apply_update(GENERATOR, grp.active, g_grads, visit.found_inf, lr_scale=visit.lr_scale)
     return torch.stack([g_loss, d_loss], dim=1).detach()

@@ -381,11 +381,13 @@ class GeneratorStore:
         return update if update is not None and update.valid() else None
 
     def _apply_update(self, role: str, rows: Sequence[int], grads: Sequence[Tensor],
-                      found_inf: Tensor | None = None, update: FusedUpdate | None = None) -> None:
+                      found_inf: Tensor | None = None, update: FusedUpdate | None = None,
+                      lr_scale: float = 1.0) -> None:
         """Step the optimizers of the keys at ``rows`` (ascending, as ``Grouping.active``) with
         ``grads``: per parameter name, in the role's parameter order, the stacked gradient [K, ...];
         ``update``: those keys' update as ``_cached_update`` found it earlier in the same step
-        (valid then, and nothing in a step between can invalidate it)."""
+        (valid then, and nothing in a step between can invalidate it); ``lr_scale``: the lr
+        schedule's factor for the visit's round (store/optim.lr_scale)."""
         cache_key = (role, tuple(rows))
         if update is None:
             update = self._cached_update(role, rows)
@@ -402,7 +404,7 @@ class GeneratorStore:
                 self._updates.popitem(last=False)
         else:
             self._updates.move_to_end(cache_key)
-        update(grads, found_inf, kept=self._grad_buffers.get((role, len(rows)), {}).values())
+        update(grads, found_inf, kept=self._grad_buffers.get((role, len(rows)), {}).values(), lr_scale=lr_scale)
         if self._ema and role == GENERATOR:
             self._update_ema(update, rows, found_inf)
 
