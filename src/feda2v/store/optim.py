@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+from feda2v.config.schema import LR_SCHEDULES
 from feda2v.errors import ConfigError
 
 
@@ -36,7 +37,7 @@ def lr_scale(schedule: str, round_: int, rounds: int) -> float:
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
-        raise ConfigError(f"generator.optimizer.schedule: {schedule!r} is not one of constant, cosine")
+        raise ConfigError(f"generator.optimizer.schedule: {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
     t = (min(max(int(round_), 1), int(rounds)) - 0.5) / int(rounds)
     return COSINE_FINAL_FRACTION + (1 - COSINE_FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * t))
 
