@@ -326,14 +326,15 @@ def test_null_lr_schedule_is_recorded_resolved_and_binds_a_resume_and_its_rounds
             assert StoreSpec.from_config(pinned, classes=CLASSES, feature_dim=6, condition_dim=3).optimizer.lr == 2e-3
         else:
             check_resumable(mine, state, None, per_class_file)
-        assert mine["generator"]["optimizer"]["decay_rounds"] == (20 if want == "cosine" else None)
+        rounds = cfg.federation.rounds  # the default run's horizon, recorded resolved
+        assert mine["generator"]["optimizer"]["decay_rounds"] == (rounds if want == "cosine" else None)
         ran = dataclasses.replace(read_run_state(per_class_file), config=mine, data_manifest_hash=None)
         longer = state_config(load_config(compose_conf(conf, [*overrides, "federation.rounds=40"])))
         if want == "cosine":
-            with pytest.raises(CheckpointError, match="generator.optimizer.decay_rounds is 20 there, 40 here"):
+            with pytest.raises(CheckpointError, match=f"generator.optimizer.decay_rounds is {rounds} there, 40 here"):
                 check_resumable(longer, ran, None, per_class_file)
             pinned = load_config(compose_conf(conf, [*overrides, "federation.rounds=40",
-                                                     "generator.optimizer.decay_rounds=20"]))
+                                                     f"generator.optimizer.decay_rounds={rounds}"]))
             check_resumable(state_config(pinned), ran, None, per_class_file)
         else:
             check_resumable(longer, ran, None, per_class_file)
