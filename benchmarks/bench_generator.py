@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from common import MovingAverage, extra_noise, make_batch, make_store
+from feda2v.models.generators import gaussian_params
 from feda2v.models.losses import vae_kl_per_sample, vae_kl_to_prior_per_sample
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -83,7 +84,7 @@ class PlainStep:
             m = self.mods["generator"]
             recon, mu, logvar = m(x, c if s.type == "cvae" else None, eps=z)
             rec = (recon - x).pow(2).sum(1).mean()
-            kl = _kl_per_sample(m, mu, logvar, lambda: m.prior(c)).mean()
+            kl = _kl_per_sample(m, mu, logvar, lambda: m.prior_of(c)).mean()
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
             loss = rec + beta * kl
             self._update("generator", loss)
@@ -116,10 +117,10 @@ class PlainStep:
 
 def _kl_per_sample(module, mu, logvar, prior_out):
     """The KL term the store's VAE step takes: to N(0, I), or, with a conditional prior, to p(z | c)
-    (``prior_out()``: the prior layer's output, [mean, log-variance] side by side)."""
+    (``prior_out()``: its (mean, log-variance), bounded as the model bounds them)."""
     if not module.conditional_prior:
         return vae_kl_per_sample(mu, logvar)
-    return vae_kl_to_prior_per_sample(mu, logvar, *prior_out().chunk(2, dim=-1))
+    return vae_kl_to_prior_per_sample(mu, logvar, *prior_out())
 
 
 def _check_schedule(spec):
@@ -186,8 +187,8 @@ class VmapStep:
                 in_dims=(0, 0, 0 if cond is not None else None, 0))(p, xs, cond, zs)
             rec = (recon - xs).pow(2).sum(-1)
             pp = {n[len("prior."):]: t for n, t in p.items() if n.startswith("prior.")}  # p(z | c), per key
-            kl = _kl_per_sample(base, mu, logvar, lambda: torch.func.vmap(
-                lambda p, c: torch.func.functional_call(base.prior, p, (c,)))(pp, cs))
+            kl = _kl_per_sample(base, mu, logvar, lambda: gaussian_params(torch.func.vmap(
+                lambda p, c: torch.func.functional_call(base.prior, p, (c,)))(pp, cs)))
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
             self._update("generator", self._mean(rec) + beta * self._mean(kl))
         else:

@@ -245,3 +245,36 @@ def test_output_nll_fits_the_variance_to_the_residual_and_trains_nothing_else():
     off = (r2.log() + 0.5).requires_grad_(True)  # too large a variance: the gradient lowers it
     (g_off,) = torch.autograd.grad(output_nll_per_sample(recon, x, off).mean(), off)
     assert (g_off > 0).all()
+
+
+def test_log_variances_are_bounded_with_the_identity_inside_and_a_gradient_back_from_outside():
+    from feda2v.models.generators import LOGVAR_BOUNDS, gaussian_params
+
+    lo, hi = LOGVAR_BOUNDS
+    raw = torch.tensor([[0.5, -1.0, lo + 0.5, hi - 0.5, hi + 40.0, lo - 40.0]], requires_grad=True)
+    out = torch.cat([torch.zeros(1, 6), raw], 1)  # [mean, logvar] side by side
+    mean, logvar = gaussian_params(out)
+    assert torch.equal(logvar[0, :4], raw[0, :4].detach())  # the identity, bit for bit, inside
+    assert logvar[0, 4].item() == hi and logvar[0, 5].item() == lo
+    (g,) = torch.autograd.grad((logvar * torch.arange(1.0, 7.0)).sum(), raw)
+    assert torch.equal(g, torch.arange(1.0, 7.0).unsqueeze(0))  # outside too: a unit left there can come back
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_the_posterior_and_prior_log_variances_of_the_vaes_are_bounded(prior):
+    from feda2v.models.generators import LOGVAR_BOUNDS
+
+    m = CVAE(D, C, Z, H, conditional_prior=prior, gen=_gen(4))
+    with torch.no_grad():  # a posterior (and a prior) whose log-variance ran away
+        m.encoder[4].bias[Z:] = 500.0
+        if prior:
+            m.prior[0].bias[Z:] = -500.0
+    x, c = torch.randn(5, D), torch.randn(5, C)
+    recon, mu, logvar = m(x, c, eps=torch.randn(5, Z))
+    assert torch.isfinite(recon).all() and logvar.max().item() == LOGVAR_BOUNDS[1]
+    stacked = {n: p.unsqueeze(0) for n, p in m.named_parameters()}
+    _, _, stacked_logvar = m.forward_stacked(stacked, x.unsqueeze(0), c.unsqueeze(0), torch.randn(1, 5, Z))
+    assert torch.equal(stacked_logvar[0], logvar)
+    if prior:
+        assert m.prior_of(c)[1].min().item() == LOGVAR_BOUNDS[0]
+        assert torch.equal(m.prior_stacked(stacked, c.unsqueeze(0))[1][0], m.prior_of(c)[1])

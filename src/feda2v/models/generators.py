@@ -58,6 +58,25 @@ class Architecture(nn.Module):
 OUTPUT_LOG_VAR = "output_scaled_log_var"
 OUTPUT_LOG_VAR_SCALE = 8.0
 
+# Every Gaussian the VAEs emit (the posterior q(z | x), the learned prior p(z | c)) has its
+# log-variance bounded to this range. Why: exp(0.5 * logvar) is the reparametrised z's scale, so an
+# encoder output that runs away on one outlying sample (digits' z-scored corner pixels reach 22)
+# makes z, and that step's gradient, exponentially large: logvar 27 gave a gradient norm of 8e11
+# against ~20 the step before, and the run went non-finite (`make compare`; README, "The
+# log-variance bound"). A healthy run stays inside (instruments, 30 rounds, unified and per class:
+# posterior -16.6 to 8.4, prior -1.0 to 4.9), where the bound is the identity in value and gradient,
+# so those runs train bit for bit as before. Outside, the value is clamped but the gradient passes
+# as if it were not: a plain clamp's zero gradient left the units stuck out there (digits trained
+# to a largest node reconstruction error of 81 against 9 this way).
+LOGVAR_BOUNDS = (-30.0, 10.0)
+
+
+def gaussian_params(out: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, log-variance within LOGVAR_BOUNDS) of a layer output holding [mean, logvar] side by side."""
+    mean, logvar = out.chunk(2, dim=-1)
+    # the clamped value with the gradient of the unclamped one (identity inside the range)
+    return mean, logvar + (logvar.clamp(*LOGVAR_BOUNDS) - logvar).detach()
+
 
 def output_log_var(scaled: Tensor) -> Tensor:
     """log(sigma^2) per feature from the stored parameter."""
@@ -152,8 +171,7 @@ class _VAEBase(Architecture):
 
     # -- one model ---------------------------------------------------------------------------
     def encode(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.encoder(_cat(x, self._c(cond))).chunk(2, dim=-1)
-        return mu, logvar
+        return gaussian_params(self.encoder(_cat(x, self._c(cond))))
 
     def decode(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         c = self._c(cond)
@@ -172,7 +190,7 @@ class _VAEBase(Architecture):
                         eps: Tensor, *, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         # ``gen``: the step's generator, for architectures with dropout (models/published.py); none here
         c = self._c(cond)
-        mu, logvar = stacked_sequential(self.encoder, "encoder", params, _cat(x, c)).chunk(2, dim=-1)
+        mu, logvar = gaussian_params(stacked_sequential(self.encoder, "encoder", params, _cat(x, c)))
         z = mu + torch.exp(0.5 * logvar) * eps
         return self.decode_stacked(params, z, c), mu, logvar
 
@@ -183,8 +201,11 @@ class _VAEBase(Architecture):
 
     def prior_stacked(self, params: Mapping[str, Tensor], cond: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of the learned conditional prior p(z | c) (``conditional_prior``)."""
-        mean, logvar = stacked_sequential(self.prior, "prior", params, cond).chunk(2, dim=-1)
-        return mean, logvar
+        return gaussian_params(stacked_sequential(self.prior, "prior", params, cond))
+
+    def prior_of(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of p(z | c) for this one model (``prior_stacked``'s single-model form)."""
+        return gaussian_params(self.prior(cond))
 
     def sample_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None,
                        noise: Tensor | None) -> Tensor:
