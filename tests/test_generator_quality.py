@@ -69,8 +69,8 @@ def _train_and_evaluate(tmp_path, extra: list[str], want: tuple[str, str]) -> di
 @pytest.mark.slow
 def test_the_comparisons_unified_cvae_trains_through_digits_outliers(tmp_path):
     # `make compare`'s first cell (scripts/compare.py): digits, Dirichlet 0.1 over 10 nodes, seed 0,
-    # the default rounds. A node's outlying samples (z-scores up to 22) drove the encoder's
-    # log-variance to 27 and the run non-finite in round 6 (models/generators.py, LOGVAR_BOUNDS).
+    # the default rounds. Its encoder's log-variance ran away (to 27 in the run diagnosed) and the
+    # run went non-finite in round 6 (models/generators.py, LOGVAR_BOUNDS).
     digits = ["data=digits", "data.nodes=10", "data.partition.scheme=dirichlet", "data.partition.alpha=0.1",
               "federation=full", "federation.distill=false"]
     overall = _train_and_evaluate(tmp_path, digits, ("cvae", "unified"))  # NonFiniteLossError unbounded

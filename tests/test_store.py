@@ -571,8 +571,8 @@ def test_a_scheduled_round_is_bit_for_bit_the_constant_lr_of_its_factor(type_, g
 
 @pytest.mark.parametrize("granularity", ["unified", "per_class"])
 def test_a_cvae_whose_posterior_variance_ran_away_trains_back_instead_of_overflowing(granularity):
-    # What digits' Dirichlet split did to the unified cVAE at lr 3e-3 (make compare): one outlying
-    # sample drove the encoder's log-variance to 27, exp(0.5 * logvar) scaled z by 7e5, and the run
+    # What digits' Dirichlet split did to the unified cVAE at lr 3e-3 (make compare): a visit drove
+    # the encoder's log-variance to 27, exp(0.5 * logvar) scaled z by 7e5, and the run
     # went non-finite. Unbounded, a log-variance of 200 overflows float32 at the first step; clamped
     # with a zero gradient outside, the step's other updates push it further out (measured +0.15).
     s = make_store("cvae", granularity)

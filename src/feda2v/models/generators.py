@@ -60,10 +60,10 @@ OUTPUT_LOG_VAR_SCALE = 8.0
 
 # Every Gaussian the VAEs emit (the posterior q(z | x), the learned prior p(z | c)) has its
 # log-variance bounded to this range. Why: exp(0.5 * logvar) is the reparametrised z's scale, so an
-# encoder output that runs away on one outlying sample (digits' z-scored corner pixels reach 22)
+# encoder output that runs away (on digits' Dirichlet split, whose z-scored corner pixels reach 22)
 # makes z, and that step's gradient, exponentially large: logvar 27 gave a gradient norm of 8e11
-# against ~20 the step before, and the run went non-finite (`make compare`; README, "The
-# log-variance bound"). A healthy run stays inside (instruments, 30 rounds, unified and per class:
+# against ~20 typically, and the run went non-finite (`make compare`; README, "The log-variance
+# bound"). A healthy run stays inside (instruments, 30 rounds, unified and per class:
 # posterior -16.6 to 8.4, prior -1.0 to 4.9), where the bound is the identity in value and gradient,
 # so those runs train bit for bit as before. Outside, the value is clamped but the gradient passes
 # as if it were not: a plain clamp's zero gradient left the units stuck out there (digits trained
