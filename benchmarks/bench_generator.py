@@ -84,7 +84,7 @@ class PlainStep:
             m = self.mods["generator"]
             recon, mu, logvar = m(x, c if s.type == "cvae" else None, eps=z)
             rec = (recon - x).pow(2).sum(1).mean()
-            kl = _kl_per_sample(m, mu, logvar, lambda: m.prior_of(c)).mean()
+            kl = _kl_per_sample(m, mu, logvar, lambda: gaussian_params(m.prior(c))).mean()
             beta = s.beta_max * min(1.0, self.steps / s.beta_warmup_steps) if s.beta_warmup_steps else s.beta_max
             loss = rec + beta * kl
             self._update("generator", loss)

@@ -203,10 +203,6 @@ class _VAEBase(Architecture):
         """(mean, log-variance) of the learned conditional prior p(z | c) (``conditional_prior``)."""
         return gaussian_params(stacked_sequential(self.prior, "prior", params, cond))
 
-    def prior_of(self, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean, log-variance) of p(z | c) for this one model (``prior_stacked``'s single-model form)."""
-        return gaussian_params(self.prior(cond))
-
     def sample_stacked(self, params: Mapping[str, Tensor], z: Tensor, cond: Tensor | None,
                        noise: Tensor | None) -> Tensor:
         """Samples of p(x | z): the decoder mean, plus ``noise`` ([K, n, feature_dim] standard
